@@ -1,0 +1,1 @@
+"""dsv3.kernels"""
