@@ -1,0 +1,160 @@
+"""Block quantization to FP8 E4M3 with fp32 scales (the DeepSeek-V3 recipe).
+
+Two granularities, both computed online from the current values (no history):
+
+* activations: 1x128 *tiles*, one scale per row per 128 consecutive entries of
+  the last dim (``quantize_activation_tiles``);
+* weights: 128x128 *blocks*, one scale per 128x128 square
+  (``quantize_weight_blocks``).
+
+Scale convention (DeepSeek's released ``weight_scale_inv``): we store the
+*inverse* scale ``s`` so that dequantization is a multiply,
+
+    x ~= x_fp8.float() * s,        s = amax(block) / 448.
+
+Ragged edges are padded logically: a shape [M, N] has ceil(M/b) x ceil(N/b)
+blocks, the last ones covering fewer elements; padding is never stored.
+
+Error bound (tested in tests/test_fp8_blocks.py). E4M3 has 3 explicit mantissa
+bits, round-to-nearest-even, normal range down to 2^-6 and subnormal spacing
+2^-9. In the scaled domain q = x / s (|q| <= 448) the cast error is at most half
+an ulp: <= 2^-4 |q| for normal q, <= 2^-10 for subnormal q. Multiplying back by
+s gives, per element,
+
+    |x - dequant(quant(x))| <= max(2^-4 |x|, 2^-10 s)  <=  2^-4 * amax(block)
+
+(the last step because s = amax/448 makes 2^-10 s far below 2^-4 amax). The
+fp32 division x / s adds a relative 2^-24 that the tests absorb in a 1e-6 slack.
+
+These torch functions are the *reference* path: exact, device-agnostic, and
+what the CPU uses. A GPU fast path may replace them only behind a parity test.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite E4M3FN value
+TILE = 128
+BLOCK = 128
+
+__all__ = [
+    "FP8_DTYPE",
+    "FP8_MAX",
+    "TILE",
+    "BLOCK",
+    "compute_scale_inv",
+    "quantize_weight_blocks",
+    "dequantize_weight_blocks",
+    "quantize_activation_tiles",
+    "dequantize_activation_tiles",
+    "is_power_of_two",
+]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def compute_scale_inv(amax: Tensor, pow2_scale: bool = False) -> Tensor:
+    """Inverse scales ``s`` (fp32) from per-block absolute maxima.
+
+    ``s = amax / 448`` maps the block maximum onto the E4M3 maximum. With
+    ``pow2_scale`` the scale is rounded *up* to a power of two, so no value can
+    overflow and scaling is exact in binary (a pure exponent shift: the only
+    rounding is the cast itself). All-zero blocks get ``s = 1`` rather than 0,
+    so ``x / s`` never computes 0/0 = NaN.
+    """
+    amax = amax.float()
+    s = amax / FP8_MAX
+    if pow2_scale:
+        # ceil keeps s >= amax/448; exp2 of an integer is exact in fp32.
+        s = torch.exp2(torch.ceil(torch.log2(s)))
+    # amax == 0 (log2 -> -inf -> exp2 -> 0, or plain 0): any scale works, 1 is tidy.
+    s = torch.where(amax > 0, s, torch.ones_like(s))
+    # A block whose amax is a tiny subnormal could give s == 0 after the division.
+    return s.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _cast_fp8(q: Tensor) -> Tensor:
+    # |q| <= 448 up to one fp32 rounding of the division; clamp so no backend
+    # can turn 448.00003 into NaN (E4M3FN has no inf and some casts don't saturate).
+    return q.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def quantize_weight_blocks(
+    w: Tensor, block: int = BLOCK, pow2_scale: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Quantize a 2-D weight [M, N] in block x block squares.
+
+    Returns ``(w_fp8 [M, N] float8_e4m3fn, scale_inv [ceil(M/b), ceil(N/b)] fp32)``
+    with ``W ~= w_fp8.float() * scale_inv[i // b, j // b]``.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"quantize_weight_blocks expects a 2-D weight, got shape {tuple(w.shape)}")
+    m, n = w.shape
+    mb, nb = _cdiv(m, block), _cdiv(n, block)
+    wf = w.float()
+    # Zero padding cannot raise a block's amax, so padded blocks get the scale
+    # of their real entries only.
+    wp = F.pad(wf, (0, nb * block - n, 0, mb * block - m))
+    blocks = wp.view(mb, block, nb, block)
+    amax = blocks.abs().amax(dim=(1, 3))  # [mb, nb]
+    s = compute_scale_inv(amax, pow2_scale)
+    q = blocks / s[:, None, :, None]
+    w_fp8 = _cast_fp8(q).view(mb * block, nb * block)[:m, :n].contiguous()
+    return w_fp8, s
+
+
+def dequantize_weight_blocks(
+    w_fp8: Tensor, scale_inv: Tensor, block: int = BLOCK, dtype: torch.dtype = torch.bfloat16
+) -> Tensor:
+    """``W[i, j] = w_fp8[i, j].float() * scale_inv[i // b, j // b]`` (fp32 math, then ``dtype``)."""
+    m, n = w_fp8.shape
+    s = scale_inv.float().repeat_interleave(block, 0)[:m].repeat_interleave(block, 1)[:, :n]
+    return (w_fp8.float() * s).to(dtype)
+
+
+def quantize_activation_tiles(
+    x: Tensor, tile: int = TILE, pow2_scale: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Quantize ``x [..., K]`` in 1 x tile tiles along the last dim.
+
+    Returns ``(x_fp8 [..., K], scale_inv [..., ceil(K/tile)] fp32)`` with
+    ``x[..., k] ~= x_fp8[..., k].float() * scale_inv[..., k // tile]``.
+    To tile along another axis (the token axis for weight gradients), move
+    that axis last first: ``quantize_activation_tiles(x.t())``.
+    """
+    k = x.shape[-1]
+    kt = _cdiv(k, tile)
+    xf = x.float()
+    xp = F.pad(xf, (0, kt * tile - k)) if kt * tile != k else xf
+    tiles = xp.reshape(*x.shape[:-1], kt, tile)
+    amax = tiles.abs().amax(dim=-1)  # [..., kt]
+    s = compute_scale_inv(amax, pow2_scale)
+    q = tiles / s.unsqueeze(-1)
+    x_fp8 = _cast_fp8(q).reshape(*x.shape[:-1], kt * tile)[..., :k].contiguous()
+    return x_fp8, s
+
+
+def dequantize_activation_tiles(
+    x_fp8: Tensor, scale_inv: Tensor, tile: int = TILE, dtype: torch.dtype = torch.bfloat16
+) -> Tensor:
+    """``x[..., k] = x_fp8[..., k].float() * scale_inv[..., k // tile]`` (fp32 math, then ``dtype``)."""
+    k = x_fp8.shape[-1]
+    s = scale_inv.float().repeat_interleave(tile, dim=-1)[..., :k]
+    return (x_fp8.float() * s).to(dtype)
+
+
+def is_power_of_two(t: Tensor) -> bool:
+    """True if every entry of a positive fp32 tensor is an exact power of two."""
+    mant, _ = torch.frexp(t.float())
+    return bool(((mant == 0.5) & (t > 0)).all())
+
+
+# The bound stated in the module docstring, as numbers the tests import.
+E4M3_REL_HALF_ULP = 2.0**-4  # 3 mantissa bits -> half ulp = 2^-4 of the leading power of two
+E4M3_SUBNORMAL_HALF_SPACING = 2.0**-10  # subnormal spacing is 2^-9

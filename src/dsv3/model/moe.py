@@ -1,0 +1,208 @@
+"""DeepSeekMoE: sigmoid (or softmax) group-limited routing, bias-based balancing, shared + routed experts.
+
+Shape suffixes: T tokens, D hidden, E routed experts, K experts per token, F expert width, G groups.
+Routed expert weights are stacked (``gate_proj`` [E,F,D], ``up_proj`` [E,F,D], ``down_proj`` [E,D,F]) so one
+grouped GEMM runs all experts; ``experts_forward_loop`` is the per-expert reference it is tested against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv3.config import ModelConfig
+from dsv3.model.layers import MLP
+from dsv3.model.recompute import is_recomputing
+
+
+@dataclass
+class Routing:
+    """The router's decision for T tokens."""
+
+    idx_TK: torch.Tensor       # chosen experts (int64)
+    weight_TK: torch.Tensor    # fp32 combine weights (renormalized, times routed_scaling_factor)
+    scores_TE: torch.Tensor    # fp32 affinities s (sigmoid or softmax), unbiased
+
+
+def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, config: ModelConfig) -> Routing:
+    """Pick K experts per token as DeepSeek-V3 does; the bias only steers the choice, never the weights.
+
+    noaux_tc: groups scored by the sum of their top-2 biased scores, keep topk_group groups, the others get
+    -inf (so a negative biased score can never lose to a dropped group), then top-K of the biased scores.
+    group_limited_greedy (V2): groups scored by their max score. greedy: plain top-K.
+    """
+    c = config
+    scores = logits_TE.float().sigmoid() if c.scoring_func == "sigmoid" else logits_TE.float().softmax(dim=-1)
+    choice = scores if bias_E is None else scores + bias_E.float()
+    T, E = choice.shape
+    G = c.n_group
+    if c.topk_method != "greedy" and G > 1 and c.topk_group < G:
+        grouped = choice.view(T, G, E // G)
+        if c.topk_method == "noaux_tc":
+            group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_score = grouped.amax(dim=-1)
+        keep_TG = torch.zeros_like(group_score, dtype=torch.bool)
+        keep_TG.scatter_(1, group_score.topk(c.topk_group, dim=-1).indices, True)
+        choice = choice.masked_fill(~keep_TG.repeat_interleave(E // G, dim=1), float("-inf"))
+    idx = choice.topk(c.num_experts_per_tok, dim=-1).indices
+    weight = scores.gather(1, idx)
+    if c.norm_topk_prob:
+        weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
+    return Routing(idx, weight * c.routed_scaling_factor, scores)
+
+
+class Router(nn.Module):
+    """``mlp.gate``: a bias-free linear in fp32 plus the persistent fp32 ``e_score_correction_bias``."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(config.n_routed_experts, config.hidden_size))
+        if config.uses_bias_balancing:
+            self.register_buffer("e_score_correction_bias", torch.zeros(config.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x_TD: torch.Tensor) -> Routing:
+        logits = F.linear(x_TD.float(), self.weight.float())
+        return route(logits, self.e_score_correction_bias, self.config)
+
+
+class Experts(nn.Module):
+    """Stacked routed experts (SwiGLU each)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E, F_, D = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
+        self.num_experts = E
+        self.gate_proj = nn.Parameter(torch.empty(E, F_, D))
+        self.up_proj = nn.Parameter(torch.empty(E, F_, D))
+        self.down_proj = nn.Parameter(torch.empty(E, D, F_))
+        self.use_loop_reference = False  # tests flip this to run the per-expert loop
+
+    def forward(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Weighted sum over each token's K experts, combined in fp32; returns x's dtype."""
+        if self.use_loop_reference:
+            return experts_forward_loop(x_TD, routing, self.gate_proj, self.up_proj, self.down_proj)
+        return experts_forward_sorted(x_TD, routing, self.gate_proj, self.up_proj, self.down_proj)
+
+
+def experts_forward_loop(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_EDF) -> torch.Tensor:
+    """Reference: for each expert, run its tokens and accumulate weight * output in fp32."""
+    T, D = x_TD.shape
+    out_TD = torch.zeros(T, D, dtype=torch.float32, device=x_TD.device)
+    for e in range(w_gate_EFD.shape[0]):
+        tok, slot = torch.where(routing.idx_TK == e)
+        if tok.numel() == 0:
+            continue
+        xe = x_TD[tok]
+        ye = F.linear(F.silu(F.linear(xe, w_gate_EFD[e])) * F.linear(xe, w_up_EFD[e]), w_down_EDF[e])
+        out_TD.index_add_(0, tok, ye.float() * routing.weight_TK[tok, slot, None])
+    return out_TD.to(x_TD.dtype)
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cuda":
+        return x.dtype == torch.bfloat16
+    return x.device.type == "cpu" and x.dtype == torch.float32
+
+
+def grouped_linear(x_MD: torch.Tensor, w_EOD: torch.Tensor, ends_E: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """Rows of x sorted by expert; rows [ends[e-1], ends[e]) go through w[e]: y = x w[e]^T -> [M, O].
+
+    torch._grouped_mm where the build supports it (one kernel, no host sync); otherwise a loop over the
+    segments (needs the counts on the host, fine on CPU).
+    """
+    if _grouped_mm_ok(x_MD):
+        return torch._grouped_mm(x_MD, w_EOD.transpose(-2, -1), offs=ends_E)
+    outs = []
+    start = 0
+    for e, n in enumerate(counts_E.tolist()):
+        outs.append(F.linear(x_MD[start:start + n], w_EOD[e]))
+        start += n
+    return torch.cat(outs, dim=0) if outs else x_MD.new_zeros(0, w_EOD.shape[1])
+
+
+def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_EDF) -> torch.Tensor:
+    """Grouped path: sort token copies by expert, grouped GEMMs, un-permute, deterministic weighted sum.
+
+    The weighted sum is a gather back to [T, K, D] then a reduction over K: no atomics, so results do not
+    depend on scheduling (index_add_ on GPU would be non-deterministic).
+    """
+    T, D = x_TD.shape
+    K = routing.idx_TK.shape[1]
+    E = w_gate_EFD.shape[0]
+    flat_idx = routing.idx_TK.reshape(-1)
+    order = torch.argsort(flat_idx, stable=True)
+    counts_E = torch.bincount(flat_idx, minlength=E)
+    ends_E = torch.cumsum(counts_E, 0).to(torch.int32)
+    x_sorted = x_TD[order // K]
+    h = F.silu(grouped_linear(x_sorted, w_gate_EFD, ends_E, counts_E)) * grouped_linear(x_sorted, w_up_EFD, ends_E, counts_E)
+    y_sorted = grouped_linear(h, w_down_EDF, ends_E, counts_E)
+    y_TKD = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(T, K, D)
+    out = torch.einsum("tkd,tk->td", y_TKD.float(), routing.weight_TK)
+    return out.to(x_TD.dtype)
+
+
+def sequence_balance_loss(scores_BSE: torch.Tensor, k: int) -> torch.Tensor:
+    """Complementary sequence-wise balance loss (unweighted): mean over sequences of sum_i f_i * P_i.
+
+    f_i = E/(K*S) * #tokens whose plain top-K (unbiased, no group limit) contains i; P_i = mean_t of the
+    normalized affinity s_it / sum_j s_jt. Multiply by alpha (1e-4 in V3) in the trainer.
+    """
+    B, S, E = scores_BSE.shape
+    chosen = torch.zeros_like(scores_BSE).scatter_(-1, scores_BSE.topk(k, dim=-1).indices, 1.0)
+    f_BE = chosen.sum(dim=1) * (E / (k * S))
+    P_BE = (scores_BSE / scores_BSE.sum(dim=-1, keepdim=True)).mean(dim=1)
+    return (f_BE.detach() * P_BE).sum(dim=-1).mean()
+
+
+def max_violation(counts_E: torch.Tensor) -> torch.Tensor:
+    """MaxVio = (max_e n_e - mean n) / mean n."""
+    counts = counts_E.float()
+    mean = counts.mean()
+    return (counts.max() - mean) / mean.clamp_min(1e-9)
+
+
+class MoE(nn.Module):
+    """``mlp`` of a MoE layer: router ``gate``, stacked ``experts``, ``shared_experts``."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.gate = Router(config)
+        self.experts = Experts(config)
+        self.shared_experts = MLP(config.hidden_size, config.n_shared_experts * config.moe_intermediate_size) \
+            if config.n_shared_experts > 0 else None
+        # Selections since the last bias update (training forwards only; not eval, not recompute replays).
+        self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts, dtype=torch.int64),
+                             persistent=False)
+
+    def forward(self, x_BSD: torch.Tensor, want_balance_loss: bool = False):
+        """-> (y [B,S,D], aux) with aux = {'counts': [E] selections in this call, 'balance': scalar or None}."""
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        routing = self.gate(x_TD)
+        counts = torch.bincount(routing.idx_TK.reshape(-1), minlength=self.config.n_routed_experts)
+        if self.training and torch.is_grad_enabled() and not is_recomputing():
+            self.tokens_per_expert.add_(counts)
+        y = self.experts(x_TD, routing).view(B, S, D)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x_BSD)
+        balance = None
+        if want_balance_loss:
+            balance = sequence_balance_loss(routing.scores_TE.view(B, S, -1), self.config.num_experts_per_tok)
+        return y, {"counts": counts.detach(), "balance": balance}
+
+
+def init_moe_(moe: MoE, std: float) -> None:
+    """Normal(0, std) for router and experts (the shared MLP is a plain MLP and initialized with the rest)."""
+    with torch.no_grad():
+        moe.gate.weight.normal_(0.0, std)
+        for w in (moe.experts.gate_proj, moe.experts.up_proj, moe.experts.down_proj):
+            w.normal_(0.0, std)
