@@ -79,10 +79,10 @@ def count_mla(cfg: ModelConfig) -> ParamCount:
     n_moe, n_dense = cfg.num_moe_layers, cfg.first_k_dense_replace
     attn = mla_attention_params(cfg)
     layer_norms = 2 * d  # input_layernorm + post_attention_layernorm
-    head = 0 if cfg.tie_word_embeddings else V * d
     moe_t, moe_a = _moe_layer(cfg) if n_moe else ({"routed": 0, "shared": 0, "router": 0},) * 2
     total = {
-        "embedding": V * d, "head": head, "attention": L * attn, "dense_ffn": n_dense * 3 * d * cfg.intermediate_size,
+        # A tied table is counted once, under "head": the head matmul still runs on it.
+        "embedding": 0 if cfg.tie_word_embeddings else V * d, "head": V * d, "attention": L * attn, "dense_ffn": n_dense * 3 * d * cfg.intermediate_size,
         "routed": n_moe * moe_t["routed"], "shared": n_moe * moe_t["shared"], "router": n_moe * moe_t["router"],
         "norms": L * layer_norms + d,  # + model.norm
     }
@@ -108,7 +108,7 @@ def count_dense(cfg: DenseConfig) -> ParamCount:
     d, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     attn = d * q + 2 * d * kv + q * d + ((q + 2 * kv) if cfg.attention_bias else 0)
-    total = {"embedding": V * d, "head": 0 if cfg.tie_word_embeddings else V * d, "attention": L * attn,
+    total = {"embedding": 0 if cfg.tie_word_embeddings else V * d, "head": V * d, "attention": L * attn,
              "dense_ffn": L * 3 * d * cfg.intermediate_size, "routed": 0, "shared": 0, "router": 0,
              "norms": L * 2 * d + d, "mtp": 0}
     return ParamCount(total, dict(total))
