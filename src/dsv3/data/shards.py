@@ -84,7 +84,7 @@ class ShardWriter:
         if not docs:
             return
         lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
-        arr = np.fromiter((t for d in docs for t in d), dtype=np.int64, count=int(lengths.sum()))
+        arr = np.concatenate([np.asarray(d, dtype=np.int64) for d in docs])
         self.counts += np.bincount(arr, minlength=len(self.counts))[: len(self.counts)]
         self.offsets.extend((self.offsets[-1] + np.cumsum(lengths)).tolist())
         arr = arr.astype(self.dtype)
