@@ -88,33 +88,39 @@ def _cast_fp8(q: Tensor) -> Tensor:
 def quantize_weight_blocks(
     w: Tensor, block: int = BLOCK, pow2_scale: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """Quantize a 2-D weight [M, N] in block x block squares.
+    """Quantize a weight [M, N] in block x block squares.
 
     Returns ``(w_fp8 [M, N] float8_e4m3fn, scale_inv [ceil(M/b), ceil(N/b)] fp32)``
-    with ``W ~= w_fp8.float() * scale_inv[i // b, j // b]``.
+    with ``W ~= w_fp8.float() * scale_inv[i // b, j // b]``. Leading batch dims
+    are allowed (stacked experts ``[E, M, N]`` -> scales ``[E, ceil(M/b), ceil(N/b)]``),
+    each matrix blocked on its own.
     """
-    if w.dim() != 2:
-        raise ValueError(f"quantize_weight_blocks expects a 2-D weight, got shape {tuple(w.shape)}")
-    m, n = w.shape
+    if w.dim() < 2:
+        raise ValueError(f"quantize_weight_blocks expects a matrix, got shape {tuple(w.shape)}")
+    *lead, m, n = w.shape
     mb, nb = _cdiv(m, block), _cdiv(n, block)
     wf = w.float()
     # Zero padding cannot raise a block's amax, so padded blocks get the scale
     # of their real entries only.
     wp = F.pad(wf, (0, nb * block - n, 0, mb * block - m))
-    blocks = wp.view(mb, block, nb, block)
-    amax = blocks.abs().amax(dim=(1, 3))  # [mb, nb]
+    blocks = wp.reshape(*lead, mb, block, nb, block)
+    amax = blocks.abs().amax(dim=(-3, -1))  # [..., mb, nb]
     s = compute_scale_inv(amax, pow2_scale)
-    q = blocks / s[:, None, :, None]
-    w_fp8 = _cast_fp8(q).view(mb * block, nb * block)[:m, :n].contiguous()
+    q = blocks / s.unsqueeze(-1).unsqueeze(-3)
+    w_fp8 = _cast_fp8(q).reshape(*lead, mb * block, nb * block)[..., :m, :n].contiguous()
     return w_fp8, s
 
 
 def dequantize_weight_blocks(
     w_fp8: Tensor, scale_inv: Tensor, block: int = BLOCK, dtype: torch.dtype = torch.bfloat16
 ) -> Tensor:
-    """``W[i, j] = w_fp8[i, j].float() * scale_inv[i // b, j // b]`` (fp32 math, then ``dtype``)."""
-    m, n = w_fp8.shape
-    s = scale_inv.float().repeat_interleave(block, 0)[:m].repeat_interleave(block, 1)[:, :n]
+    """``W[i, j] = w_fp8[i, j].float() * scale_inv[i // b, j // b]`` (fp32 math, then ``dtype``).
+
+    Leading batch dims are allowed, as in ``quantize_weight_blocks``.
+    """
+    m, n = w_fp8.shape[-2:]
+    s = scale_inv.float().repeat_interleave(block, -2)[..., :m, :]
+    s = s.repeat_interleave(block, -1)[..., :n]
     return (w_fp8.float() * s).to(dtype)
 
 
