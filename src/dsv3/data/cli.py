@@ -54,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
     meta = prepare(args.docs, args.out, opts)
     tok = meta["tokenizer"]
     print(f"wrote {args.out}: vocab {tok['vocab_size']} ({meta['dtype']}), eos {tok['eos_token']} = {tok['eos_id']}")
+    if opts.vocab_size and tok["vocab_size"] < opts.vocab_size:
+        print(f"  note: the corpus only supported {tok['vocab_size']} of the {opts.vocab_size} tokens asked for")
     for name, s in meta["splits"].items():
         print(f"  {name}: {s['documents']} documents, {s['tokens']} tokens, {len(s['shards'])} shards, "
               f"unigram entropy {s['unigram_entropy_nats']:.3f} nats/token")
