@@ -1,0 +1,309 @@
+"""The model against an independent eager reference written here (naive MLA, per-expert loops, brute-force
+routing), the absorbed decode form against the naive one, and the balance bookkeeping."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv3.config import ModelConfig, RopeScaling, preset
+from dsv3.infer.cache import KVCache
+from dsv3.model import DeepseekV3
+from dsv3.model.moe import route, sequence_balance_loss
+
+torch.set_default_dtype(torch.float32)
+
+CFG = dict(vocab_size=61, hidden_size=32, intermediate_size=56, moe_intermediate_size=16, num_hidden_layers=3,
+           num_attention_heads=2, num_key_value_heads=2, n_shared_experts=1, n_routed_experts=8, kv_lora_rank=12,
+           q_lora_rank=20, qk_rope_head_dim=8, v_head_dim=10, qk_nope_head_dim=6, n_group=4, topk_group=2,
+           num_experts_per_tok=3, first_k_dense_replace=1, max_position_embeddings=128, rope_scaling=None,
+           num_nextn_predict_layers=1, initializer_range=0.15)
+
+
+def cfg(**kw) -> ModelConfig:
+    return ModelConfig(**{**CFG, **kw}).validate()
+
+
+def random_model(c: ModelConfig, seed=0) -> DeepseekV3:
+    torch.manual_seed(seed)
+    m = DeepseekV3(c)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+        for moe in m.moe_layers():
+            if moe.gate.e_score_correction_bias is not None:
+                moe.gate.e_score_correction_bias.normal_(0, 0.2)  # negative values included
+    return m
+
+
+# ------------------------------------------------------------------ an independent reference, from the formulas
+def ref_rms(x, w, eps):
+    return w * (x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps))
+
+
+def ref_rope(x, pos, theta, dim, rs):
+    """Complex-number form of interleaved RoPE: pair (x[2i], x[2i+1]) is the complex number x[2i] + i x[2i+1]."""
+    inv = [theta ** (-2 * i / dim) for i in range(dim // 2)]
+    mscale = 1.0
+    if rs is not None:
+        def corr(r):
+            return dim * math.log(rs.original_max_position_embeddings / (r * 2 * math.pi)) / (2 * math.log(theta))
+        lo, hi = max(math.floor(corr(rs.beta_fast)), 0), min(math.ceil(corr(rs.beta_slow)), dim - 1)
+        ramp = [min(max((i - lo) / ((hi - lo) or 0.001), 0.0), 1.0) for i in range(dim // 2)]
+        inv = [f / rs.factor * r + f * (1 - r) for f, r in zip(inv, ramp)]
+        ms = lambda s, m: 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0  # noqa: E731
+        mscale = ms(rs.factor, rs.mscale) / ms(rs.factor, rs.mscale_all_dim)
+    ang = torch.tensor(pos, dtype=torch.float64)[:, None] * torch.tensor(inv, dtype=torch.float64)[None]
+    rot = torch.polar(torch.full_like(ang, mscale), ang)  # [S, dim/2]
+    xc = torch.view_as_complex(x.double().reshape(*x.shape[:-1], dim // 2, 2).contiguous())
+    shape = [1] * (xc.dim() - 2) + list(rot.shape)
+    if xc.dim() == 4:  # [B,S,H,dim/2]
+        rot = rot[:, None, :]
+        shape = [1, rot.shape[0], 1, rot.shape[2]]
+    out = xc * rot.reshape(shape)
+    return torch.view_as_real(out).reshape(x.shape).float()
+
+
+def ref_forward(m: DeepseekV3, ids: torch.Tensor) -> torch.Tensor:
+    """Token-by-token-readable reference: explicit per-head attention, per-token per-expert MoE."""
+    c = m.config
+    B, S = ids.shape
+    pos = list(range(S))
+    h = m.embed_tokens.weight[ids]
+    H, N, R, V, C = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
+    for layer in m.layers:
+        a = layer.self_attn
+        x = ref_rms(h, layer.input_layernorm.weight, c.rms_norm_eps)
+        if c.q_lora_rank is None:
+            q = x @ a.q_proj.weight.T
+        else:
+            q = ref_rms(x @ a.q_a_proj.weight.T, a.q_a_layernorm.weight, 1e-6) @ a.q_b_proj.weight.T
+        q = q.view(B, S, H, N + R)
+        kv = x @ a.kv_a_proj_with_mqa.weight.T
+        latent = ref_rms(kv[..., :C], a.kv_a_layernorm.weight, 1e-6)
+        k_pe = ref_rope(kv[..., C:], pos, c.rope_theta, R, c.rope_scaling)  # [B,S,R]
+        q_pe = ref_rope(q[..., N:], pos, c.rope_theta, R, c.rope_scaling)
+        kvb = (latent @ a.kv_b_proj.weight.T).view(B, S, H, N + V)
+        out = torch.zeros(B, S, H, V)
+        for b, hh, i in itertools.product(range(B), range(H), range(S)):
+            qi = torch.cat([q[b, i, hh, :N], q_pe[b, i, hh]])
+            keys = torch.cat([kvb[b, : i + 1, hh, :N], k_pe[b, : i + 1]], dim=-1)
+            p = torch.softmax(keys @ qi * c.softmax_scale, dim=0)
+            out[b, i, hh] = p @ kvb[b, : i + 1, hh, N:]
+        h = h + out.reshape(B, S, H * V) @ a.o_proj.weight.T
+        x = ref_rms(h, layer.post_attention_layernorm.weight, c.rms_norm_eps)
+        h = h + ref_ffn(layer.mlp, x, c)
+    return ref_rms(h, m.norm.weight, c.rms_norm_eps) @ m.lm_head.weight.T
+
+
+def swiglu(x, wg, wu, wd):
+    return (F.silu(x @ wg.T) * (x @ wu.T)) @ wd.T
+
+
+def ref_ffn(mlp, x, c):
+    if not hasattr(mlp, "experts"):
+        return swiglu(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+    B, S, D = x.shape
+    out = swiglu(x, mlp.shared_experts.gate_proj.weight, mlp.shared_experts.up_proj.weight,
+                 mlp.shared_experts.down_proj.weight)
+    bias = mlp.gate.e_score_correction_bias
+    for b, i in itertools.product(range(B), range(S)):
+        experts, weights = brute_force_route(x[b, i] @ mlp.gate.weight.T, bias, c)
+        for e, w in zip(experts, weights):
+            ex = mlp.experts
+            out[b, i] += w * swiglu(x[b, i], ex.gate_proj[e], ex.up_proj[e], ex.down_proj[e])
+    return out
+
+
+def brute_force_route(logits, bias, c):
+    """Enumerate every allowed set of groups; choose the best experts among them by biased score."""
+    s = torch.sigmoid(logits) if c.scoring_func == "sigmoid" else torch.softmax(logits, -1)
+    sel = s + (bias if bias is not None else 0)
+    E, G = len(s), c.n_group
+    per = E // G
+    gscore = [sorted(sel[g * per:(g + 1) * per].tolist(), reverse=True)[:2] for g in range(G)]
+    gscore = [sum(v) for v in gscore]
+    groups = sorted(range(G), key=lambda g: -gscore[g])[: c.topk_group]
+    allowed = [e for e in range(E) if e // per in groups]
+    chosen = sorted(allowed, key=lambda e: -sel[e].item())[: c.num_experts_per_tok]
+    w = torch.stack([s[e] for e in chosen])
+    if c.norm_topk_prob:
+        w = w / w.sum()
+    return chosen, w * c.routed_scaling_factor
+
+
+# --------------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("variant", ["base", "no-q-lora", "yarn"])
+def test_model_matches_independent_reference(variant):
+    kw = {"base": {}, "no-q-lora": {"q_lora_rank": None},
+          "yarn": {"rope_scaling": RopeScaling(factor=4.0, original_max_position_embeddings=16, mscale=1.0,
+                                               mscale_all_dim=0.8)}}[variant]
+    m = random_model(cfg(**kw)).eval()
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = m(ids).logits
+        ref = ref_forward(m, ids)
+    err = ((ours - ref).norm() / ref.norm()).item()
+    assert err <= 1e-5, err
+
+
+def test_routing_matches_brute_force_with_negative_biases():
+    """-inf masking of dropped groups: with negative biased scores a 0-mask (as some references use) would pick
+    experts from dropped groups; ours never does."""
+    c = cfg(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 16, generator=g) * 2
+    bias = torch.randn(16, generator=g) - 1.5  # many biased scores < 0
+    r = route(logits, bias, c)
+    for t in range(64):
+        experts, w = brute_force_route(logits[t], bias, c)
+        assert sorted(r.idx_TK[t].tolist()) == sorted(experts)
+        assert torch.allclose(r.weight_TK[t].sort().values, w.sort().values, atol=1e-6)
+    s = torch.sigmoid(logits) + bias
+    zero_masked_would_differ = (s < 0).any()
+    assert zero_masked_would_differ  # the case this test exists for is really exercised
+
+
+def test_grouped_experts_equal_loop_reference_forward_and_grad():
+    m = random_model(cfg())
+    ids = torch.randint(0, 61, (3, 11), generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 61, (3, 11), generator=torch.Generator().manual_seed(2))
+    results = []
+    for loop in (False, True):
+        for moe in m.moe_layers():
+            moe.experts.use_loop_reference = loop
+        m.zero_grad()
+        out = m(ids, labels)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (l0, g0), (l1, g1) = results
+    assert torch.allclose(l0, l1, rtol=1e-6)
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-7), n
+
+
+def test_absorbed_decode_equals_naive():
+    c = cfg(rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=16))
+    m = random_model(c).eval()
+    ids = torch.randint(0, 61, (2, 14), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = m(ids).logits
+        outs = {}
+        for kind in ("latent", "naive"):
+            cache = KVCache(c, 2, 32, kind=kind)
+            steps = [m(ids[:, :8], cache=cache).logits]  # prefill
+            for t in range(8, 14):                        # incremental decode, one token at a time
+                steps.append(m(ids[:, t:t + 1], cache=cache).logits)
+            outs[kind] = torch.cat(steps, dim=1)
+    for kind, o in outs.items():
+        err = ((o - full).norm() / full.norm()).item()
+        assert err <= 1e-5, (kind, err)
+    assert ((outs["latent"] - outs["naive"]).norm() / outs["naive"].norm()).item() <= 1e-5
+    assert KVCache(preset("v3"), 1, 1, kind="latent", device="meta").values_per_token() == 576
+    assert KVCache(preset("v3"), 1, 1, kind="naive", device="meta").values_per_token() == 40960
+
+
+def test_counts_only_in_training_forwards_and_once_under_recompute():
+    m = random_model(cfg())
+    ids = torch.randint(0, 61, (2, 10))
+    m.eval()
+    with torch.no_grad():
+        out = m(ids)
+    assert all(moe.tokens_per_expert.sum() == 0 for moe in m.moe_layers())
+    m.train()
+    K = m.config.num_experts_per_tok
+    for mode in ("none", "full", "selective"):
+        for moe in m.moe_layers():
+            moe.tokens_per_expert.zero_()
+        m.set_recompute(mode)
+        out = m(ids, ids)
+        out.loss.backward()
+        for moe, c in zip(m.moe_layers(), out.expert_counts):
+            assert moe.tokens_per_expert.sum().item() == 20 * K, mode  # one count per token copy
+            assert torch.equal(moe.tokens_per_expert, c)
+
+
+def test_recompute_modes_give_identical_gradients():
+    m = random_model(cfg())
+    ids = torch.randint(0, 61, (2, 10))
+    grads = []
+    for mode in ("none", "selective", "full"):
+        m.set_recompute(mode)
+        m.zero_grad()
+        m(ids, ids, balance_alpha=1e-2).loss.backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for g in grads[1:]:
+        for a, b in zip(grads[0], g):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_mtp_loss_by_hand():
+    """Depth 1 predicts t_{i+2} from [enorm(Emb(t_{i+1})) ; hnorm(h_i)]: recompute it outside the model."""
+    m = random_model(cfg()).eval()
+    toks = torch.randint(0, 61, (2, 13))
+    ids, labels = toks[:, :-1], toks[:, 1:]
+    with torch.no_grad():
+        out = m(ids, labels)
+        h0 = out.hidden  # post-norm by default
+        layer = m.mtp[0]
+        z = layer.eh_proj(torch.cat([layer.enorm(m.embed_tokens(toks[:, 1:12])), layer.hnorm(h0[:, :11])], -1))
+        cos, sin = m.rotary(torch.arange(11))
+        hk, _, _ = layer(z, cos, sin)
+        logits = m.lm_head(layer.shared_head.norm(hk))
+        ref = F.cross_entropy(logits.reshape(-1, 61), toks[:, 2:13].reshape(-1))
+    # the last position has no t_{i+2}; positions 0..10 see the same causal prefix in both computations
+    assert torch.allclose(out.losses["mtp_1"], ref, rtol=1e-5)
+    assert torch.allclose(out.loss, out.losses["main"] + 0.3 * out.losses["mtp_1"], rtol=1e-6)
+
+
+def test_document_mask_isolates_documents_and_mtp_shifts():
+    m = random_model(cfg()).eval()
+    a = torch.randint(0, 61, (1, 7))
+    b = torch.randint(0, 61, (1, 5))
+    packed = torch.cat([a, b], 1)
+    doc = torch.tensor([[0] * 7 + [1] * 5])
+    with torch.no_grad():
+        together = m(packed, doc_ids=doc).logits
+        alone_b = m(b).logits
+    assert torch.allclose(together[:, 7:], alone_b, rtol=1e-5, atol=1e-5)
+    from dsv3.model import mtp_shift
+    nxt, tgt = mtp_shift(packed, packed, 1, doc)
+    assert (tgt[0, 6] == -100) and (tgt[0, 5] != -100) and (tgt[0, 11] == -100)
+
+
+def test_sequence_balance_loss_formula():
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(2, 5, 6, generator=g)
+    got = sequence_balance_loss(s, 2)
+    total = 0.0
+    for b in range(2):
+        f = [0.0] * 6
+        for t in range(5):
+            for e in s[b, t].topk(2).indices.tolist():
+                f[e] += 6 / (2 * 5)
+        P = [(s[b, :, e] / s[b].sum(-1)).mean().item() for e in range(6)]
+        total += sum(fi * pi for fi, pi in zip(f, P))
+    assert got.item() == pytest.approx(total / 2, rel=1e-6)
+
+
+def test_v3_preset_counts_and_meta_construction():
+    import tracemalloc
+    tracemalloc.start()
+    with torch.device("meta"):
+        m = DeepseekV3(preset("v3"))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 200 * 2**20  # module objects only: 671B parameters would be >1 TB
+    assert all(p.is_meta for p in m.parameters())
+    assert m.num_parameters(include_mtp=False) == 671_026_419_200
+    assert m.num_parameters(include_mtp=True) == 684_489_845_504
+    assert m.num_activated_parameters(include_embedding=True) == 37_552_297_472
+    assert m.num_activated_parameters(include_embedding=False) == 36_625_618_432
+    with torch.device("meta"):
+        lite = DeepseekV3(preset("v2-lite"))
+    assert lite.num_parameters() == 15_706_484_224
+    assert lite.num_activated_parameters() == 2_661_150_208
