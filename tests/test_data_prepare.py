@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_fixtures import make_docs, quick_prepare, write_jsonl, write_text_tree
+from dsv3.data.synthetic import make_docs, quick_prepare, write_jsonl, write_text_tree
 from dsv3.cli import main
 from dsv3.data.shards import TokenDataset
 from dsv3.data.stats import entropy_nats, unigram_entropy

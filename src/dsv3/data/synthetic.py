@@ -1,4 +1,4 @@
-"""Shared helpers for the data tests: a small deterministic corpus in every input format."""
+"""A small deterministic synthetic corpus written in every input format, for tests and demos."""
 from __future__ import annotations
 
 import json
