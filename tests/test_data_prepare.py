@@ -176,6 +176,7 @@ def test_bad_inputs(tmp_path, capsys, case):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the temp build dir is cleaned up
     with pytest.raises(UserError):
         quick_prepare([target], tmp_path / "out2", **({"vocab_size": None, "tokenizer": str(extra[1])} if extra else {}))
 

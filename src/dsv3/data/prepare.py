@@ -136,9 +136,10 @@ def _write(tmp: Path, srcs, n_docs: int, is_val: np.ndarray, opts: PrepareOption
                 yield text
 
     with _progress(opts.progress) as bar:
-        if not opts.tokenizer:
-            bar.add_task("training BPE tokenizer", total=None)
+        train_task = None if opts.tokenizer else bar.add_task("training BPE tokenizer", total=None)
         tok_text, tok, trained = _build_tokenizer(opts, train_texts())
+        if train_task is not None:
+            bar.update(train_task, total=1, completed=1)
         if trained and nonempty == 0:
             raise UserError("all documents are empty; pass files with text")
         eos_token, eos_id = tk.find_eos(tok, opts.eos_token)
