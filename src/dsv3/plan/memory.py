@@ -130,15 +130,19 @@ def saved_values(cfg: ModelConfig, moe: bool, seq_len: int, recompute: str = "no
         K, S, f = cfg.num_experts_per_tok, cfg.n_shared_experts, cfg.moe_intermediate_size
         out["router scores"] = (2 * cfg.n_routed_experts, False)
         out["expert inputs (K copies)"] = (K * d, True)
-        # gate and up outputs, and silu(gate): an eager SwiGLU keeps it for the product's backward.
-        out["expert gate/up/silu"] = ((K + S) * 3 * f, False)
-        out["expert down inputs"] = ((K + S) * f, True)
+        out.update(_swiglu("expert ", (K + S) * f, sel))
         out["expert outputs"] = (K * d, False)  # needed for the gradient of the routing weights
     else:
-        f = cfg.intermediate_size
-        out["gate/up/silu"] = (3 * f, False)
-        out["down input"] = (f, True)
+        out.update(_swiglu("", cfg.intermediate_size, sel))
     return out
+
+
+def _swiglu(prefix: str, width: float, selective: bool) -> dict[str, tuple[float, bool]]:
+    """SwiGLU's saved values: eager keeps gate, up, silu(gate) and the product (down's input); V3 caches only
+    the SwiGLU inputs, in FP8, and recomputes the rest (report section 3.3)."""
+    if selective:
+        return {f"{prefix}SwiGLU inputs (gate/up, FP8)": (2 * width, True)}
+    return {f"{prefix}gate/up/silu": (3 * width, False), f"{prefix}down input": (width, True)}
 
 
 def layer_activation_bytes(cfg: ModelConfig, moe: bool, layout: Layout, recipe: Recipe) -> float:
@@ -211,8 +215,6 @@ def stage_memory(cfg: ModelConfig, layout: Layout, recipe: Recipe, stage: int) -
     }
     tokens = layout.micro_batch * layout.seq_len
     per_mb = sum(layer_activation_bytes(cfg, cfg.is_moe_layer(l), layout, recipe) for l in layers)
-    if last:
-        per_mb += head_activation_bytes(cfg, recipe) + mtp_activation_bytes(cfg, layout, recipe)
     if sched is None:
         in_flight = 1
     elif layout.schedule == "dualpipe":
@@ -221,6 +223,10 @@ def stage_memory(cfg: ModelConfig, layout: Layout, recipe: Recipe, stage: int) -
         in_flight = layout.pp - stage  # 1F1B/ZB1P: stage i warms up with PP - i micro-batches
     parts["activations"] = per_mb * tokens * in_flight
     if last:
+        # The last stage runs each micro-batch's backward right after its forward: one micro-batch of head,
+        # logits and MTP activations at a time.
+        parts["head + MTP activations"] = (head_activation_bytes(cfg, recipe)
+                                           + mtp_activation_bytes(cfg, layout, recipe)) * tokens
         # Backward starts at the loss: the fp32 gradients w.r.t. the log-probabilities and w.r.t. the logits
         # exist together for a moment, on top of everything saved.
         parts["loss backward transient"] = 2 * V * 4 * tokens
