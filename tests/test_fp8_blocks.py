@@ -137,10 +137,18 @@ def test_stacked_weights_quantize_each_matrix():
                        dequantize_weight_blocks(q[2], s[2], dtype=torch.float32))
 
 
-def test_weight_blocks_keep_deepseek_convention():
-    """W = W_fp8 * S[i//128, j//128]: an FP8 checkpoint (HF format) round-trips exactly."""
+def test_requantizing_a_dequantized_checkpoint():
+    """An FP8 checkpoint (W = W_fp8 * S[i//128, j//128]) loaded to high precision and
+    quantized again: bit-exact with power-of-two scales (a pure exponent shift), within
+    the round-trip bound otherwise (s = amax * fp32(1/448) can move by an ulp)."""
     torch.manual_seed(5)
-    q, s = quantize_weight_blocks(torch.randn(256, 384))
-    w_bf16 = dequantize_weight_blocks(q, s, dtype=torch.float32)
-    q2, s2 = quantize_weight_blocks(w_bf16)
-    assert torch.equal(dequantize_weight_blocks(q2, s2, dtype=torch.float32), w_bf16)
+    w = torch.randn(256, 384)
+    q, s = quantize_weight_blocks(w, pow2_scale=True)
+    w_hp = dequantize_weight_blocks(q, s, dtype=torch.float32)
+    q2, s2 = quantize_weight_blocks(w_hp, pow2_scale=True)
+    assert torch.equal(dequantize_weight_blocks(q2, s2, dtype=torch.float32), w_hp)
+    q, s = quantize_weight_blocks(w)
+    w_hp = dequantize_weight_blocks(q, s, dtype=torch.float32)
+    q2, s2 = quantize_weight_blocks(w_hp)
+    w2 = dequantize_weight_blocks(q2, s2, dtype=torch.float32)
+    assert ((w2 - w_hp).abs() <= _bound(w_hp, _weight_scale_per_element(s2, 256, 384))).all()

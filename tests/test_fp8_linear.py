@@ -139,6 +139,10 @@ def test_no_weight_grad_path_saves_no_activation():
 
 
 # ---------------------------------------------------------------- GPU parity
+# The GPU path must match the reference up to accumulation precision: Hopper FP8
+# tensor cores keep ~14 bits inside each 128-wide K chunk (measured 1.2e-4 to
+# 1.3e-4 relative with fp32 output on H100), plus bf16 rounding (2^-9 / sqrt(3)
+# RMS ~ 1.7e-3 relative) when the output is bf16. Bounds: 5e-4 (fp32), 4e-3 (bf16).
 
 
 @cuda
@@ -151,7 +155,7 @@ def test_scaled_mm_blockwise_probe():
 
 
 @cuda
-@pytest.mark.parametrize("t,k,n", SHAPES + [(1000, 7168, 2048), (512, 2048, 7168), (64, 128, 4096)])
+@pytest.mark.parametrize("t,k,n", SHAPES + [(1000, 7168, 2048), (512, 2048, 7168), (64, 128, 4096), (256, 384, 256), (200, 576, 1536)])
 @pytest.mark.parametrize("pow2", [False, True])
 def test_gpu_scaled_mm_matches_reference(t, k, n, pow2):
     if not scaled_mm_blockwise_available(0):
@@ -165,7 +169,7 @@ def test_gpu_scaled_mm_matches_reference(t, k, n, pow2):
     for ka, a, sa, kb, b, sb in [("tile", xq, xs, "block", wq, ws),
                                  ("tile", xq, xs, "tile", *quantize_activation_tiles(w, pow2_scale=pow2))]:
         ref = fp8_gemm_nt(a, sa, ka, b, sb, kb, torch.float32, backend="reference")
-        for out_dtype, bound in [(torch.float32, 1e-5), (torch.bfloat16, 4e-3)]:
+        for out_dtype, bound in [(torch.float32, 5e-4), (torch.bfloat16, 4e-3)]:
             got = fp8_gemm_nt(a, sa, ka, b, sb, kb, out_dtype, backend="scaled_mm")
             e = rel(got, ref)
             print(f"\n{ka}x{kb} T={t} K={k} N={n} pow2={pow2} {out_dtype}: scaled_mm vs reference {e:.2e}")
@@ -174,7 +178,7 @@ def test_gpu_scaled_mm_matches_reference(t, k, n, pow2):
     bq, bs = quantize_activation_tiles(x, pow2_scale=pow2)
     got = fp8_gemm_nt(wq, ws, "block", bq, bs, "tile", torch.float32, backend="scaled_mm")
     ref = fp8_gemm_nt(wq, ws, "block", bq, bs, "tile", torch.float32, backend="reference")
-    assert rel(got, ref) <= 1e-5
+    assert rel(got, ref) <= 5e-4
 
 
 @cuda

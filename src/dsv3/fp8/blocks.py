@@ -38,6 +38,7 @@ from torch import Tensor
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite E4M3FN value
+_INV_FP8_MAX = 1.0 / FP8_MAX  # rounded to fp32 when multiplied with an fp32 tensor
 TILE = 128
 BLOCK = 128
 
@@ -62,20 +63,29 @@ def _cdiv(a: int, b: int) -> int:
 def compute_scale_inv(amax: Tensor, pow2_scale: bool = False) -> Tensor:
     """Inverse scales ``s`` (fp32) from per-block absolute maxima.
 
-    ``s = amax / 448`` maps the block maximum onto the E4M3 maximum. With
+    ``s = amax * fp32(1/448)`` maps the block maximum onto the E4M3 maximum
+    (to within an fp32 ulp; the cast clamps at 448). With
     ``pow2_scale`` the scale is rounded *up* to a power of two, so no value can
     overflow and scaling is exact in binary (a pure exponent shift: the only
     rounding is the cast itself). All-zero blocks get ``s = 1`` rather than 0,
     so ``x / s`` never computes 0/0 = NaN.
     """
     amax = amax.float()
-    s = amax / FP8_MAX
+    # Multiply by the fp32 reciprocal instead of dividing by 448: CUDA turns a
+    # division by a Python scalar into this very multiplication, CPU does not,
+    # and the two would differ in the last bit. One correctly rounded fp32
+    # multiply gives bit-identical scales (and FP8 values) on every device.
+    s = amax * _INV_FP8_MAX
     if pow2_scale:
-        # ceil keeps s >= amax/448; exp2 of an integer is exact in fp32.
-        s = torch.exp2(torch.ceil(torch.log2(s)))
-    # amax == 0 (log2 -> -inf -> exp2 -> 0, or plain 0): any scale works, 1 is tidy.
+        # Round up to 2^e with frexp (exact; log2/ceil can misround near powers
+        # of two on some backends). s = m * 2^e, m in [0.5, 1): 2^e >= s, and
+        # s itself when m == 0.5.
+        mant, expo = torch.frexp(s)
+        up = torch.ldexp(torch.ones_like(s), expo)
+        s = torch.where(mant == 0.5, s, up)
+    # amax == 0: any scale works, 1 is tidy (and avoids 0/0 = NaN).
     s = torch.where(amax > 0, s, torch.ones_like(s))
-    # A block whose amax is a tiny subnormal could give s == 0 after the division.
+    # A block whose amax is a tiny subnormal could give s == 0 after the multiply.
     return s.clamp_min(torch.finfo(torch.float32).tiny)
 
 

@@ -9,9 +9,12 @@ Both operands are FP8 E4M3 and *K-major* ("NT" layout): ``a [M, K]`` and
 Two implementations with the same meaning:
 
 * ``reference``: dequantize both to fp32 and ``torch.mm`` in fp32. This is the
-  exact math the GPU kernel computes, up to accumulation order (cuBLAS applies
-  the scales per 128-wide K chunk and accumulates in fp32, as DeepSeek-V3's
-  "promote every 128 of K" does). Runs anywhere; the CPU always uses it.
+  math the GPU kernel computes, up to accumulation precision: cuBLAS applies
+  the scales per 128-wide K chunk and adds the chunks in fp32 (DeepSeek-V3's
+  "promote every 128 of K"), but inside a chunk Hopper's FP8 tensor cores keep
+  only ~14 bits, so the two paths differ by ~1.3e-4 relative (measured on
+  H100, torch 2.11: 1.2e-4 to 1.3e-4 for fp32 output, 1.7e-3 for bf16 output,
+  which is bf16's own rounding). Runs anywhere; the CPU always uses it.
 * ``scaled_mm``: ``torch._scaled_mm`` with blockwise scales (cuBLASLt >= 12.9,
   compute capability 9.x). What torch (2.10-2.13 source, ``ScaledBlas.cpp``,
   ``get_joint_scaling`` / ``is_blockwise_1x128_scaling`` /
@@ -28,7 +31,10 @@ Two implementations with the same meaning:
   - for mat2 the checks run on ``mat2.t()`` ([N, K]) and ``scale_b.t()``: a
     1x128 ``scale_b`` is [ceil(K/128), N] contiguous; a 128x128 ``scale_b`` is
     [ceil(K/128), ceil(N/128)] with strides (1, ceil(K/128)), i.e. the
-    transpose of the contiguous [ceil(N/128), ceil(K/128)] weight scale.
+    transpose of the contiguous [ceil(N/128), ceil(K/128)] weight scale;
+  - measured, not checked by torch 2.11: with a 128x128 operand, ceil(K/128)
+    must be a multiple of 4 or cuBLAS reads the scales with a padded leading
+    dimension and returns garbage (``_scaled_mm`` below pads K to 512 then).
 
   The scales passed are the *inverse* scales (dequant multipliers), the same
   convention as ours. When the probe call fails (older torch, other GPUs, no
@@ -85,9 +91,20 @@ def _scaled_mm(a, sa, ka, b, sb, kb, out_dtype):
     n = b.shape[0]
     # K and N must be multiples of 16. Zero padding adds nothing to the sums and
     # never changes the number of 128-wide scale groups (128 is a multiple of 16).
-    k16, n16 = -(-k // 16) * 16, -(-n // 16) * 16
-    if k16 != k:
-        a, b = _pad_cols(a, k16), _pad_cols(b, k16)
+    kpad = -(-k // 16) * 16
+    if "block" in (ka, kb) and -(-k // 128) % 4:
+        # Measured on H100, torch 2.11 + cu130: with a 128x128 operand whose
+        # ceil(K/128) is not a multiple of 4, torch accepts the scales (it checks
+        # stride == ceil(K/128)) but cuBLAS reads them with a leading dimension
+        # rounded up to 4 (16 bytes), giving silently wrong results. Pad K to a
+        # multiple of 512 (zeros; padded scale groups = 1) so both agree.
+        kpad = -(-k // 512) * 512
+    n16 = -(-n // 16) * 16
+    if kpad != k:
+        a, b = _pad_cols(a, kpad), _pad_cols(b, kpad)
+        kt = -(-kpad // 128)
+        sa = _pad_scale_cols(sa, kt)
+        sb = _pad_scale_cols(sb, kt)
     if n16 != n:
         b = _pad_rows_fp8(b, n16)
         if kb == "tile":
@@ -99,13 +116,17 @@ def _scaled_mm(a, sa, ka, b, sb, kb, out_dtype):
     return out[:, :n] if n16 != n else out
 
 
+def _pad_scale_cols(s: Tensor, cols: int) -> Tensor:
+    return s if s.shape[1] == cols else F.pad(s, (0, cols - s.shape[1]), value=1.0)
+
+
 @functools.lru_cache(maxsize=None)
 def scaled_mm_blockwise_available(device_index: int = 0) -> bool:
     """Whether this torch/GPU runs blockwise ``_scaled_mm`` correctly (probed once per device).
 
-    The probe multiplies a 128x256 by 256x128 problem both ways and compares
-    with the reference, so a build that accepts the call but computes
-    something else is also caught.
+    The probe multiplies a [256, 384] by [384, 256]^T problem (several blocks
+    in every dim, ceil(K/128) = 3) both ways and compares with the reference,
+    so a build that accepts the call but computes something else is caught.
     """
     if not torch.cuda.is_available() or not hasattr(torch, "_scaled_mm"):
         return False
@@ -117,12 +138,13 @@ def scaled_mm_blockwise_available(device_index: int = 0) -> bool:
         return False
     try:
         g = torch.Generator(device=dev).manual_seed(0)
-        x = torch.randn(128, 256, device=dev, generator=g)
-        w = torch.randn(128, 256, device=dev, generator=g)
+        x = torch.randn(256, 384, device=dev, generator=g)
+        w = torch.randn(256, 384, device=dev, generator=g)
         xq, xs = quantize_activation_tiles(x)
         wq, ws = quantize_weight_blocks(w)
         got = _scaled_mm(xq, xs, "tile", wq, ws, "block", torch.float32)
         ref = _reference(xq, xs, "tile", wq, ws, "block", torch.float32)
+        # Hopper FP8 tensor cores keep ~14 bits inside each 128-wide K chunk: ~1.3e-4.
         return bool(((got - ref).norm() / ref.norm()) < 1e-3)
     except (RuntimeError, NotImplementedError, ValueError, TypeError):
         return False
