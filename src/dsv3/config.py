@@ -205,6 +205,8 @@ class ModelConfig:
         # HF spellings of the same thing.
         if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
             d["num_nextn_predict_layers"] = d["num_mtp_layers"]
+        if not strict:  # a foreign config.json that says nothing of MTP has none (e.g. DeepSeek-V2's)
+            d.setdefault("num_nextn_predict_layers", 0)
         if "dsv3_mtp_hidden_norm" in d:
             d["mtp_hidden_norm"] = d.pop("dsv3_mtp_hidden_norm")
         rope = _rope_from_hf(d)

@@ -68,12 +68,14 @@ def _put(out: dict[str, torch.Tensor], hf_key: str, t: torch.Tensor) -> None:
 
 
 def save_pretrained(model: DeepseekV3, out_dir: str | Path, *, dtype: torch.dtype | None = None,
-                    fp8: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+                    fp8: bool = False, fp8_pow2_scales: bool = False,
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write ``config.json``, sharded ``model-XXXXX-of-YYYYY.safetensors`` and the index, atomically.
 
     ``dtype`` casts floating tensors (the router and balance bias stay fp32, as released). ``fp8=True``
-    writes DeepSeek's block format: e4m3 matrices with fp32 ``weight_scale_inv`` per 128x128 block.
-    Output is deterministic: the same model gives the same bytes.
+    writes DeepSeek's block format: e4m3 matrices with fp32 ``weight_scale_inv`` per 128x128 block;
+    ``fp8_pow2_scales`` rounds those scales to powers of two, which makes FP8 export -> load -> export exact
+    (with free scales the re-derived scale can move by an ulp). Output is deterministic.
     """
     out_dir = Path(out_dir)
     tensors = to_hf_state_dict(model)
@@ -81,7 +83,7 @@ def save_pretrained(model: DeepseekV3, out_dir: str | Path, *, dtype: torch.dtyp
     config = model.config.to_hf_dict()
     config["torch_dtype"] = str(dtype or next(iter(model.parameters())).dtype).replace("torch.", "")
     if fp8:
-        tensors = _quantize_fp8(tensors)
+        tensors = _quantize_fp8(tensors, fp8_pow2_scales)
         config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                          "weight_block_size": [128, 128]}
     _atomic_write_dir(out_dir, lambda tmp: _write_shards(tmp, tensors, config, max_shard_bytes))
@@ -97,13 +99,13 @@ def _cast(key: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t.to(dtype).contiguous()
 
 
-def _quantize_fp8(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _quantize_fp8(tensors: dict[str, torch.Tensor], pow2: bool) -> dict[str, torch.Tensor]:
     from dsv3.fp8.blocks import quantize_weight_blocks
 
     out = {}
     for k, t in tensors.items():
         if t.ndim == 2 and k.endswith(".weight") and not _FP8_SKIP.search(k):
-            w8, s = quantize_weight_blocks(t.float(), block=128)
+            w8, s = quantize_weight_blocks(t.float(), block=128, pow2_scale=pow2)
             out[k] = w8.contiguous()
             out[k[: -len("weight")] + "weight_scale_inv"] = s.float().contiguous()
         else:

@@ -52,7 +52,8 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, 1e-6)
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
-        self.attention_fn = causal_attention  # swapped for a fast kernel by dsv3.kernels
+        from dsv3.kernels.attention import fast_causal_attention
+        self.attention_fn = fast_causal_attention  # cuDNN on CUDA; tests may set the reference causal_attention
 
     # ------------------------------------------------------------------ pieces
     def project_q(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

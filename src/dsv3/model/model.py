@@ -167,14 +167,13 @@ class DeepseekV3(nn.Module):
         h_final = self.norm(h)
         if cache is not None:
             cache.advance(S)
-        need_logits = return_logits or labels is not None
-        logits = self.lm_head(h_final) if need_logits else None
+        logits = self.lm_head(h_final) if return_logits else None
         out = ModelOutput(logits=logits, expert_counts=counts,
                           hidden=h_final if self.config.mtp_hidden_norm == "post" else h)
         if labels is None:
             return out
 
-        main = lm_loss(logits, labels)
+        main = self._head_loss(h_final, logits, labels)
         losses = {"main": main}
         total = main
         D = len(self.mtp)
@@ -188,7 +187,7 @@ class DeepseekV3(nn.Module):
                 counts.append(c)
                 if b is not None:
                     balances.append(b)
-                losses[f"mtp_{k}"] = lm_loss(self.lm_head(layer.shared_head.norm(h_k)), targets)
+                losses[f"mtp_{k}"] = self._head_loss(layer.shared_head.norm(h_k), None, targets)
                 mtp_total = mtp_total + losses[f"mtp_{k}"]
                 h_prev = h_k
             total = total + (mtp_lambda / D) * mtp_total
@@ -197,9 +196,14 @@ class DeepseekV3(nn.Module):
             total = total + balance_alpha * losses["balance"]
         out.loss = total
         out.losses = losses
-        if not return_logits:
-            out.logits = None
         return out
+
+    def _head_loss(self, h_BSD: torch.Tensor, logits: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+        """CE from given logits, or fused with the head projection (no [T, V] fp32 logits) when there are none."""
+        if logits is not None:
+            return lm_loss(logits, labels)
+        from dsv3.kernels.cross_entropy import linear_cross_entropy
+        return linear_cross_entropy(h_BSD.reshape(-1, h_BSD.shape[-1]), self.lm_head.weight, labels.reshape(-1))
 
     # ------------------------------------------------------------- counting
     def num_parameters(self, include_mtp: bool = True) -> int:

@@ -67,8 +67,9 @@ class Router(nn.Module):
             self.e_score_correction_bias = None
 
     def forward(self, x_TD: torch.Tensor) -> Routing:
-        logits = F.linear(x_TD.float(), self.weight.float())
-        return route(logits, self.e_score_correction_bias, self.config)
+        with torch.autocast(x_TD.device.type, enabled=False):  # the router stays fp32 under autocast
+            logits = F.linear(x_TD.float(), self.weight.float())
+            return route(logits, self.e_score_correction_bias, self.config)
 
 
 class Experts(nn.Module):
@@ -88,6 +89,19 @@ class Experts(nn.Module):
         if self.use_loop_reference:
             return experts_forward_loop(x_TD, routing, self.gate_proj, self.up_proj, self.down_proj)
         return experts_forward_sorted(x_TD, routing, self.gate_proj, self.up_proj, self.down_proj)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: autocast's when it is on (grouped GEMMs are not on autocast's lists)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def count_selections(idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Selections per expert [E] (int64) without a host sync (bincount would need the max on the host)."""
+    flat = idx_TK.reshape(-1)
+    return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def experts_forward_loop(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_EDF) -> torch.Tensor:
@@ -137,16 +151,18 @@ def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_
     T, D = x_TD.shape
     K = routing.idx_TK.shape[1]
     E = w_gate_EFD.shape[0]
+    dtype = compute_dtype(x_TD)
+    x_TD, w_gate_EFD, w_up_EFD, w_down_EDF = (t.to(dtype) for t in (x_TD, w_gate_EFD, w_up_EFD, w_down_EDF))
     flat_idx = routing.idx_TK.reshape(-1)
     order = torch.argsort(flat_idx, stable=True)
-    counts_E = torch.bincount(flat_idx, minlength=E)
+    counts_E = count_selections(routing.idx_TK, E)
     ends_E = torch.cumsum(counts_E, 0).to(torch.int32)
     x_sorted = x_TD[order // K]
     h = F.silu(grouped_linear(x_sorted, w_gate_EFD, ends_E, counts_E)) * grouped_linear(x_sorted, w_up_EFD, ends_E, counts_E)
     y_sorted = grouped_linear(h, w_down_EDF, ends_E, counts_E)
     y_TKD = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(T, K, D)
-    out = torch.einsum("tkd,tk->td", y_TKD.float(), routing.weight_TK)
-    return out.to(x_TD.dtype)
+    out = (y_TKD.float() * routing.weight_TK[..., None]).sum(dim=1)  # elementwise: autocast leaves it fp32
+    return out.to(dtype)
 
 
 def sequence_balance_loss(scores_BSE: torch.Tensor, k: int) -> torch.Tensor:
@@ -188,7 +204,7 @@ class MoE(nn.Module):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.gate(x_TD)
-        counts = torch.bincount(routing.idx_TK.reshape(-1), minlength=self.config.n_routed_experts)
+        counts = count_selections(routing.idx_TK, self.config.n_routed_experts)
         if self.training and torch.is_grad_enabled() and not is_recomputing():
             self.tokens_per_expert.add_(counts)
         y = self.experts(x_TD, routing).view(B, S, D)

@@ -1,0 +1,90 @@
+"""Fast paths against their reference twins (forward and gradients). GPU-only checks skip on CPU."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv3.kernels.attention import fast_causal_attention
+from dsv3.kernels.cross_entropy import linear_cross_entropy
+from dsv3.model.attention import causal_attention
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@pytest.mark.parametrize("chunk", [5, 64, 1000])
+def test_linear_cross_entropy_matches_reference_with_ignored_labels(chunk):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (37,), generator=g)
+    labels[::4] = -100
+    loss = linear_cross_entropy(h, w, labels, chunk=chunk)
+    (loss * 1.7).backward()
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = F.cross_entropy(h2 @ w2.T, labels, ignore_index=-100)
+    (ref * 1.7).backward()
+    assert torch.allclose(loss, ref, rtol=1e-6)
+    assert torch.allclose(h.grad, h2.grad, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(w.grad, w2.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_model_fused_loss_equals_logits_loss():
+    from dsv3.config import preset
+    from dsv3.model import DeepseekV3
+    torch.manual_seed(0)
+    m = DeepseekV3(preset("tiny").replace(vocab_size=300))
+    ids = torch.randint(0, 300, (2, 16))
+    a = m(ids, ids, return_logits=True)
+    b = m(ids, ids, return_logits=False)
+    assert b.logits is None
+    for k in a.losses:
+        assert torch.allclose(a.losses[k], b.losses[k], rtol=1e-5), k
+    ga = torch.autograd.grad(a.loss, m.lm_head.weight)[0]
+    gb = torch.autograd.grad(b.loss, m.lm_head.weight)[0]
+    assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-7)
+
+
+def test_fast_attention_falls_back_to_reference_on_cpu():
+    q, k = torch.randn(2, 3, 9, 12), torch.randn(2, 3, 9, 12)
+    v = torch.randn(2, 3, 9, 8)
+    assert torch.equal(fast_causal_attention(q, k, v, 0.3), causal_attention(q, k, v, 0.3))
+
+
+@cuda
+def test_cudnn_attention_matches_reference_forward_and_grad():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 4, 256, 192, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+    k = torch.randn(2, 4, 256, 192, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+    v = torch.randn(2, 4, 256, 128, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+    out = fast_causal_attention(q, k, v, 192 ** -0.5)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    qf, kf, vf = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = causal_attention(qf, kf, vf, 192 ** -0.5)
+    ref.backward(dout.double())
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(out, ref) < 1e-2
+    for a, b in ((q.grad, qf.grad), (k.grad, kf.grad), (v.grad, vf.grad)):
+        assert rel(a, b) < 2e-2
+
+
+@cuda
+def test_grouped_experts_on_gpu_match_loop_reference():
+    from dsv3.config import preset
+    from dsv3.model.moe import MoE
+    torch.manual_seed(0)
+    cfg = preset("tiny").replace(hidden_size=256, moe_intermediate_size=128)
+    moe = MoE(cfg).cuda()
+    from dsv3.model.moe import init_moe_
+    init_moe_(moe, 0.05)
+    x = torch.randn(2, 100, 256, device="cuda", requires_grad=True)
+    outs = []
+    for loop in (False, True):
+        moe.experts.use_loop_reference = loop
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, _ = moe(x)
+        grads = torch.autograd.grad(y.float().square().sum(), [x, moe.experts.gate_proj, moe.experts.down_proj])
+        outs.append((y.float(), grads))
+    (y0, g0), (y1, g1) = outs
+    assert ((y0 - y1).norm() / y1.norm()).item() < 1e-2
+    for a, b in zip(g0, g1):
+        assert ((a - b).norm() / b.norm()).item() < 2e-2
