@@ -1,0 +1,59 @@
+"""Validation: exact token-weighted mean losses, perplexity and MaxVio over the validation split."""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+
+from dsv3.data.loader import IGNORE_INDEX, validation_batches
+from dsv3.model.moe import max_violation
+
+
+@torch.no_grad()
+def evaluate(model, data, *, seq_len: int, batch_size: int, max_batches: int | None, device: torch.device,
+             autocast_dtype: torch.dtype | None = None, document_mask: bool = False) -> dict:
+    """{'loss', 'ppl', 'loss_mtp_k'..., 'maxvio', 'tokens'} on the validation split.
+
+    Each batch's mean loss is weighted by its count of non-ignored labels, so the result is the mean over
+    every token seen (the last batch is padded with ignored rows). MTP losses are weighted the same way
+    (their targets are one shorter per row: a small, harmless approximation). Expert counts of eval forwards
+    are summed here and never touch the training counters (the model is in eval mode).
+    """
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    total_tokens = 0
+    counts = None
+    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    try:
+        for batch in validation_batches(data, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches,
+                                        document_mask=document_mask):
+            ids = batch["input_ids"].to(device)
+            labels = batch["labels"].to(device)
+            doc_ids = batch["doc_ids"].to(device) if document_mask else None
+            n = int((labels != IGNORE_INDEX).sum())
+            if n == 0:
+                continue
+            with ctx:
+                out = model(ids, labels, doc_ids=doc_ids, return_logits=False)
+            for k, v in out.losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * n
+            c = [x.detach().cpu() for x in out.expert_counts]
+            counts = c if counts is None else [a + b for a, b in zip(counts, c)]
+            total_tokens += n
+    finally:
+        model.train(was_training)
+    if total_tokens == 0:
+        return {"tokens": 0}
+    result = {"loss": sums["main"] / total_tokens}
+    result["ppl"] = math.exp(min(result["loss"], 700.0))
+    for k, v in sums.items():
+        if k.startswith("mtp_"):
+            result[f"loss_{k}"] = v / total_tokens
+    if counts:
+        vios = [float(max_violation(c)) for c in counts]
+        result["maxvio"] = sum(vios) / len(vios)
+        result["maxvio_max"] = max(vios)
+    result["tokens"] = total_tokens
+    return result

@@ -1,0 +1,283 @@
+"""The training loop: micro-batched steps, schedules, clipping, bias update, NaN skips, checkpoints, metrics.
+
+One optimizer step = one global batch from the loader, split into micro-batches whose gradients accumulate
+(each weighted by its share of the step's target tokens, so accumulation equals one big batch). After the
+optimizer update the balance biases move once, from the counts of all micro-batches.
+
+Exact resume: the loader's batches are a pure function of its state, the schedules a pure function of the
+step, and every RNG is saved; so N steps + resume + N steps reproduce 2N steps bit for bit on the CPU.
+"""
+from __future__ import annotations
+
+import math
+import random
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from dsv3.data.loader import IGNORE_INDEX, PackedLoader
+from dsv3.errors import UserError
+from dsv3.model import DeepseekV3
+from dsv3.train import balance, checkpoint, metrics, schedules
+from dsv3.train.config import RunConfig
+from dsv3.train.evaluate import evaluate
+from dsv3.train.optim import build_optimizer
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"train.device = {name!r} but CUDA is not available here; use --set train.device=\"cpu\" "
+                        "or \"auto\"")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Owns model, optimizer, loader and sinks of one run directory.
+
+    Args:
+        cfg: the resolved run config.
+        run_dir: where checkpoints and metrics go (must exist).
+        data: the prepared data directory.
+        resume: a checkpoint directory to continue from, or None for a fresh start.
+        all_reduce: sums a tensor over data-parallel ranks (None: one process).
+        quiet: no progress lines (tests).
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, data: Path, resume: Path | None = None,
+                 all_reduce: Callable[[torch.Tensor], None] | None = None, quiet: bool = False):
+        self.cfg, self.run_dir, self.data = cfg, Path(run_dir), Path(data)
+        t = cfg.train
+        self.t = t
+        self.all_reduce = all_reduce
+        self.device = pick_device(t.device)
+        self.autocast = torch.bfloat16 if (t.precision == "bf16" and self.device.type == "cuda") else None
+        self.progress = metrics.Progress(t.steps, quiet=quiet)
+
+        seed_everything(t.seed)
+        self.model = DeepseekV3(cfg.model).to(self.device)
+        self.model.train()
+        self.model.set_recompute(t.recompute)
+        if t.compile:
+            for layer in list(self.model.layers) + list(self.model.mtp):
+                layer.compile()
+        self.optimizer = build_optimizer(self.model, t)
+        mb = t.micro_batch_size or t.batch_size
+        self.ramp = schedules.BatchRamp(t, granularity=mb)
+        self.loader = PackedLoader(self.data, "train", seq_len=t.seq_len, batch_size=self.ramp, seed=t.seed,
+                                   document_mask=cfg.data.document_mask, prefetch=cfg.data.prefetch,
+                                   pin_memory=self.device.type == "cuda", verify=cfg.data.verify)
+        self.step = 0           # optimizer steps done (including skipped ones)
+        self.tokens = 0         # tokens of all steps done
+        self.nan_skips = 0      # total skipped steps
+        self.nan_streak = 0     # skipped steps in a row
+        self.last_checkpoint: Path | None = None
+        if resume is not None:
+            self._restore(resume)
+
+        self.flops_per_token = metrics.flops_per_token(cfg.model, t.seq_len)
+        self.peak_flops, self.peak_desc = (t.peak_tflops * 1e12, "train.peak_tflops") if t.peak_tflops > 0 \
+            else metrics.measure_peak_flops(self.device)
+        self._stop_signal: int | None = None
+        self.final_eval: dict = {}
+
+    # ------------------------------------------------------------------ resume
+    def _restore(self, ckpt: Path) -> None:
+        state = checkpoint.load_checkpoint(ckpt)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        tr = state["trainer"]
+        self.loader.load_state_dict(tr["loader"])
+        self.step, self.tokens = tr["step"], tr["tokens"]
+        self.nan_skips, self.nan_streak = tr["nan_skips"], tr["nan_streak"]
+        checkpoint.set_rng_state(tr["rng"])
+        self.last_checkpoint = Path(ckpt)
+
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "nan_skips": self.nan_skips,
+                "nan_streak": self.nan_streak, "loader": self.loader.state_dict()}
+
+    def save(self) -> Path:
+        self.last_checkpoint = checkpoint.save_checkpoint(self.run_dir, self.step, self.cfg, self.model,
+                                                          self.optimizer, self.trainer_state(),
+                                                          self.t.keep_checkpoints)
+        return self.last_checkpoint
+
+    # -------------------------------------------------------------------- step
+    def _micro_batches(self, batch: dict, size: int):
+        n = batch["input_ids"].shape[0]
+        for i in range(0, n, size):
+            yield {k: v[i:i + size].to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self) -> dict:
+        """Take one optimizer step (or skip it on a non-finite loss); return its metrics record."""
+        t, step = self.t, self.step
+        start = time.perf_counter()
+        global_batch = self.ramp(step)
+        batch = self.loader.next_batch()
+        lr = schedules.lr_at(step, t)
+        lam = schedules.mtp_lambda_at(step, t)
+        gamma = schedules.bias_gamma_at(step, t)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        n_target = int((batch["labels"] != IGNORE_INDEX).sum())
+        micro = min(t.micro_batch_size or global_batch, batch["input_ids"].shape[0])
+        parts: dict[str, torch.Tensor] = {}
+        total = torch.zeros((), device=self.device)
+        ctx = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
+        for mb in self._micro_batches(batch, micro):
+            # Weight by target tokens so that the accumulated gradient is that of the whole batch's mean loss.
+            w = int((mb["labels"] != IGNORE_INDEX).sum()) / max(n_target, 1)
+            with ctx:
+                out = self.model(mb["input_ids"], mb["labels"], doc_ids=mb.get("doc_ids"), mtp_lambda=lam,
+                                 balance_alpha=t.balance_alpha, return_logits=False)
+            (out.loss * w).backward()
+            total = total + out.loss.detach().float() * w
+            for k, v in out.losses.items():
+                parts[k] = parts.get(k, 0) + v.detach().float() * w
+
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        loss = float(total)
+        grad_norm = float("nan")
+        skipped = not math.isfinite(loss)
+        if not skipped:
+            clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            skipped = not math.isfinite(grad_norm)
+        counts = balance.read_counts(self.model) if self._log_load(step) and not skipped else None
+        if skipped:
+            # No update at all: weights, optimizer moments and balance biases stay as they were.
+            balance.zero_counts(self.model)
+            vios = []
+            self.nan_skips += 1
+            self.nan_streak += 1
+        else:
+            self.optimizer.step()
+            vios = balance.update_balance_biases(self.model, gamma, self.all_reduce)
+            self.nan_streak = 0
+        self.optimizer.zero_grad(set_to_none=True)
+
+        step_tokens = global_batch * t.seq_len
+        self.step += 1
+        self.tokens += step_tokens
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        tps = step_tokens / elapsed
+        record = {"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tps, "grad_norm": grad_norm,
+                  "tokens": self.tokens, "batch_size": global_batch, "mfu": self.flops_per_token * tps / self.peak_flops,
+                  "mtp_lambda": lam, "bias_gamma": gamma, "skipped": skipped, "nan_skips": self.nan_skips,
+                  "step_time_s": elapsed}
+        for k, v in parts.items():
+            record[f"loss_{k}"] = float(v)
+        record["maxvio"] = sum(vios) / len(vios) if vios else 0.0
+        record["maxvio_max"] = max(vios) if vios else 0.0
+        record["maxvio_layers"] = vios
+        if counts is not None:
+            self.expert_log.write({"step": self.step, "counts": [c.tolist() for c in counts]})
+        return record
+
+    def _log_load(self, step: int) -> bool:
+        n = self.t.expert_load_every
+        return n > 0 and (step + 1) % n == 0
+
+    # ---------------------------------------------------------------- signals
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: stop now
+        self._stop_signal = signum
+        self.progress.print(f"[yellow]signal {signal.Signals(signum).name}: saving a checkpoint after this "
+                            "step (Ctrl-C again to abort without saving)[/yellow]")
+
+    def _install_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        old = {}
+        for s in (signal.SIGINT, signal.SIGTERM):
+            old[s] = signal.signal(s, self._on_signal)
+        return old
+
+    # ------------------------------------------------------------------- eval
+    def evaluate(self) -> dict:
+        t = self.t
+        return evaluate(self.model, self.data, seq_len=t.seq_len, batch_size=t.micro_batch_size or t.batch_size,
+                        max_batches=t.eval_batches, device=self.device, autocast_dtype=self.autocast,
+                        document_mask=self.cfg.data.document_mask)
+
+    def _run_eval(self) -> dict:
+        result = self.evaluate()
+        if result.get("tokens"):
+            record = {"step": self.step, "tokens_seen": self.tokens, **result}
+            self.eval_log.write(record)
+            self.tb.scalars("eval", record, self.step)
+            self.progress.print(f"eval  step {self.step}: loss {result['loss']:.4f} ppl {result['ppl']:.2f} "
+                                f"maxvio {result.get('maxvio', 0):.2f}")
+        return result
+
+    # ------------------------------------------------------------------- loop
+    def train(self, until: int | None = None) -> int:
+        """Run to ``train.steps`` (or ``until``); returns 0, or 128+signal when interrupted (after saving).
+
+        Raises UserError when ``max_nan_skips`` non-finite losses come in a row (no checkpoint is written
+        then: the last one on disk is the last good state).
+        """
+        t = self.t
+        end = min(t.steps, until) if until is not None else t.steps
+        for name in ("metrics.jsonl", "eval.jsonl", "expert_load.jsonl"):
+            metrics.truncate_jsonl(self.run_dir / name, self.step)
+        self.metrics_log = metrics.JsonlWriter(self.run_dir / "metrics.jsonl")
+        self.eval_log = metrics.JsonlWriter(self.run_dir / "eval.jsonl")
+        self.expert_log = metrics.JsonlWriter(self.run_dir / "expert_load.jsonl")
+        self.tb = metrics.TensorBoard(self.run_dir, t.tensorboard)
+        old_handlers = self._install_signals()
+        loop_start, first_step = time.perf_counter(), self.step
+        try:
+            while self.step < end:
+                record = self.train_step()
+                self.metrics_log.write({k: v for k, v in record.items()})
+                self.tb.scalars("train", {k: v for k, v in record.items() if k != "maxvio_layers"}, self.step)
+                done = self.step - first_step
+                eta = (time.perf_counter() - loop_start) / done * (end - self.step)
+                if record["skipped"] or self.step % t.log_every == 0 or self.step == end or self.step == 1:
+                    self.progress.step(record, eta)
+                if self.nan_streak >= t.max_nan_skips:
+                    last = self.last_checkpoint or "none (no checkpoint was saved yet)"
+                    raise UserError(
+                        f"training stopped at step {self.step}: {self.nan_streak} non-finite losses in a row "
+                        f"({self.nan_skips} in total); last good checkpoint: {last}. Lower train.lr or raise "
+                        f"train.warmup_steps and resume with `dsv3 train --resume {self.run_dir}`")
+                if self._stop_signal is not None:
+                    path = self.save()
+                    self.progress.print(f"saved {path} at step {self.step}; continue with "
+                                        f"`dsv3 train --resume {self.run_dir}`")
+                    return 128 + int(self._stop_signal)
+                if t.eval_every and self.step % t.eval_every == 0 and self.step < end:
+                    self._run_eval()
+                if self.step % t.save_every == 0 and self.step < end:
+                    self.save()
+            if self.last_checkpoint is None or self.last_checkpoint.name != f"step_{self.step:06d}":
+                self.save()
+            self.final_eval = self._run_eval() if t.eval_batches else {}
+            return 0
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            for sink in (self.metrics_log, self.eval_log, self.expert_log, self.tb):
+                sink.close()
+
+    def close(self) -> None:
+        self.loader.close()
