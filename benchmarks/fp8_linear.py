@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from dsv3.fp8.blocks import quantize_activation_tiles, quantize_weight_blocks
 from dsv3.fp8.gemm import fp8_gemm_nt, scaled_mm_blockwise_available
 from dsv3.fp8.linear import fp8_linear
+from dsv3.fp8.triton_quant import quantize_tiles
 
 V3_SHAPES = [(7168, 2048), (2048, 7168), (7168, 18432)]  # (K in, N out)
 
@@ -106,7 +107,14 @@ def run_shape(m: int, k: int, n: int, iters: int) -> dict:
         fp8_gemm_nt(dq, ds, "tile", wtq, wts, "block", torch.bfloat16, "scaled_mm")
         fp8_gemm_nt(dtq, dts, "tile", xtq, xts, "tile", torch.float32, "scaled_mm")
 
-    def quant_only():
+    def quant_only():  # the five quantizations of one fwd+bwd, as fp8_linear runs them
+        quantize_tiles(x.detach())
+        quantize_tiles(x.detach().t())
+        quantize_weight_blocks(w32.detach())
+        quantize_tiles(gy)
+        quantize_tiles(gy.t())
+
+    def quant_torch():  # same with the torch reference quantizer (several passes each)
         quantize_activation_tiles(x.detach())
         quantize_activation_tiles(x.detach().t())
         quantize_weight_blocks(w32.detach())
@@ -116,10 +124,10 @@ def run_shape(m: int, k: int, n: int, iters: int) -> dict:
     flops = 6.0 * m * k * n
     out = {"M": m, "K": k, "N": n, "flops": flops}
     for name, fn in (("fp8_linear", fp8_step), ("scaled_mm_x3", gemm3), ("bf16_linear", bf16_step),
-                     ("quantize_only", quant_only)):
+                     ("quantize_only", quant_only), ("quantize_torch_ref", quant_torch)):
         ms = bench(fn, iters)
         out[f"{name}_ms"] = ms
-        if name != "quantize_only":
+        if not name.startswith("quantize"):
             out[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12
         x.grad = w32.grad = w16.grad = None
     out["linear_fraction_of_scaled_mm"] = out["scaled_mm_x3_ms"] / out["fp8_linear_ms"]

@@ -109,11 +109,19 @@ def _scaled_mm(a, sa, ka, b, sb, kb, out_dtype):
         b = _pad_rows_fp8(b, n16)
         if kb == "tile":
             sb = _pad_rows(sb, n16, 1.0)
+    m = a.shape[0]
+    m16 = -(-m // 16) * 16
+    if m16 != m:
+        # Measured on H100, torch 2.11: CUBLAS_STATUS_NOT_SUPPORTED for M = 3, 77,
+        # 130 (M = 200, 1000 worked): the 1x128 scale's leading dimension is M,
+        # presumably needing 16-byte alignment. Zero rows, sliced off after.
+        a = _pad_rows_fp8(a, m16)
+        sa = _pad_rows(sa, m16 if ka == "tile" else sa.shape[0], 1.0)
     a = a.contiguous()
     scale_a = sa.t().contiguous().t() if ka == "tile" else sa.contiguous()
     scale_b = sb.t().contiguous() if kb == "tile" else sb.contiguous().t()
     out = torch._scaled_mm(a, b.contiguous().t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
-    return out[:, :n] if n16 != n else out
+    return out[:m, :n] if (n16 != n or m16 != m) else out
 
 
 def _pad_scale_cols(s: Tensor, cols: int) -> Tensor:

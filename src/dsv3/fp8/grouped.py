@@ -34,8 +34,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dsv3.fp8.blocks import BLOCK, TILE, quantize_activation_tiles, quantize_weight_blocks
+from dsv3.fp8.blocks import BLOCK, TILE, quantize_weight_blocks
 from dsv3.fp8.gemm import fp8_gemm_nt
+from dsv3.fp8.triton_quant import quantize_tiles
 
 __all__ = ["fp8_grouped_mm", "FP8GroupedMMFunction", "group_bounds", "quantize_tokens_grouped"]
 
@@ -53,10 +54,10 @@ def group_bounds(offs: Tensor, num_groups: int | None = None) -> list[tuple[int,
 
 
 def quantize_tokens_grouped(
-    x: Tensor, bounds: list[tuple[int, int]], pow2_scale: bool = False
+    x: Tensor, bounds: list[tuple[int, int]], pow2_scale: bool = False, backend: str = "auto"
 ) -> list[tuple[Tensor, Tensor]]:
     """Per group: ``x[s:e]^T`` [K, T_g] in FP8 tiled 1x128 along tokens, with scales [K, ceil(T_g/128)]."""
-    return [quantize_activation_tiles(x[s:e].t(), TILE, pow2_scale) for s, e in bounds]
+    return [quantize_tiles(x[s:e].t(), pow2_scale, backend) for s, e in bounds]
 
 
 class FP8GroupedMMFunction(torch.autograd.Function):
@@ -71,7 +72,7 @@ class FP8GroupedMMFunction(torch.autograd.Function):
         bounds = group_bounds(offs, e_count)
         if bounds and bounds[-1][1] > t:
             raise ValueError(f"offs ends at {bounds[-1][1]} but x has {t} rows")
-        xq, xs = quantize_activation_tiles(x, TILE, pow2_scale)
+        xq, xs = quantize_tiles(x, pow2_scale, backend)
         wq, ws = quantize_weight_blocks(w, BLOCK, pow2_scale)  # [E, N, K], [E, nb, kb]
         y = x.new_zeros(t, n)
         for g, (s, e) in enumerate(bounds):
@@ -80,7 +81,7 @@ class FP8GroupedMMFunction(torch.autograd.Function):
                                      out_dtype=x.dtype, backend=backend)
         saved = []
         if ctx.needs_input_grad[1]:
-            for q, sc in quantize_tokens_grouped(x, bounds, pow2_scale):
+            for q, sc in quantize_tokens_grouped(x, bounds, pow2_scale, backend):
                 saved += [q, sc]
         ctx.save_for_backward(wq, ws, *saved)
         ctx.meta = (bounds, x.shape, x.dtype, w.dtype, pow2_scale, backend)
@@ -93,7 +94,7 @@ class FP8GroupedMMFunction(torch.autograd.Function):
         e_count, n, k = wq.shape
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dyq, dys = quantize_activation_tiles(dy, TILE, pow2_scale)
+            dyq, dys = quantize_tiles(dy, pow2_scale, backend)
             dx = dy.new_zeros(x_shape, dtype=x_dtype)
             for g, (s, e) in enumerate(bounds):
                 if e > s:
@@ -105,7 +106,7 @@ class FP8GroupedMMFunction(torch.autograd.Function):
             dw = torch.zeros(e_count, n, k, dtype=torch.float32, device=dy.device)
             for g, (s, e) in enumerate(bounds):
                 if e > s:
-                    dytq, dyts = quantize_activation_tiles(dy[s:e].t(), TILE, pow2_scale)
+                    dytq, dyts = quantize_tiles(dy[s:e].t(), pow2_scale, backend)
                     xtq, xts = xt[2 * g], xt[2 * g + 1]
                     dw[g] = fp8_gemm_nt(dytq, dyts, "tile", xtq, xts, "tile",
                                         out_dtype=torch.float32, backend=backend)

@@ -29,8 +29,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from dsv3.fp8.blocks import BLOCK, TILE, quantize_activation_tiles, quantize_weight_blocks
+from dsv3.fp8.blocks import BLOCK, TILE, quantize_weight_blocks
 from dsv3.fp8.gemm import fp8_gemm_nt
+from dsv3.fp8.triton_quant import quantize_tiles
 
 __all__ = ["fp8_linear", "FP8Linear", "FP8LinearFunction"]
 
@@ -45,7 +46,7 @@ class FP8LinearFunction(torch.autograd.Function):
         k = x.shape[-1]
         n = weight.shape[0]
         x2 = x.reshape(-1, k)
-        xq, xs = quantize_activation_tiles(x2, TILE, pow2_scale)
+        xq, xs = quantize_tiles(x2, pow2_scale, backend)
         wq, ws = quantize_weight_blocks(weight, BLOCK, pow2_scale)
         y = fp8_gemm_nt(xq, xs, "tile", wq, ws, "block", out_dtype=x.dtype, backend=backend)
         if bias is not None:
@@ -53,7 +54,7 @@ class FP8LinearFunction(torch.autograd.Function):
         needs_wgrad = ctx.needs_input_grad[1]
         if needs_wgrad:
             # x^T tiled along tokens, straight from the high-precision x.
-            xtq, xts = quantize_activation_tiles(x2.t(), TILE, pow2_scale)
+            xtq, xts = quantize_tiles(x2.t(), pow2_scale, backend)
         else:
             xtq = xts = None
         ctx.save_for_backward(xtq, xts, wq, ws)
@@ -68,13 +69,13 @@ class FP8LinearFunction(torch.autograd.Function):
         dy2 = dy.reshape(-1, n)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dyq, dys = quantize_activation_tiles(dy2, TILE, pow2_scale)
+            dyq, dys = quantize_tiles(dy2, pow2_scale, backend)
             # W^T [K, N] in FP8: same bytes and block grid, transposed.
             wtq, wts = wq.t().contiguous(), ws.t().contiguous()
             dx = fp8_gemm_nt(dyq, dys, "tile", wtq, wts, "block", out_dtype=x_dtype, backend=backend)
             dx = dx.reshape(x_shape)
         if ctx.needs_input_grad[1]:
-            dytq, dyts = quantize_activation_tiles(dy2.t(), TILE, pow2_scale)
+            dytq, dyts = quantize_tiles(dy2.t(), pow2_scale, backend)
             # fp32 out: the optimizer's gradients are fp32 (design.md section 3).
             dw = fp8_gemm_nt(dytq, dyts, "tile", xtq, xts, "tile", out_dtype=torch.float32, backend=backend)
             dw = dw.to(w_dtype)

@@ -1,0 +1,85 @@
+"""GPU fast path for 1x128 activation quantization (one Triton kernel).
+
+The torch reference (``blocks.quantize_activation_tiles``) takes several passes
+over memory (pad, abs, amax, divide, clamp, cast, copy) and, for the
+token-axis tiles of ``x.t()``, a strided one. Measured on H100 (torch 2.11) at
+M=8192, K=7168, N=2048 the five quantizations of one linear layer's fwd+bwd
+took 3.9 ms against 0.75 ms for its three FP8 GEMMs. This kernel reads each
+element once and writes 1 byte plus one fp32 per 128, from any 2-D strides
+(so ``x.t()`` needs no copy).
+
+It computes the reference's numbers bit for bit: ``s = amax * fp32(1/448)``,
+power-of-two rounding by exponent bits (same result as the reference's frexp),
+correctly rounded division (``div_rn``), clamp to +-448, round-to-nearest-even
+cast. ``tests/test_fp8_triton.py`` checks bit equality on the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dsv3.fp8.blocks import FP8_DTYPE, TILE, quantize_activation_tiles
+
+try:  # Triton is an optional (gpu) extra; the CPU never needs it.
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    HAVE_TRITON = False
+
+__all__ = ["quantize_tiles", "quantize_activation_tiles_triton", "HAVE_TRITON"]
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _quant_tiles_kernel(x_ptr, q_ptr, s_ptr, M, K, sxm, sxk, KT,
+                            BLOCK_M: tl.constexpr, TILE_K: tl.constexpr, POW2: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = pid_k * TILE_K + tl.arange(0, TILE_K)
+        mask = (rm[:, None] < M) & (rk[None, :] < K)
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :].to(tl.int64) * sxk,
+                    mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=1)
+        s = amax * (1.0 / 448.0)
+        if POW2:
+            # Next power of two >= s from the fp32 bits: keep the exponent, and
+            # bump it by one when any mantissa bit is set.
+            bits = s.to(tl.int32, bitcast=True)
+            up = (bits & 0x7F800000) + 0x00800000
+            bits = tl.where((bits & 0x007FFFFF) != 0, up, bits)
+            s = bits.to(tl.float32, bitcast=True)
+        s = tl.where(amax > 0, s, 1.0)
+        s = tl.maximum(s, 1.1754943508222875e-38)  # fp32 tiny, as the reference
+        q = tl.math.div_rn(x, s[:, None])
+        q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+        tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], q.to(tl.float8e4nv), mask=mask)
+        tl.store(s_ptr + rm.to(tl.int64) * KT + pid_k, s, mask=rm < M)
+
+
+def quantize_activation_tiles_triton(x: Tensor, pow2_scale: bool = False) -> tuple[Tensor, Tensor]:
+    """Triton twin of ``blocks.quantize_activation_tiles`` for a 2-D CUDA tensor of any strides."""
+    if x.dim() != 2:
+        raise ValueError("the Triton quantizer takes 2-D inputs; reshape first")
+    m, k = x.shape
+    kt = -(-k // TILE)
+    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty(m, kt, dtype=torch.float32, device=x.device)
+    if m == 0 or k == 0:
+        return q, s
+    block_m = 32
+    grid = (triton.cdiv(m, block_m), kt)
+    _quant_tiles_kernel[grid](x, q, s, m, k, x.stride(0), x.stride(1), kt,
+                              BLOCK_M=block_m, TILE_K=TILE, POW2=pow2_scale, num_warps=4)
+    return q, s
+
+
+def quantize_tiles(x: Tensor, pow2_scale: bool = False, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """1x128 quantization along the last dim: Triton on CUDA (unless backend is "reference"), else torch."""
+    if backend != "reference" and HAVE_TRITON and x.is_cuda and x.dim() == 2:
+        return quantize_activation_tiles_triton(x, pow2_scale)
+    return quantize_activation_tiles(x, TILE, pow2_scale)

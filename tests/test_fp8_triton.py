@@ -1,0 +1,34 @@
+"""Triton 1x128 quantizer vs the torch reference: bit-identical on the GPU (skipped on CPU)."""
+
+import pytest
+import torch
+
+from dsv3.fp8.blocks import quantize_activation_tiles
+from dsv3.fp8.triton_quant import HAVE_TRITON, quantize_tiles
+
+gpu = pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs CUDA and Triton")
+
+
+def test_cpu_dispatch_is_the_reference():
+    x = torch.randn(5, 300)
+    q, s = quantize_tiles(x)
+    q2, s2 = quantize_activation_tiles(x)
+    assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s, s2)
+
+
+@gpu
+@pytest.mark.parametrize("shape", [(1, 1), (77, 208), (256, 7168), (300, 129), (4096, 2048)])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_matches_reference_bitwise(shape, transposed, pow2, dtype):
+    torch.manual_seed(0)
+    x = torch.randn(*shape, device="cuda", dtype=torch.float32) * torch.logspace(-6, 4, shape[-1], device="cuda")
+    x = x.to(dtype)
+    x[0, : min(128, shape[1])] = 0  # an all-zero tile
+    if transposed:
+        x = x.t()  # strided input, as for the token-axis tiles of x^T
+    q, s = quantize_tiles(x, pow2)
+    q_ref, s_ref = quantize_activation_tiles(x, pow2_scale=pow2)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
