@@ -58,6 +58,7 @@ class TrainConfig:
     compile: bool = False                 # torch.compile each transformer block
     recompute: str = "none"               # activation recomputation: 'none', 'selective', 'full'
     seed: int = 0                         # seeds weights, data order and every RNG
+    deterministic: bool = True            # on the CPU, use deterministic kernels (bit-reproducible runs)
     log_every: int = 10                   # print a progress line every N steps (metrics.jsonl gets every step)
     eval_every: int = 0                   # evaluate every N steps; 0 = only at the end
     eval_batches: int = 8                 # validation batches per evaluation

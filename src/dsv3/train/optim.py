@@ -52,6 +52,15 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.moment_dtype = moment_dtype
 
+    def load_state_dict(self, state_dict) -> None:
+        # Optimizer.load_state_dict casts floating state to each parameter's dtype (fp32); put the moments
+        # back in their storage dtype, or a resumed run would silently continue with fp32 moments.
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(self.moment_dtype)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None

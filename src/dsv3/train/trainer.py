@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import random
 import signal
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -67,6 +68,12 @@ class Trainer:
         self.autocast = torch.bfloat16 if (t.precision == "bf16" and self.device.type == "cuda") else None
         self.progress = metrics.Progress(t.steps, quiet=quiet)
 
+        # Some CPU backward kernels (scatter/index-add style) accumulate in thread order; deterministic mode
+        # makes two runs, and a run and its resumption, agree bit for bit. Restored in close().
+        self._det_before = (torch.are_deterministic_algorithms_enabled(),
+                            torch.is_deterministic_algorithms_warn_only_enabled())
+        if t.deterministic and self.device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(t.seed)
         self.model = DeepseekV3(cfg.model).to(self.device)
         self.model.train()
@@ -262,12 +269,14 @@ class Trainer:
                         f"train.warmup_steps and resume with `dsv3 train --resume {self.run_dir}`")
                 if self._stop_signal is not None:
                     path = self.save()
-                    self.progress.print(f"saved {path} at step {self.step}; continue with "
-                                        f"`dsv3 train --resume {self.run_dir}`")
+                    # Printed even when quiet: the user must learn where the run stopped and how to go on.
+                    print(f"interrupted: saved {path} at step {self.step}; continue with "
+                          f"`dsv3 train --resume {self.run_dir}`", file=sys.stderr)
                     return 128 + int(self._stop_signal)
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < end:
                     self._run_eval()
-                if self.step % t.save_every == 0 and self.step < end:
+                # No periodic save during a run of skipped steps: it could prune the last good checkpoints.
+                if self.step % t.save_every == 0 and self.step < end and self.nan_streak == 0:
                     self.save()
             if self.last_checkpoint is None or self.last_checkpoint.name != f"step_{self.step:06d}":
                 self.save()
@@ -281,3 +290,4 @@ class Trainer:
 
     def close(self) -> None:
         self.loader.close()
+        torch.use_deterministic_algorithms(self._det_before[0], warn_only=self._det_before[1])
