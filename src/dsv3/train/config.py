@@ -214,7 +214,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
         if len(parts) < 2 or parts[0] not in SECTIONS:
-            raise UserError(f"--set {item!r}: the key must start with one of {', '.join(SECTIONS)} "
+            raise UserError(f"--set {item!r}: the key must start with a section, one of {', '.join(SECTIONS)} "
                             "(e.g. --set train.steps=200)")
         node = raw.setdefault(parts[0], {})
         for p in parts[1:-1]:
