@@ -1,0 +1,339 @@
+"""One BF16 training step, side by side: dsv3 vs Hugging Face transformers vs torchtitan 0.2.2, same model.
+
+For each config the three models are built with identical weights (ours exported through the HF layout, then
+loaded into transformers and, via torchtitan's own state-dict adapter, into torchtitan), the first losses on
+the same batch are compared, then forward+backward+fused-AdamW steps are timed at the same batch and sequence
+length. MFU uses the model FLOPs of design.md section 5 against the bf16 GEMM rate measured in the same run.
+
+    PYTHONPATH=src python3 benchmarks/train_step.py --configs small,819m,3b --out results.json
+
+torchtitan 0.2.2 needs its wheel (and tomli, tyro, typeguard, docstring_parser, shtab, torchdata) on the path;
+its package imports `datasets`, which a stub stands in for when absent. Peers are skipped when missing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from dsv3.config import ModelConfig, preset  # noqa: E402
+from dsv3.model import DeepseekV3  # noqa: E402
+from dsv3.plan.flops import training_flops_per_token  # noqa: E402
+
+DEVICE = "cuda"  # --device cpu runs a smoke test of the weight plumbing (timings meaningless)
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_configs() -> dict[str, tuple[ModelConfig, int, int]]:
+    """name -> (config, batch, seq). MTP off: the peers have none (ours with MTP is timed separately)."""
+    small = preset("small").replace(num_nextn_predict_layers=0)
+    c819 = ModelConfig(vocab_size=32768, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
+                       num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=1,
+                       n_routed_experts=64, num_experts_per_tok=6, n_group=1, topk_group=1, first_k_dense_replace=1,
+                       q_lora_rank=None, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+                       routed_scaling_factor=1.0, rope_scaling=None, max_position_embeddings=2048,
+                       num_nextn_predict_layers=0, initializer_range=0.02)
+    c3b = ModelConfig(vocab_size=65536, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1024,
+                      num_hidden_layers=10, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=1,
+                      n_routed_experts=48, num_experts_per_tok=6, n_group=1, topk_group=1, first_k_dense_replace=1,
+                      q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                      routed_scaling_factor=1.0, rope_scaling=None, max_position_embeddings=4096,
+                      num_nextn_predict_layers=0, initializer_range=0.02)
+    return {"small": (small, 4, 4096), "819m": (c819, 8, 2048), "3b": (c3b, 4, 4096)}
+
+
+def measure_gemm_peak() -> float:
+    """bf16 8192^3 matmul TFLOP/s on random data (median of 20 after warm-up)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    times = []
+    for _ in range(20):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record(); a @ b; e.record(); torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    times.sort()
+    return 2 * 8192**3 / times[len(times) // 2] / 1e12
+
+
+def time_steps(model, loss_fn, x, steps: int, warmup: int = 3) -> dict:
+    """Median step time over `steps` timed steps of forward+backward+AdamW(fused)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    first_loss = None
+    times = []
+    for i in range(warmup + steps):
+        sync()
+        t = time.perf_counter()
+        loss = loss_fn(model, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        if i == 0:
+            first_loss = None  # filled by the caller from a no-grad pass on the same weights
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    times.sort()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0
+    return {"step_s": times[len(times) // 2], "peak_gib": peak,
+            "last_loss": float(loss)}
+
+
+# ------------------------------------------------------------------------------------------------ ours
+def build_ours(cfg: ModelConfig, compile_blocks: bool, recompute: str = "none"):
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        m = DeepseekV3(cfg)
+    m = m.to(torch.bfloat16 if DEVICE == "cuda" else torch.float32)
+    m.set_recompute(recompute)
+    if compile_blocks:
+        for layer in list(m.layers) + list(m.mtp):
+            layer.compile()
+    return m
+
+
+def ours_loss(model, x):
+    labels = torch.roll(x, -1, dims=1)
+    labels[:, -1] = -100
+    return model(x, labels, return_logits=False).losses["main"]
+
+
+def ours_loss_mtp(model, x):
+    labels = torch.roll(x, -1, dims=1)
+    labels[:, -1] = -100
+    return model(x, labels, return_logits=False).loss
+
+
+# ------------------------------------------------------------------------------------------- transformers
+def build_hf(cfg: ModelConfig, ours_sd: dict, S: int):
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    hf_cfg = DeepseekV3Config(**{k: v for k, v in cfg.to_hf_dict().items()
+                                 if k not in ("architectures", "model_type", "rope_scaling")})
+    hf_cfg.max_position_embeddings = max(S, cfg.max_position_embeddings)
+    impl = "grouped_mm"
+    try:
+        hf_cfg._experts_implementation = impl
+    except Exception:
+        impl = "eager"
+    hf_cfg._attn_implementation = "sdpa"
+    with torch.device(DEVICE):
+        m = DeepseekV3ForCausalLM(hf_cfg)
+    m = m.to(torch.bfloat16 if DEVICE == "cuda" else torch.float32)
+    target = m.state_dict()
+    sd = {}
+    for k, v in ours_sd.items():
+        if k.startswith("mtp."):
+            continue
+        hk = k if k.startswith("lm_head.") else "model." + k
+        if hk.endswith("mlp.experts.gate_proj") and hk.replace("gate_proj", "gate_up_proj") in target:
+            up = ours_sd[k.replace("gate_proj", "up_proj")]
+            sd[hk.replace("gate_proj", "gate_up_proj")] = torch.cat([v, up], dim=1)
+        elif hk.endswith("mlp.experts.up_proj") and hk.replace("up_proj", "gate_up_proj") in target:
+            continue
+        elif ".mlp.experts." in hk and hk not in target:  # per-expert layout
+            proj = hk.rsplit(".", 1)[1]
+            base = hk.rsplit(".", 1)[0]
+            for e in range(v.shape[0]):
+                sd[f"{base}.{e}.{proj}.weight"] = v[e]
+        else:
+            sd[hk] = v
+    missing, unexpected = m.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if "rotary" not in k]
+    return m, impl, missing, unexpected
+
+
+def hf_loss(model, x):
+    return model(input_ids=x, labels=x).loss
+
+
+# --------------------------------------------------------------------------------------------- torchtitan
+def _stub_datasets():
+    if "datasets" in sys.modules:
+        return
+    try:
+        import datasets  # noqa: F401
+        return
+    except Exception:
+        pass
+    stub = types.ModuleType("datasets")
+    for n in ["Dataset", "IterableDataset", "load_dataset", "interleave_datasets"]:
+        setattr(stub, n, type(n, (), {}) if n[0].isupper() else (lambda *a, **k: None))
+    dd = types.ModuleType("datasets.distributed")
+    dd.split_dataset_by_node = lambda *a, **k: None
+    sys.modules["datasets"] = stub
+    sys.modules["datasets.distributed"] = dd
+
+
+def build_titan(cfg: ModelConfig, hf_sd: dict, S: int, compile_blocks: bool):
+    _stub_datasets()
+    from torchtitan.models.deepseek_v3.model.args import DeepSeekV3ModelArgs
+    from torchtitan.models.deepseek_v3.model.model import DeepSeekV3Model
+    from torchtitan.models.deepseek_v3.model.state_dict_adapter import DeepSeekV3StateDictAdapter
+    from torchtitan.models.moe import MoEArgs
+
+    groups = dict(num_expert_groups=cfg.n_group, num_limited_groups=cfg.topk_group) if cfg.n_group > 1 else {}
+    moe = MoEArgs(num_experts=cfg.n_routed_experts, num_shared_experts=cfg.n_shared_experts,
+                  top_k=cfg.num_experts_per_tok, score_func="sigmoid", route_norm=True,
+                  route_scale=cfg.routed_scaling_factor, use_grouped_mm=True, load_balance_coeff=1e-3,
+                  score_before_experts=False, **groups)
+    args = DeepSeekV3ModelArgs(vocab_size=cfg.vocab_size, dim=cfg.hidden_size, inter_dim=cfg.intermediate_size,
+                               moe_inter_dim=cfg.moe_intermediate_size, n_layers=cfg.num_hidden_layers,
+                               n_dense_layers=cfg.first_k_dense_replace, n_heads=cfg.num_attention_heads,
+                               moe_args=moe, q_lora_rank=cfg.q_lora_rank or 0, kv_lora_rank=cfg.kv_lora_rank,
+                               qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
+                               v_head_dim=cfg.v_head_dim, max_seq_len=S, norm_eps=cfg.rms_norm_eps)
+    args.moe_impl = "standard"
+    with torch.device(DEVICE):
+        m = DeepSeekV3Model(args)
+    with torch.no_grad():
+        m.init_weights(buffer_device=torch.device(DEVICE))
+    sd = DeepSeekV3StateDictAdapter(args, None).from_hf(hf_sd)
+    missing, unexpected = m.load_state_dict(sd, strict=False)
+    m = m.to(torch.bfloat16 if DEVICE == "cuda" else torch.float32)
+    if compile_blocks:
+        for i, blk in m.layers.items():
+            m.layers[i] = torch.compile(blk, fullgraph=False)
+    return m, [k for k in missing if "freqs_cis" not in k and "tokens_per_expert" not in k], unexpected
+
+
+def titan_loss(model, x):
+    logits = model(x)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: int, peers: list[str],
+               profile_dir: str | None) -> dict:
+    from dsv3.hf import to_hf_state_dict
+
+    flops_tok = training_flops_per_token(cfg, S, causal=True).total
+    x = torch.randint(0, cfg.vocab_size, (B, S), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
+    res = {"config": name, "batch": B, "seq": S, "model_gflop_per_token": flops_tok / 1e9, "runs": {}}
+
+    def record(label, out, first_loss):
+        tok_s = B * S / out["step_s"]
+        out.update(tokens_per_s=tok_s, mfu=tok_s * flops_tok / (peak * 1e12), first_loss=first_loss)
+        res["runs"][label] = out
+        print(f"[{name}] {label:28s} {tok_s:>10,.0f} tok/s  MFU {out['mfu']*100:5.1f}%  step {out['step_s']*1e3:7.1f} ms"
+              f"  peak {out['peak_gib']:5.1f} GiB  first loss {first_loss:.4f}", flush=True)
+
+    # ours, eager weights kept for the peers
+    ours = build_ours(cfg, compile_blocks=False)
+    ours_sd = {k: v.detach().clone() for k, v in ours.state_dict().items()}
+    hf_sd = {k: v for k, v in to_hf_state_dict(ours).items()}
+    with torch.no_grad():
+        ours_first = float(ours_loss(ours, x))
+    del ours
+    torch.cuda.empty_cache()
+    for compiled in (DEVICE == "cuda",):
+        m = build_ours(cfg, compile_blocks=compiled)
+        m.load_state_dict(ours_sd)
+        out = time_steps(m, ours_loss, x, steps)
+        record("ours" + (" compiled" if compiled else " eager"), out, ours_first)
+        res["runs"]["ours compiled"] = res["runs"].pop(list(res["runs"])[-1])
+        if profile_dir and compiled:
+            profile(m, ours_loss, x, os.path.join(profile_dir, f"profile-{name}.txt"))
+        del m
+        torch.cuda.empty_cache()
+
+    if "transformers" in peers:
+        try:
+            m, impl, missing, unexpected = build_hf(cfg, ours_sd, S)
+            assert not missing and not unexpected, (missing[:3], unexpected[:3])
+            with torch.no_grad():
+                first = float(hf_loss(m, x))
+            out = time_steps(m, hf_loss, x, steps)
+            out["experts_implementation"] = impl
+            record(f"transformers ({impl})", out, first)
+            del m
+        except Exception as e:  # a peer failing must not hide the others
+            print(f"[{name}] transformers failed: {e!r}"[:400], flush=True)
+            res["runs"]["transformers_error"] = repr(e)[:400]
+        torch.cuda.empty_cache()
+    if "torchtitan" in peers:
+        for compiled in (DEVICE == "cuda",):
+            try:
+                m, missing, unexpected = build_titan(cfg, hf_sd, S, compiled)
+                assert not missing, missing[:3]
+                with torch.no_grad():
+                    first = float(titan_loss(m, x))
+                out = time_steps(m, titan_loss, x, steps)
+                record("torchtitan" + (" compiled" if compiled else " eager"), out, first)
+                del m
+            except Exception as e:
+                import traceback
+                traceback.print_exc(limit=4)
+                res["runs"]["torchtitan_error"] = repr(e)[:400]
+            torch.cuda.empty_cache()
+    ours_tok = res["runs"]["ours compiled"]["tokens_per_s"]
+    for label, r in res["runs"].items():
+        if isinstance(r, dict) and label != "ours compiled":
+            r["ours_over_peer"] = ours_tok / r["tokens_per_s"]
+            r["first_loss_rel_diff"] = abs(r["first_loss"] - ours_first) / ours_first
+            print(f"[{name}] ours / {label}: {r['ours_over_peer']:.2f}x   first-loss rel diff "
+                  f"{r['first_loss_rel_diff']:.2e}", flush=True)
+    return res
+
+
+def profile(model, loss_fn, x, path):
+    from torch.profiler import ProfilerActivity, profile as prof
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(2):
+            loss_fn(model, x).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    table = p.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+    with open(path, "w") as f:
+        f.write(table)
+    print(table[:6000], flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="small,819m,3b")
+    ap.add_argument("--peers", default="transformers,torchtitan")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--out", default=None, help="JSON file for the results")
+    ap.add_argument("--profile-dir", default=None)
+    ap.add_argument("--batch", type=int, default=None, help="override the batch of every config")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--seq", type=int, default=None, help="override the sequence length of every config")
+    args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    torch._dynamo.config.cache_size_limit = 64
+    peak = measure_gemm_peak() if DEVICE == "cuda" else 1.0
+    dev_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+    print(f"device {dev_name}  torch {torch.__version__}  bf16 GEMM peak {peak:.0f} TFLOP/s", flush=True)
+    results = {"device": dev_name, "torch": torch.__version__, "peak_tflops_measured": peak,
+               "configs": []}
+    for name in args.configs.split(","):
+        cfg, B, S = bench_configs()[name]
+        B = args.batch or B
+        S = args.seq or S
+        results["configs"].append(run_config(name, cfg, B, S, peak, args.steps, args.peers.split(","),
+                                             args.profile_dir))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
