@@ -1,0 +1,70 @@
+"""The one interface expert parallelism uses to move tokens, and the autograd rules through it.
+
+``Transport.all_to_all(x, in_splits, out_splits)``: row block i of x (in_splits[i] rows) goes to peer i; the
+result stacks what every peer sent us (out_splits[j] rows from peer j). ``CollectiveTransport`` implements
+it with ``torch.distributed.all_to_all_single`` over a process group: NCCL on GPUs, and gloo on the CPU
+(torch 2.13's gloo does uneven splits; tested in tests/test_parallel_ep.py). Neither moves float8 dtypes, so
+FP8 payloads travel as their raw bytes (a uint8 view) and are viewed back on arrival.
+
+Autograd: the backward of an all-to-all with splits (in, out) is the all-to-all of the output gradient with
+splits (out, in): every row's gradient goes back to the rank the row came from.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+class Transport(Protocol):
+    """Moves row blocks between the ranks of one expert-parallel group."""
+
+    size: int
+    rank: int
+
+    def all_to_all(self, x: torch.Tensor, in_splits: list[int], out_splits: list[int]) -> torch.Tensor: ...
+
+
+class CollectiveTransport:
+    """all_to_all_single over a torch.distributed process group (NCCL or gloo)."""
+
+    def __init__(self, group):
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def all_to_all(self, x: torch.Tensor, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
+        x = x.contiguous()
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        send, recv = (x.view(torch.uint8), out.view(torch.uint8)) if x.dtype in _FP8 else (x, out)
+        dist.all_to_all_single(recv, send, out_splits, in_splits, group=self.group)
+        return out
+
+
+class LocalTransport:
+    """A group of one: all_to_all is the identity (ep = 1, and single-process tests of the EP code path)."""
+
+    size = 1
+    rank = 0
+
+    def all_to_all(self, x: torch.Tensor, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
+        return x
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, transport, in_splits, out_splits):
+        ctx.transport, ctx.in_splits, ctx.out_splits = transport, in_splits, out_splits
+        return transport.all_to_all(x, in_splits, out_splits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.transport.all_to_all(grad, ctx.out_splits, ctx.in_splits), None, None, None
+
+
+def all_to_all(x: torch.Tensor, transport: Transport, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
+    """Differentiable all-to-all (backward = the reverse all-to-all of the gradient)."""
+    return _AllToAll.apply(x, transport, in_splits, out_splits)
