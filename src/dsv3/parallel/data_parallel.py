@@ -1,0 +1,274 @@
+"""Data parallelism with ZeRO-1: gradients averaged in buckets during backward, optimizer state sharded.
+
+Why these pieces:
+
+* Optimizer sharding is torch's ``ZeroRedundancyOptimizer`` (each rank keeps the AdamW state of its share of
+  the parameters, steps them, and broadcasts them to the others). Two instances: one over ``dp_group`` for
+  the replicated (dense) parameters, one over ``edp_group`` for the EP-sharded experts, whose replicas are
+  only the ranks holding the same experts.
+* Gradient reduction is hand-written (``GradReducer``, ~100 lines). DDP would do the bucketing, but it reduces
+  every parameter over one group, so the expert shards (different tensors on different EP ranks, reduced over
+  their replica group only) would need DDP's private ignore-list API, and it wraps the module (renaming every
+  parameter). FSDP2 ``fully_shard`` turns parameters into DTensors (ZeRO-2/3 semantics), which the
+  single-device model, the expert sharding and the checkpoint code would all have to understand.
+
+Scaling: a rank's loss is the mean over ITS tokens; the single-process gradient is the mean over ranks.
+Dense gradients: sum over dp_group / dp. Expert gradients: the EP all-to-all backward has already summed
+the contributions of the ep ranks of this EP group into this rank's experts, so the remaining sum is over
+the dp/ep replicas (edp_group), still divided by dp (not by dp/ep). Both are "pre-divide by dp, then sum".
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dsv3.parallel.mesh import Mesh, group_size
+
+
+class _Bucket:
+    def __init__(self, group, params: list[nn.Parameter]):
+        self.group, self.params = group, params
+        self.pending = len(params)
+        self.flat: torch.Tensor | None = None
+        self.work = None
+
+    def reset(self) -> None:
+        self.pending, self.flat, self.work = len(self.params), None, None
+
+
+class GradReducer:
+    """Average gradients over data-parallel replicas, bucket by bucket, while backward is still running.
+
+    Each parameter gets a ``register_post_accumulate_grad_hook``; when the last parameter of a bucket has
+    its gradient, the bucket is flattened, pre-divided by dp and all-reduced asynchronously. Buckets are
+    launched strictly in index order on every rank (as DDP does), so ranks issue collectives in the same
+    order even if their hooks fire in a different order. Parameters are bucketed in reverse registration
+    order, roughly the order backward produces them.
+
+    Gradient accumulation: only the backward of the step's LAST micro-batch reduces. Wrap the others in
+    ``with reducer.no_sync():``; call ``finish()`` after the last backward (it also reduces buckets whose
+    parameters got no gradient, with zeros, so no rank waits on a collective another rank skipped).
+    """
+
+    def __init__(self, model: nn.Module, mesh: Mesh, expert_params: Iterable[nn.Parameter] = (),
+                 bucket_mb: float | None = None):
+        self.mesh = mesh
+        self.scale = 1.0 / mesh.dp
+        cap = int((bucket_mb if bucket_mb is not None else mesh.config.bucket_mb) * 2 ** 20)
+        expert_ids = {id(p) for p in expert_params}
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.buckets: list[_Bucket] = []
+        cur, cur_bytes, cur_key = [], 0, None
+        for p in reversed(params):
+            group = mesh.edp_group if id(p) in expert_ids else mesh.dp_group
+            key = (id(group), p.dtype, p.device)
+            nbytes = p.numel() * p.element_size()
+            if cur and (key != cur_key or cur_bytes + nbytes > cap):
+                self.buckets.append(_Bucket(cur_group, cur))
+                cur, cur_bytes = [], 0
+            cur.append(p)
+            cur_bytes += nbytes
+            cur_key, cur_group = key, group
+        if cur:
+            self.buckets.append(_Bucket(cur_group, cur))
+        self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
+        self._next = 0          # next bucket to launch (index order)
+        self._ready = [False] * len(self.buckets)
+        self._sync = True
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+
+    # -------------------------------------------------------------------- control
+    @contextmanager
+    def no_sync(self):
+        """Backward passes inside only accumulate local gradients (micro-batches before the last)."""
+        old, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = old
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    # ----------------------------------------------------------------- machinery
+    def _on_grad(self, p: nn.Parameter) -> None:
+        if not self._sync:
+            return
+        i = self._bucket_of[id(p)]
+        b = self.buckets[i]
+        b.pending -= 1
+        if b.pending == 0:
+            self._ready[i] = True
+            while self._next < len(self.buckets) and self._ready[self._next]:
+                self._launch(self.buckets[self._next])
+                self._next += 1
+
+    def _launch(self, b: _Bucket) -> None:
+        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in b.params]
+        b.flat = torch.cat(grads).mul_(self.scale)
+        if group_size(b.group) > 1:
+            b.work = dist.all_reduce(b.flat, group=b.group, async_op=True)
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Launch what backward did not, wait for every bucket, write the averaged gradients back."""
+        if not self._sync:
+            return
+        while self._next < len(self.buckets):
+            self._launch(self.buckets[self._next])
+            self._next += 1
+        for b in self.buckets:
+            if b.work is not None:
+                b.work.wait()
+            offset = 0
+            for p in b.params:
+                g = b.flat[offset:offset + p.numel()].view_as(p)
+                offset += p.numel()
+                if p.grad is None:
+                    p.grad = g.clone()
+                else:
+                    p.grad.copy_(g)
+            b.reset()
+        self._next = 0
+        self._ready = [False] * len(self.buckets)
+
+
+# ------------------------------------------------------------------------------ optimizer (ZeRO-1)
+
+class ShardedOptimizer:
+    """ZeRO-1 over the mesh: one ZeroRedundancyOptimizer for dense params (dp_group), one for expert shards
+    (edp_group). Looks like a torch optimizer to the trainer: ``param_groups`` (set ``lr`` there), ``step``,
+    ``zero_grad``."""
+
+    def __init__(self, groups: list[dict], mesh: Mesh, expert_params: Iterable[nn.Parameter],
+                 optimizer_class, **defaults):
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        expert_ids = {id(p) for p in expert_params}
+        parts = {"dense": [], "expert": []}
+        for g in groups:
+            opts = {k: v for k, v in g.items() if k != "params"}
+            for kind, keep in (("dense", False), ("expert", True)):
+                ps = [p for p in g["params"] if (id(p) in expert_ids) == keep]
+                if ps:
+                    parts[kind].append({"params": ps, **opts})
+        self.parts = []
+        for kind, pg in (("dense", mesh.dp_group), ("expert", mesh.edp_group)):
+            if parts[kind]:
+                self.parts.append(ZeroRedundancyOptimizer(parts[kind], optimizer_class=optimizer_class,
+                                                          process_group=pg, parameters_as_bucket_view=False,
+                                                          **defaults))
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for z in self.parts for g in z.param_groups]
+
+    def step(self, closure=None):
+        # Same order on every rank: dense broadcasts (dp_group), then expert broadcasts (edp_group).
+        for z in self.parts:
+            z.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for z in self.parts:
+            z.zero_grad(set_to_none=set_to_none)
+
+    def local_state_dicts(self) -> list[dict]:
+        """This rank's shard of the optimizer state (per inner optimizer); layout-dependent."""
+        return [z.optim.state_dict() for z in self.parts]
+
+    def load_local_state_dicts(self, states: list[dict]) -> None:
+        for z, s in zip(self.parts, states):
+            z.optim.load_state_dict(s)
+
+
+def build_zero_optimizer(model: nn.Module, mesh: Mesh, t, expert_params: Iterable[nn.Parameter] = ()):
+    """The trainer's optimizer (same parameter groups and AdamW variant as ``dsv3.train.optim``), sharded
+    ZeRO-1 style when the mesh is distributed; the plain optimizer for one process."""
+    from dsv3.train.optim import AdamWLowPrecisionMoments, build_optimizer, param_groups
+
+    if not mesh.distributed:
+        return build_optimizer(model, t)
+    common = dict(lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    if t.bf16_moments:
+        cls, extra = AdamWLowPrecisionMoments, {}
+    else:
+        fused = next(model.parameters()).is_cuda
+        cls, extra = torch.optim.AdamW, dict(fused=fused or None, foreach=False if not fused else None)
+    return ShardedOptimizer(param_groups(model, t), mesh, expert_params, cls, **common, **extra)
+
+
+# ------------------------------------------------------------------------------ global quantities
+
+@torch.no_grad()
+def clip_grad_norm_(params: Iterable[nn.Parameter], max_norm: float, mesh: Mesh,
+                    expert_params: Iterable[nn.Parameter] = ()) -> torch.Tensor:
+    """Clip to the GLOBAL gradient norm and return it (fp32 scalar, the same on every rank).
+
+    Call after ``GradReducer.finish()``: every dp rank then holds the same averaged dense gradients (counted
+    once, no communication), and the expert shards of one EP group together hold every expert once (their
+    squares are summed over ep_group). Pipeline stages hold disjoint layers: summed over pp_group.
+    """
+    params = [p for p in params if p.grad is not None]
+    expert_ids = {id(p) for p in expert_params}
+    dev = params[0].grad.device if params else mesh.device
+    dense_sq = torch.zeros((), dtype=torch.float32, device=dev)
+    expert_sq = torch.zeros((), dtype=torch.float32, device=dev)
+    for p in params:
+        sq = p.grad.detach().float().pow(2).sum()
+        if id(p) in expert_ids:
+            expert_sq += sq
+        else:
+            dense_sq += sq
+    if group_size(mesh.ep_group) > 1:
+        dist.all_reduce(expert_sq, group=mesh.ep_group)
+    total_sq = dense_sq + expert_sq
+    if group_size(mesh.pp_group) > 1:
+        dist.all_reduce(total_sq, group=mesh.pp_group)
+    norm = total_sq.sqrt()
+    if math.isfinite(max_norm):
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p in params:
+            p.grad.mul_(coef.to(p.grad.dtype))
+    return norm
+
+
+def count_all_reduce(mesh: Mesh) -> Callable[[torch.Tensor], None] | None:
+    """The ``all_reduce`` hook for ``dsv3.train.balance.update_balance_biases``: sums the expert counts over
+    dp_group in place, so every rank sees the global counts and moves its biases identically. None for a
+    single data-parallel rank. (Counts are per layer, so the pipeline dimension is not involved.)"""
+    if group_size(mesh.dp_group) <= 1:
+        return None
+    group = mesh.dp_group
+
+    def all_reduce(t: torch.Tensor) -> None:
+        dist.all_reduce(t, group=group)
+    return all_reduce
+
+
+@torch.no_grad()
+def global_mean(value: torch.Tensor | float, mesh: Mesh) -> float:
+    """Mean of a per-rank scalar over dp_group (the logged loss: each rank's loss is the mean over an equal
+    share of the global batch, so the mean of the rank means is the global mean)."""
+    t = torch.as_tensor(value, dtype=torch.float64).detach().reshape(1).clone().cpu()
+    if group_size(mesh.dp_group) > 1:
+        if mesh.backend == "nccl":
+            t = t.to(mesh.device)
+        dist.all_reduce(t, group=mesh.dp_group)
+    return float(t.item()) / mesh.dp
+
+
+@torch.no_grad()
+def global_sum(value: torch.Tensor | float | int, mesh: Mesh) -> float:
+    """Sum of a per-rank scalar over dp_group (e.g. target-token counts)."""
+    t = torch.as_tensor(value, dtype=torch.float64).detach().reshape(1).clone().cpu()
+    if group_size(mesh.dp_group) > 1:
+        if mesh.backend == "nccl":
+            t = t.to(mesh.device)
+        dist.all_reduce(t, group=mesh.dp_group)
+    return float(t.item())

@@ -1,0 +1,222 @@
+"""Helpers for the data/expert-parallel tests: a gloo process launcher with a hang timeout, a small MoE
+config, and one training step written twice, for one process (the reference) and for a mesh of ranks.
+
+Workers live here (not in the test files) so that spawned processes import them by a stable module name.
+"""
+from __future__ import annotations
+
+import io
+import os
+import queue
+import socket
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+from dsv3.config import ModelConfig, preset
+
+
+def small_config(**changes) -> ModelConfig:
+    """2 layers (1 dense + 1 MoE) + 1 MTP layer (MoE), 8 experts top-2 in 4 groups of 2; CPU-fast."""
+    base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                num_hidden_layers=2, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2,
+                n_group=4, topk_group=2, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8,
+                qk_nope_head_dim=16, v_head_dim=16, num_attention_heads=2, num_key_value_heads=2,
+                max_position_embeddings=64, num_nextn_predict_layers=1, initializer_range=0.05)
+    base.update(changes)
+    return preset("tiny").replace(**base)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _to_bytes(obj) -> bytes:
+    # Plain bytes through the queue: torch's queue would share tensor storage by file descriptor, which
+    # breaks once the sending process has exited.
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _from_bytes(data: bytes):
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def _entry(rank, world_size, port, fn, args, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        q.put((rank, "ok", _to_bytes(fn(rank, world_size, *args))))
+    except BaseException as e:  # report every failure kind to the parent, including UserError
+        q.put((rank, "err", (type(e).__name__, str(e), traceback.format_exc())))
+    finally:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
+    """Run fn(rank, world_size, *args) in world_size spawned processes (torchrun-style env); returns the
+    results by rank. Raises TimeoutError if any rank does not report within ``timeout`` (a hang), killing the
+    processes; results of failed ranks are ("err", (type name, message, traceback))."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, q), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, tuple] = {}
+    try:
+        import time
+        deadline = time.monotonic() + timeout
+        while len(results) < world_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(results))} did not finish in "
+                                   f"{timeout:.0f}s (hang?)")
+            try:
+                rank, status, value = q.get(timeout=left)
+            except queue.Empty:
+                continue
+            results[rank] = (status, _from_bytes(value) if status == "ok" else value)
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [results[r] for r in range(world_size)]
+
+
+def unwrap(results: list) -> list:
+    """The values of all ranks, or an AssertionError carrying the first failing rank's traceback."""
+    for r, (status, value) in enumerate(results):
+        if status != "ok":
+            raise AssertionError(f"rank {r} failed: {value[0]}: {value[1]}\n{value[2]}")
+    return [v for _, v in results]
+
+
+# ---------------------------------------------------------------------------------- training steps
+
+STEP = dict(lr=1e-2, clip=0.05, gamma=0.01, mtp_lambda=0.3, balance_alpha=1e-3)
+
+
+def make_batches(cfg: ModelConfig, steps: int, batch: int, seq: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=g)
+        out.append((ids[:, :-1].contiguous(), ids[:, 1:].contiguous()))
+    return out
+
+
+def _train_cfg():
+    from dsv3.train.config import TrainConfig
+    return TrainConfig(lr=STEP["lr"], weight_decay=0.1, grad_clip=STEP["clip"])
+
+
+def _grads(model) -> dict:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _biases(model) -> list:
+    return [m.gate.e_score_correction_bias.clone() for m in model.moe_layers()]
+
+
+def reference_run(cfg: ModelConfig, batches, seed: int = 0) -> dict:
+    """One process, whole global batch per step: losses, grad norms, clipped grads, biases, final weights."""
+    from dsv3.model import DeepseekV3
+    from dsv3.train.balance import update_balance_biases
+    from dsv3.train.optim import build_optimizer
+
+    torch.manual_seed(seed)
+    model = DeepseekV3(cfg)
+    model.train()
+    opt = build_optimizer(model, _train_cfg())
+    rec = {"loss": [], "norm": [], "grads": [], "biases": [], "maxvio": []}
+    for ids, labels in batches:
+        out = model(ids, labels, mtp_lambda=STEP["mtp_lambda"], balance_alpha=STEP["balance_alpha"],
+                    return_logits=False)
+        out.loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], STEP["clip"])
+        rec["loss"].append(float(out.loss.detach()))
+        rec["norm"].append(float(norm))
+        rec["grads"].append(_grads(model))
+        opt.step()
+        rec["maxvio"].append(update_balance_biases(model, STEP["gamma"]))
+        rec["biases"].append(_biases(model))
+        opt.zero_grad(set_to_none=True)
+    rec["state"] = {k: v.clone() for k, v in model.state_dict().items()}
+    return rec
+
+
+def parallel_worker(rank: int, world_size: int, cfg: ModelConfig, batches, parallel: dict, micro: int,
+                    seed: int = 0) -> dict:
+    """The same steps on a mesh: this rank's slice of each global batch in micro-batches, EP-sharded experts,
+    bucketed gradient averaging, ZeRO-1 optimizer, global clipping, all-reduced balance counts."""
+    from dsv3.model import DeepseekV3
+    from dsv3.parallel import data_parallel as dp
+    from dsv3.parallel import expert_parallel as ep
+    from dsv3.parallel.mesh import init_distributed
+    from dsv3.train.balance import update_balance_biases
+
+    mesh = init_distributed(parallel, cfg, device="cpu")
+    torch.manual_seed(seed)
+    model = DeepseekV3(cfg)                          # the same full initialization on every rank
+    model.train()
+    ep.apply_expert_parallel(model, mesh.ep_group, fp8_dispatch=mesh.config.fp8_dispatch)
+    experts = ep.expert_parameters(model)
+    reducer = dp.GradReducer(model, mesh, experts, bucket_mb=0.05)   # small buckets: several in flight
+    opt = dp.build_zero_optimizer(model, mesh, _train_cfg(), experts)
+    reduce_counts = dp.count_all_reduce(mesh)
+    rec = {"loss": [], "norm": [], "grads": [], "biases": [], "maxvio": [], "traffic": []}
+    for ids, labels in batches:
+        local = ids.shape[0] // mesh.dp
+        sl = slice(mesh.dp_rank * local, (mesh.dp_rank + 1) * local)
+        ids, labels = ids[sl], labels[sl]
+        n_micro = local // micro
+        total = 0.0
+        for i in range(n_micro):
+            mb = slice(i * micro, (i + 1) * micro)
+            last = i == n_micro - 1
+            ctx = reducer.no_sync() if not last else _null()
+            with ctx:
+                out = model(ids[mb], labels[mb], mtp_lambda=STEP["mtp_lambda"],
+                            balance_alpha=STEP["balance_alpha"], return_logits=False)
+                (out.loss / n_micro).backward()
+            total += float(out.loss.detach()) / n_micro
+        reducer.finish()
+        norm = dp.clip_grad_norm_(model.parameters(), STEP["clip"], mesh, experts)
+        rec["loss"].append(dp.global_mean(total, mesh))
+        rec["norm"].append(float(norm))
+        rec["grads"].append(_grads(model))
+        opt.step()
+        rec["maxvio"].append(update_balance_biases(model, STEP["gamma"], reduce_counts))
+        rec["biases"].append(_biases(model))
+        rec["traffic"].append(ep.traffic_stats(model, mesh.ep_group))
+        opt.zero_grad(set_to_none=True)
+    rec["state"] = ep.full_state_dict(model)
+    rec["ep_rank"], rec["ep"] = mesh.ep_rank, mesh.ep
+    rec["expert_names"] = sorted(ep.expert_parameter_names(model))
+    return rec
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def layout_error_worker(rank: int, world_size: int, cfg: ModelConfig, parallel: dict):
+    """Initialize with a bad layout; must raise UserError on every rank, before any rendezvous."""
+    from dsv3.parallel.mesh import init_distributed
+    init_distributed(parallel, cfg, device="cpu")
+    return "no error"
