@@ -66,6 +66,21 @@ def plot_losses(run_dir: Path, plt) -> Path:
     return out
 
 
+def _moe_layer_names(run_dir: Path, n: int) -> list[str]:
+    """'layer 3', ..., 'MTP 1' from the run's config (plain indices if it cannot be read)."""
+    import json
+
+    try:
+        m = json.loads((run_dir / "config.json").read_text())["model"]
+        names = [f"layer {l}" for l in range(m["first_k_dense_replace"], m["num_hidden_layers"])]
+        names += [f"MTP {k}" for k in range(1, m["num_nextn_predict_layers"] + 1)]
+        if len(names) == n:
+            return names
+    except (OSError, KeyError, ValueError):
+        pass
+    return [str(i) for i in range(n)]
+
+
 def plot_expert_load(run_dir: Path, plt) -> Path | None:
     import numpy as np
 
@@ -78,12 +93,14 @@ def plot_expert_load(run_dir: Path, plt) -> Path | None:
     def relative(c):
         return c / np.maximum(c.mean(axis=1, keepdims=True), 1e-9)
 
+    labels = _moe_layer_names(run_dir, total.shape[0])
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.6 * total.shape[0] + 2.5), squeeze=False)
     for ax, c, title in ((axes[0, 0], total, f"all logged steps ({len(records)})"),
                          (axes[0, 1], last, f"step {records[-1]['step']}")):
         im = ax.imshow(relative(c), aspect="auto", cmap="coolwarm", vmin=0.0, vmax=2.0)
         ax.set_xlabel("expert")
-        ax.set_ylabel("MoE layer (main, then MTP)")
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_ylabel("MoE layer")
         ax.set_title(f"load / mean: {title}")
         fig.colorbar(im, ax=ax)
     out = run_dir / "expert_load.png"
