@@ -104,7 +104,7 @@ def unwrap(results: list) -> list:
 
 # ---------------------------------------------------------------------------------- training steps
 
-STEP = dict(lr=1e-2, clip=0.05, gamma=0.01, mtp_lambda=0.3, balance_alpha=1e-3)
+STEP = dict(lr=2e-3, clip=0.05, gamma=0.01, mtp_lambda=0.3, balance_alpha=1e-3)
 
 
 def make_batches(cfg: ModelConfig, steps: int, batch: int, seq: int, seed: int = 1):
@@ -163,10 +163,11 @@ def parallel_worker(rank: int, world_size: int, cfg: ModelConfig, batches, paral
     from dsv3.model import DeepseekV3
     from dsv3.parallel import data_parallel as dp
     from dsv3.parallel import expert_parallel as ep
-    from dsv3.parallel.mesh import init_distributed
+    from dsv3.parallel.mesh import init_distributed, model_config_for
     from dsv3.train.balance import update_balance_biases
 
     mesh = init_distributed(parallel, cfg, device="cpu")
+    cfg = model_config_for(cfg, mesh.config)
     torch.manual_seed(seed)
     model = DeepseekV3(cfg)                          # the same full initialization on every rank
     model.train()
@@ -204,6 +205,8 @@ def parallel_worker(rank: int, world_size: int, cfg: ModelConfig, batches, paral
     rec["state"] = ep.full_state_dict(model)
     rec["ep_rank"], rec["ep"] = mesh.ep_rank, mesh.ep
     rec["expert_names"] = sorted(ep.expert_parameter_names(model))
+    rec["n_params"] = sum(1 for p in model.parameters() if p.requires_grad)
+    rec["n_owned"] = sum(len(z.optim.state) for z in opt.parts) if hasattr(opt, "parts") else len(opt.state)
     return rec
 
 
@@ -220,3 +223,42 @@ def layout_error_worker(rank: int, world_size: int, cfg: ModelConfig, parallel: 
     from dsv3.parallel.mesh import init_distributed
     init_distributed(parallel, cfg, device="cpu")
     return "no error"
+
+
+# ------------------------------------------------------------------------------------- comparison
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| over the whole tensor (fp64)."""
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def assert_matches_reference(ref: dict, ranks: list[dict], tol: float = 1e-5) -> None:
+    """Every rank reproduces the single-process run: losses, grad norms, clipped gradients (dense ones on
+    every rank, expert ones reassembled from the shards of the first EP group), biases (exactly: they come
+    from integer counts), and the final full state dict."""
+    for r, rec in enumerate(ranks):
+        for s, (lr_, lp) in enumerate(zip(ref["loss"], rec["loss"])):
+            assert abs(lp - lr_) <= tol * abs(lr_), f"rank {r} step {s}: loss {lp} vs {lr_}"
+        for s, (nr, np_) in enumerate(zip(ref["norm"], rec["norm"])):
+            assert abs(np_ - nr) <= tol * abs(nr), f"rank {r} step {s}: grad norm {np_} vs {nr}"
+        for s, (br, bp) in enumerate(zip(ref["biases"], rec["biases"])):
+            for layer, (a, b) in enumerate(zip(bp, br)):
+                assert torch.equal(a, b), f"rank {r} step {s} layer {layer}: bias {a} vs {b}"
+        assert rec["maxvio"] == ref["maxvio"], f"rank {r}: MaxVio {rec['maxvio']} vs {ref['maxvio']}"
+        for k, v in ref["state"].items():
+            assert rel_err(rec["state"][k], v) <= tol, f"rank {r}: final {k} off by {rel_err(rec['state'][k], v)}"
+    expert = set(ranks[0]["expert_names"])
+    ep = ranks[0]["ep"]
+    for s, g_ref in enumerate(ref["grads"]):
+        for name, g in g_ref.items():
+            if name in expert:
+                shards = [ranks[r]["grads"][s][name] for r in range(ep)]   # ranks 0..ep-1: one EP group
+                got = torch.cat(shards)
+                assert all(torch.equal(ranks[r]["grads"][s][name], ranks[r % ep]["grads"][s][name])
+                           for r in range(len(ranks))), f"{name}: expert replicas differ"
+            else:
+                got = ranks[0]["grads"][s][name]
+                for r in range(1, len(ranks)):
+                    assert torch.equal(ranks[r]["grads"][s][name], got), f"step {s} {name}: rank {r} differs"
+            assert rel_err(got, g) <= tol, f"step {s} {name}: grad off by {rel_err(got, g)}"

@@ -118,6 +118,13 @@ def node_limited_config(model: ModelConfig, ep: int) -> ModelConfig:
         raise UserError(f"parallel.node_limited_routing (n_group = ep = {ep}): {e}") from None
 
 
+def model_config_for(model: ModelConfig, pc: ParallelConfig | dict | None) -> ModelConfig:
+    """The model config to build under this layout: unchanged, or node-limited (n_group = ep) when
+    ``parallel.node_limited_routing`` is on. Call before constructing the model, on every rank."""
+    pc = pc if isinstance(pc, ParallelConfig) else ParallelConfig.from_dict(pc)
+    return node_limited_config(model, pc.ep) if pc.node_limited_routing else model
+
+
 @dataclass
 class Mesh:
     """This rank's coordinates and process groups (None groups mean a single process: no communication)."""
