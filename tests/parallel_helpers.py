@@ -262,3 +262,84 @@ def assert_matches_reference(ref: dict, ranks: list[dict], tol: float = 1e-5) ->
                 for r in range(1, len(ranks)):
                     assert torch.equal(ranks[r]["grads"][s][name], got), f"step {s} {name}: rank {r} differs"
             assert rel_err(got, g) <= tol, f"step {s} {name}: grad off by {rel_err(got, g)}"
+
+
+# ------------------------------------------------------------------------------------ EP workers
+
+def layout_errors_worker(rank: int, world_size: int, cases: list) -> list:
+    """init_distributed with each bad (parallel, model changes) case; returns (error type, message) per case."""
+    from dsv3.errors import UserError
+    from dsv3.parallel.mesh import init_distributed
+    out = []
+    for parallel, changes in cases:
+        try:
+            init_distributed(parallel, small_config(**changes), device="cpu")
+            out.append(("none", ""))
+        except UserError as e:
+            out.append(("UserError", str(e)))
+    return out
+
+
+def transport_worker(rank: int, world_size: int) -> dict:
+    """Uneven all-to-all (with an empty split), FP8 bytes, and the autograd rule, on gloo."""
+    import torch.distributed as dist
+    from dsv3.parallel.transport import CollectiveTransport, all_to_all
+    dist.init_process_group("gloo")
+    t = CollectiveTransport(dist.group.WORLD)
+    # rank r sends (r + 1) * (i + 1) rows to peer i, except nothing to itself when r == 0
+    in_splits = [0 if (rank == 0 and i == 0) else (rank + 1) * (i + 1) for i in range(world_size)]
+    out_splits = [0 if (rank == 0 and j == 0) else (j + 1) * (rank + 1) for j in range(world_size)]
+    x = torch.cat([torch.full((n, 3), 100.0 * rank + i) for i, n in enumerate(in_splits)]).requires_grad_()
+    y = all_to_all(x, t, in_splits, out_splits)
+    w = torch.arange(y.numel(), dtype=torch.float32).view_as(y) + 1000 * rank
+    (y * w).sum().backward()
+    x8 = (torch.arange(sum(in_splits) * 3, dtype=torch.float32).view(-1, 3) / 7).to(torch.float8_e4m3fn)
+    y8 = t.all_to_all(x8, in_splits, out_splits)
+    return {"y": y.detach(), "w": w, "x_grad": x.grad, "in": in_splits, "out": out_splits, "x8": x8, "y8": y8}
+
+
+def fp8_layer_worker(rank: int, world_size: int, cfg: ModelConfig, seed: int = 0) -> dict:
+    """One MoE layer, EP over all ranks, FP8 dispatch vs full-precision dispatch on the same input: relative
+    errors of the routed output, the input gradient and the expert weight gradients."""
+    import copy
+    from dsv3.model.moe import MoE
+    from dsv3.parallel import expert_parallel as ep
+    from dsv3.parallel.mesh import init_distributed
+    mesh = init_distributed({"ep": world_size}, cfg, device="cpu")
+    torch.manual_seed(seed)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0.0, 0.1)
+    moe.shared_experts = None             # compare the routed part only
+    x = torch.randn(4, 16, cfg.hidden_size, generator=torch.Generator().manual_seed(100 + rank))
+    res = {}
+    for mode in (False, True):
+        m = ep.apply_expert_parallel(copy.deepcopy(moe), mesh.ep_group, fp8_dispatch=mode)
+        xi = x.clone().requires_grad_()
+        y, _ = m(xi)
+        y.backward(torch.ones_like(y))
+        res[mode] = (y.detach(), xi.grad, [p.grad for p in ep.expert_parameters(m)])
+    (y0, gx0, gw0), (y1, gx1, gw1) = res[False], res[True]
+    return {"out": rel_err(y1, y0), "x_grad": rel_err(gx1, gx0), "w_grad": max(rel_err(a, b) for a, b in zip(gw1, gw0))}
+
+
+def state_roundtrip_worker(rank: int, world_size: int, cfg: ModelConfig) -> bool:
+    """full_state_dict -> (perturb) -> load_full_state_dict restores the shards; full tensors equal the
+    unsharded model's."""
+    from dsv3.model import DeepseekV3
+    from dsv3.parallel import expert_parallel as ep
+    from dsv3.parallel.mesh import init_distributed
+    mesh = init_distributed({"ep": world_size}, cfg, device="cpu")
+    torch.manual_seed(0)
+    model = DeepseekV3(cfg)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    ep.apply_expert_parallel(model, mesh.ep_group)
+    full = ep.full_state_dict(model)
+    same = all(torch.equal(full[k], v) for k, v in reference.items()) and full.keys() == reference.keys()
+    with torch.no_grad():
+        for p in ep.expert_parameters(model):
+            p.zero_()
+    ep.load_full_state_dict(model, reference)
+    again = ep.full_state_dict(model)
+    return same and all(torch.equal(again[k], v) for k, v in reference.items())
