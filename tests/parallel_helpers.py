@@ -153,6 +153,8 @@ def reference_run(cfg: ModelConfig, batches, seed: int = 0) -> dict:
         rec["biases"].append(_biases(model))
         opt.zero_grad(set_to_none=True)
     rec["state"] = {k: v.clone() for k, v in model.state_dict().items()}
+    from dsv3.parallel.data_parallel import named_optimizer_state
+    rec["opt_state"] = named_optimizer_state(opt, model)
     return rec
 
 
@@ -203,6 +205,13 @@ def parallel_worker(rank: int, world_size: int, cfg: ModelConfig, batches, paral
         rec["traffic"].append(ep.traffic_stats(model, mesh.ep_group))
         opt.zero_grad(set_to_none=True)
     rec["state"] = ep.full_state_dict(model)
+    rec["opt_state"] = opt.state_dict() if hasattr(opt, "parts") else dp.named_optimizer_state(opt, model)
+    if hasattr(opt, "parts"):   # round trip: a fresh sharded optimizer loads it and saves the same thing
+        fresh = dp.build_zero_optimizer(model, mesh, _train_cfg(), experts)
+        fresh.load_state_dict(rec["opt_state"])
+        again = fresh.state_dict()
+        rec["opt_roundtrip"] = all(torch.equal(again["state"][n][k], v) for n, st in rec["opt_state"]["state"].items()
+                                   for k, v in st.items()) and again["state"].keys() == rec["opt_state"]["state"].keys()
     rec["ep_rank"], rec["ep"] = mesh.ep_rank, mesh.ep
     rec["expert_names"] = sorted(ep.expert_parameter_names(model))
     rec["n_params"] = sum(1 for p in model.parameters() if p.requires_grad)
@@ -248,6 +257,12 @@ def assert_matches_reference(ref: dict, ranks: list[dict], tol: float = 1e-5) ->
         assert rec["maxvio"] == ref["maxvio"], f"rank {r}: MaxVio {rec['maxvio']} vs {ref['maxvio']}"
         for k, v in ref["state"].items():
             assert rel_err(rec["state"][k], v) <= tol, f"rank {r}: final {k} off by {rel_err(rec['state'][k], v)}"
+        opt_ref, opt_got = ref["opt_state"]["state"], rec["opt_state"]["state"]
+        assert opt_got.keys() == opt_ref.keys(), f"rank {r}: optimizer state names differ"
+        for n, st in opt_ref.items():
+            for k, v in st.items():
+                assert rel_err(opt_got[n][k], v) <= tol, f"rank {r}: optimizer {n}.{k} off"
+        assert rec.get("opt_roundtrip", True), f"rank {r}: optimizer state round trip failed"
     expert = set(ranks[0]["expert_names"])
     ep = ranks[0]["ep"]
     for s, g_ref in enumerate(ref["grads"]):

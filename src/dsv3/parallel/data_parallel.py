@@ -146,10 +146,13 @@ class ShardedOptimizer:
     (edp_group). Looks like a torch optimizer to the trainer: ``param_groups`` (set ``lr`` there), ``step``,
     ``zero_grad``."""
 
-    def __init__(self, groups: list[dict], mesh: Mesh, expert_params: Iterable[nn.Parameter],
+    def __init__(self, model: nn.Module, groups: list[dict], mesh: Mesh, expert_params: Iterable[nn.Parameter],
                  optimizer_class, **defaults):
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
+        self.mesh = mesh
+        self.names = {id(p): n for n, p in model.named_parameters()}
+        self.expert_slices = _expert_slices(model)
         expert_ids = {id(p) for p in expert_params}
         parts = {"dense": [], "expert": []}
         for g in groups:
@@ -178,6 +181,40 @@ class ShardedOptimizer:
         for z in self.parts:
             z.zero_grad(set_to_none=set_to_none)
 
+    def state_dict(self) -> dict:
+        """Layout-independent optimizer state, the same on every rank (COLLECTIVE over dp_group: call on all
+        ranks): per parameter NAME, full-size tensors (expert moments re-assembled to [E, ...]). Loads into
+        any other layout, or into a single process with ``load_named_optimizer_state``. Goes through
+        all_gather_object (pickled, host memory): fine for checkpoints of models that fit one host."""
+        local = {}
+        for z in self.parts:
+            for p, st in z.optim.state.items():
+                local[self.names[id(p)]] = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in st.items()}
+        if group_size(self.mesh.dp_group) > 1:
+            gathered = [None] * self.mesh.dp
+            dist.all_gather_object(gathered, (self.mesh.ep_rank, local), group=self.mesh.dp_group)
+        else:
+            gathered = [(self.mesh.ep_rank, local)]
+        full, shards = {}, {}
+        for ep_rank, st in gathered:
+            for name, v in st.items():
+                if name in self.expert_slices:
+                    shards.setdefault(name, {})[ep_rank] = v
+                else:
+                    full[name] = v
+        for name, by_rank in shards.items():
+            first = by_rank[0]
+            full[name] = {k: torch.cat([by_rank[r][k] for r in range(self.mesh.ep)])
+                          if torch.is_tensor(v) and v.ndim > 0 else v for k, v in first.items()}
+        return {"format": NAMED_FORMAT, "state": full}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load a ``state_dict()`` of any layout (no communication); each rank takes its owned parameters'
+        state, expert tensors sliced to its shard. Hyperparameters (lr, ...) are not restored: the trainer
+        sets them from the config and schedules."""
+        for z in self.parts:
+            _load_named(z.optim, self.names, self.expert_slices, state)
+
     def local_state_dicts(self) -> list[dict]:
         """This rank's shard of the optimizer state (per inner optimizer); layout-dependent."""
         return [z.optim.state_dict() for z in self.parts]
@@ -185,6 +222,56 @@ class ShardedOptimizer:
     def load_local_state_dicts(self, states: list[dict]) -> None:
         for z, s in zip(self.parts, states):
             z.optim.load_state_dict(s)
+
+
+NAMED_FORMAT = "dsv3-named-optimizer-v1"
+
+
+def _expert_slices(model: nn.Module) -> dict[str, slice]:
+    """EP-sharded expert parameter name -> the rows of the full [E, ...] tensor this rank holds."""
+    from dsv3.parallel.expert_parallel import EXPERT_PARAMS, ExpertParallelExperts
+    out = {}
+    for mod_name, m in model.named_modules():
+        if isinstance(m, ExpertParallelExperts):
+            for p in EXPERT_PARAMS:
+                out[f"{mod_name}.{p}"] = slice(m.first, m.first + m.num_local)
+    return out
+
+
+def _load_named(optim: torch.optim.Optimizer, names: dict[int, str], slices: dict[str, slice], state: dict) -> None:
+    if state.get("format") != NAMED_FORMAT:
+        from dsv3.errors import UserError
+        raise UserError("optimizer state is not in the layout-independent format (saved by a different "
+                        "version?); resume with a checkpoint written by this version")
+    on_device = any(g.get("fused") or g.get("capturable") for g in optim.param_groups)
+    for group in optim.param_groups:
+        for p in group["params"]:
+            saved = state["state"].get(names[id(p)])
+            if saved is None:
+                continue
+            st = {}
+            for k, v in saved.items():
+                if torch.is_tensor(v):
+                    if v.ndim > 0:
+                        v = v[slices[names[id(p)]]] if names[id(p)] in slices else v
+                        v = v.to(p.device).clone()
+                    else:
+                        v = v.to(p.device if on_device else "cpu").clone()
+                st[k] = v
+            optim.state[p] = st
+
+
+def named_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
+    """A single-process optimizer's state in the layout-independent format of ``ShardedOptimizer``."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    state = {names[id(p)]: {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in st.items()}
+             for p, st in optimizer.state.items()}
+    return {"format": NAMED_FORMAT, "state": state}
+
+
+def load_named_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, state: dict) -> None:
+    """Load the layout-independent format into a single-process (or EP-sharded, unsharded-ZeRO) optimizer."""
+    _load_named(optimizer, {id(p): n for n, p in model.named_parameters()}, _expert_slices(model), state)
 
 
 def build_zero_optimizer(model: nn.Module, mesh: Mesh, t, expert_params: Iterable[nn.Parameter] = ()):
@@ -200,7 +287,7 @@ def build_zero_optimizer(model: nn.Module, mesh: Mesh, t, expert_params: Iterabl
     else:
         fused = next(model.parameters()).is_cuda
         cls, extra = torch.optim.AdamW, dict(fused=fused or None, foreach=False if not fused else None)
-    return ShardedOptimizer(param_groups(model, t), mesh, expert_params, cls, **common, **extra)
+    return ShardedOptimizer(model, param_groups(model, t), mesh, expert_params, cls, **common, **extra)
 
 
 # ------------------------------------------------------------------------------ global quantities
