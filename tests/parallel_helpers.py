@@ -166,18 +166,18 @@ def parallel_worker(rank: int, world_size: int, cfg: ModelConfig, batches, paral
     from dsv3.parallel import data_parallel as dp
     from dsv3.parallel import expert_parallel as ep
     from dsv3.parallel.mesh import init_distributed, model_config_for
+    from dsv3.parallel.runtime import DataExpertParallel
     from dsv3.train.balance import update_balance_biases
 
+    parallel = {"bucket_mb": 0.05, **parallel}       # small buckets: several in flight during backward
     mesh = init_distributed(parallel, cfg, device="cpu")
     cfg = model_config_for(cfg, mesh.config)
     torch.manual_seed(seed)
     model = DeepseekV3(cfg)                          # the same full initialization on every rank
     model.train()
-    ep.apply_expert_parallel(model, mesh.ep_group, fp8_dispatch=mesh.config.fp8_dispatch)
-    experts = ep.expert_parameters(model)
-    reducer = dp.GradReducer(model, mesh, experts, bucket_mb=0.05)   # small buckets: several in flight
-    opt = dp.build_zero_optimizer(model, mesh, _train_cfg(), experts)
-    reduce_counts = dp.count_all_reduce(mesh)
+    par = DataExpertParallel(model, mesh)
+    experts = par.expert_params
+    opt = par.build_optimizer(_train_cfg())
     rec = {"loss": [], "norm": [], "grads": [], "biases": [], "maxvio": [], "traffic": []}
     for ids, labels in batches:
         local = ids.shape[0] // mesh.dp
@@ -188,23 +188,25 @@ def parallel_worker(rank: int, world_size: int, cfg: ModelConfig, batches, paral
         for i in range(n_micro):
             mb = slice(i * micro, (i + 1) * micro)
             last = i == n_micro - 1
-            ctx = reducer.no_sync() if not last else _null()
+            ctx = par.no_sync() if not last else _null()
             with ctx:
                 out = model(ids[mb], labels[mb], mtp_lambda=STEP["mtp_lambda"],
                             balance_alpha=STEP["balance_alpha"], return_logits=False)
                 (out.loss / n_micro).backward()
             total += float(out.loss.detach()) / n_micro
-        reducer.finish()
-        norm = dp.clip_grad_norm_(model.parameters(), STEP["clip"], mesh, experts)
-        rec["loss"].append(dp.global_mean(total, mesh))
+        overlapped = par.reducer._next if par.reducer is not None else 0   # buckets launched by backward hooks
+        par.finish_gradients()
+        rec.setdefault("overlapped", []).append((overlapped, len(par.reducer.buckets) if par.reducer else 0))
+        norm = par.clip_grad_norm_(STEP["clip"])
+        rec["loss"].append(par.global_mean(total))
         rec["norm"].append(float(norm))
         rec["grads"].append(_grads(model))
         opt.step()
-        rec["maxvio"].append(update_balance_biases(model, STEP["gamma"], reduce_counts))
+        rec["maxvio"].append(update_balance_biases(model, STEP["gamma"], par.count_all_reduce))
         rec["biases"].append(_biases(model))
-        rec["traffic"].append(ep.traffic_stats(model, mesh.ep_group))
+        rec["traffic"].append(par.traffic_stats())
         opt.zero_grad(set_to_none=True)
-    rec["state"] = ep.full_state_dict(model)
+    rec["state"] = par.full_state_dict()
     rec["opt_state"] = opt.state_dict() if hasattr(opt, "parts") else dp.named_optimizer_state(opt, model)
     if hasattr(opt, "parts"):   # round trip: a fresh sharded optimizer loads it and saves the same thing
         fresh = dp.build_zero_optimizer(model, mesh, _train_cfg(), experts)

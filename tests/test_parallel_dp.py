@@ -34,6 +34,9 @@ def test_dp2_matches_single_process(setup):
     for rec in ranks:  # ZeRO-1: each rank holds optimizer state for only part of the parameters
         assert 0 < rec["n_owned"] < rec["n_params"]
     assert sum(rec["n_owned"] for rec in ranks) == ranks[0]["n_params"]
+    for rec in ranks:  # gradient buckets were all-reduced during backward, not after it
+        for launched, n_buckets in rec["overlapped"]:
+            assert n_buckets > 3 and launched == n_buckets
 
 
 def test_dp4_ep2_matches_single_process(setup):

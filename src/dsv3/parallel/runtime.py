@@ -1,0 +1,70 @@
+"""One object the trainer holds for data + expert parallelism: the calls of a training step, in order.
+
+    mesh = init_distributed(cfg.parallel, cfg.model)           # every rank; UserError before any rendezvous
+    model_cfg = model_config_for(cfg.model, mesh.config)      # node-limited routing, if configured
+    model = DeepseekV3(model_cfg).to(mesh.device)             # same seed on every rank: identical init
+    par = DataExpertParallel(model, mesh)                      # shards experts, installs gradient hooks
+    optimizer = par.build_optimizer(train_cfg)                 # ZeRO-1 (plain AdamW for one process)
+    loader = PackedLoader(..., rank=mesh.dp_rank, world_size=mesh.dp)
+    per step:
+        for each micro-batch (last one outside no_sync):
+            with par.no_sync() if not last else nullcontext():
+                loss(mb).backward()
+        par.finish_gradients()                                 # averaged gradients in p.grad
+        norm = par.clip_grad_norm_(max_norm)                   # global norm, same on every rank
+        optimizer.step()
+        update_balance_biases(model, gamma, par.count_all_reduce)
+        optimizer.zero_grad(set_to_none=True)
+        log par.global_mean(local_loss), par.traffic_stats()
+    checkpoints: par.full_state_dict() / optimizer.state_dict() on EVERY rank (collectives), write on rank 0;
+    par.load_full_state_dict(sd) / optimizer.load_state_dict(sd) on every rank.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import nn
+
+from dsv3.parallel import data_parallel as dp
+from dsv3.parallel import expert_parallel as ep
+from dsv3.parallel.mesh import Mesh
+
+
+class DataExpertParallel:
+    """Applies EP to ``model`` (in place) and owns the gradient reducer; stateless otherwise."""
+
+    def __init__(self, model: nn.Module, mesh: Mesh):
+        self.model, self.mesh = model, mesh
+        ep.apply_expert_parallel(model, mesh.ep_group, fp8_dispatch=mesh.config.fp8_dispatch)
+        self.expert_params = ep.expert_parameters(model)
+        self.reducer = dp.GradReducer(model, mesh, self.expert_params) if mesh.dp > 1 else None
+        self.count_all_reduce = dp.count_all_reduce(mesh)
+
+    def build_optimizer(self, train_cfg):
+        return dp.build_zero_optimizer(self.model, self.mesh, train_cfg, self.expert_params)
+
+    def no_sync(self):
+        return self.reducer.no_sync() if self.reducer is not None else nullcontext()
+
+    def finish_gradients(self) -> None:
+        if self.reducer is not None:
+            self.reducer.finish()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        return dp.clip_grad_norm_(self.model.parameters(), max_norm, self.mesh, self.expert_params)
+
+    def global_mean(self, value) -> float:
+        return dp.global_mean(value, self.mesh)
+
+    def global_sum(self, value) -> float:
+        return dp.global_sum(value, self.mesh)
+
+    def traffic_stats(self) -> dict:
+        return ep.traffic_stats(self.model, self.mesh.ep_group)
+
+    def full_state_dict(self) -> dict:
+        return ep.full_state_dict(self.model)
+
+    def load_full_state_dict(self, state: dict, strict: bool = True):
+        return ep.load_full_state_dict(self.model, state, strict)
