@@ -307,3 +307,16 @@ def test_v3_preset_counts_and_meta_construction():
         lite = DeepseekV3(preset("v2-lite"))
     assert lite.num_parameters() == 15_706_484_224
     assert lite.num_activated_parameters() == 2_661_150_208
+
+
+def test_padded_labels_never_become_mtp_input_ids():
+    """The loader pads with -100; MTP takes its input tokens from labels, so padding must map to a valid id."""
+    m = random_model(cfg()).train()
+    ids = torch.randint(0, 61, (2, 8))
+    labels = ids.roll(-1, 1)
+    labels[:, -3:] = -100
+    out = m(ids, labels)
+    assert torch.isfinite(out.loss)
+    from dsv3.model import mtp_shift
+    nxt, tgt = mtp_shift(ids, labels, 1, None)
+    assert (nxt >= 0).all() and (tgt[:, -4:] == -100).all()

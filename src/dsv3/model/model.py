@@ -62,15 +62,21 @@ class DecoderLayer(nn.Module):
         return self._ffn(h, want_balance)
 
     def forward(self, h, cos, sin, doc_ids=None, cache=None, want_balance=False):
-        """-> (h, counts or None, balance loss or None)."""
-        if cache is None and self.training and torch.is_grad_enabled():
-            if self.recompute == "full":
-                return checkpoint(self._block, h, cos, sin, doc_ids, want_balance)
-            if self.recompute == "selective":  # replay attention (its expanded K/V are big and cheap to redo)
-                h = checkpoint(self._attention, h, cos, sin, doc_ids, None)
-                return self._ffn(h, want_balance)
-        h = self._attention(h, cos, sin, doc_ids, cache)
-        return self._ffn(h, want_balance)
+        """-> (h, counts or None, balance loss or None).
+
+        Training forwards add this call's expert selections to ``mlp.tokens_per_expert`` here, outside any
+        recomputed region, so a replay during backward never counts twice.
+        """
+        training = cache is None and self.training and torch.is_grad_enabled()
+        if training and self.recompute == "full":
+            h, counts, balance = checkpoint(self._block, h, cos, sin, doc_ids, want_balance)
+        elif training and self.recompute == "selective":  # replay attention: its expanded K/V are cheap to redo
+            h, counts, balance = self._ffn(checkpoint(self._attention, h, cos, sin, doc_ids, None), want_balance)
+        else:
+            h, counts, balance = self._ffn(self._attention(h, cos, sin, doc_ids, cache), want_balance)
+        if training and counts is not None:
+            self.mlp.tokens_per_expert.add_(counts)
+        return h, counts, balance
 
 
 class MTPLayer(DecoderLayer):
@@ -251,7 +257,7 @@ def mtp_shift(input_ids: torch.Tensor, labels: torch.Tensor, k: int, doc_ids: to
     next_ids = torch.zeros_like(input_ids)
     targets = torch.full_like(labels, IGNORE_INDEX)
     if k - 1 < S:
-        next_ids[:, : S - k + 1] = labels[:, k - 1:]
+        next_ids[:, : S - k + 1] = labels[:, k - 1:].clamp_min(0)  # padding (-100) -> any id; its target is ignored
     if k < S:
         targets[:, : S - k] = labels[:, k:]
         if doc_ids is not None:

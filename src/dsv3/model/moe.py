@@ -14,7 +14,6 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.model.layers import MLP
-from dsv3.model.recompute import is_recomputing
 
 
 @dataclass
@@ -195,7 +194,8 @@ class MoE(nn.Module):
         self.experts = Experts(config)
         self.shared_experts = MLP(config.hidden_size, config.n_shared_experts * config.moe_intermediate_size) \
             if config.n_shared_experts > 0 else None
-        # Selections since the last bias update (training forwards only; not eval, not recompute replays).
+        # Selections since the last bias update; the owning DecoderLayer adds each training forward's counts
+        # (not eval, not recompute replays).
         self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts, dtype=torch.int64),
                              persistent=False)
 
@@ -205,8 +205,6 @@ class MoE(nn.Module):
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.gate(x_TD)
         counts = count_selections(routing.idx_TK, self.config.n_routed_experts)
-        if self.training and torch.is_grad_enabled() and not is_recomputing():
-            self.tokens_per_expert.add_(counts)
         y = self.experts(x_TD, routing).view(B, S, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_BSD)

@@ -1,34 +1,14 @@
-"""Activation recomputation that tells the model when a forward is a replay.
+"""Activation recomputation (non-reentrant torch.utils.checkpoint), usable inside torch.compile'd blocks.
 
-Selection counts for the bias update must be taken once per real forward; under recomputation the forward
-runs again during backward, and counting it would double the counts. torch.utils.checkpoint lets us enter a
-context for the replay only, which sets the flag read by ``is_recomputing``.
+Selection counts for the balance bias must be taken once per real forward. They are returned as outputs of
+the recomputed region and added to the buffers outside it (DecoderLayer.forward), so a replay during backward
+recomputes them without counting them again; no flag or side effect lives inside the checkpointed function.
 """
 from __future__ import annotations
 
-import contextlib
-import threading
-
 import torch.utils.checkpoint
 
-_state = threading.local()
 
-
-def is_recomputing() -> bool:
-    """True while torch.utils.checkpoint replays a forward for backward."""
-    return getattr(_state, "depth", 0) > 0
-
-
-@contextlib.contextmanager
-def _recomputing():
-    _state.depth = getattr(_state, "depth", 0) + 1
-    try:
-        yield
-    finally:
-        _state.depth -= 1
-
-
-def checkpoint(fn, *args, **kwargs):
-    """Non-reentrant activation checkpoint of ``fn(*args, **kwargs)`` with the replay flag set."""
-    return torch.utils.checkpoint.checkpoint(
-        fn, *args, use_reentrant=False, context_fn=lambda: (contextlib.nullcontext(), _recomputing()), **kwargs)
+def checkpoint(fn, *args):
+    """Non-reentrant activation checkpoint of ``fn(*args)``."""
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)

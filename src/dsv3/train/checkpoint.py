@@ -137,9 +137,6 @@ def load_model_from_run(run_or_ckpt_dir: str | Path, device: str | torch.device 
     # Built on the meta device (no init cost for big models); non-persistent buffers (rotary table, expert
     # counters) are not in the state dict and are rebuilt on the CPU.
     _materialize_buffers(model, cfg)
-    from dsv3.train.compat import guard_mtp_padding
-
-    guard_mtp_padding(model)
     return model.to(device).eval(), cfg
 
 

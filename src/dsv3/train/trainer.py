@@ -26,7 +26,6 @@ from dsv3.data.loader import IGNORE_INDEX, PackedLoader
 from dsv3.errors import UserError
 from dsv3.model import DeepseekV3
 from dsv3.train import balance, checkpoint, metrics, schedules
-from dsv3.train.compat import guard_mtp_padding
 from dsv3.train.config import RunConfig
 from dsv3.train.evaluate import evaluate
 from dsv3.train.optim import build_optimizer
@@ -77,7 +76,6 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(t.seed)
         self.model = DeepseekV3(cfg.model).to(self.device)
-        guard_mtp_padding(self.model)  # padded windows must not crash the MTP embedding lookup
         self.model.train()
         self.model.set_recompute(t.recompute)
         if t.compile:
