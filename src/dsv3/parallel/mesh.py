@@ -47,6 +47,9 @@ class ParallelConfig:
     backend: str = "auto"             # 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'
     node_limited_routing: bool = False  # routing groups = the experts of one EP rank (n_group = ep)
     fp8_dispatch: bool = False        # send dispatch payloads as E4M3 + 1x128 scales (combine stays BF16)
+    schedule: str = "1f1b"            # pipeline schedule when pp > 1: '1f1b' or 'dualpipev'
+    microbatches: int = 0             # pipeline micro-batches per step; 0 = batch / micro_batch_size
+    trace: bool = False               # write a per-rank Chrome trace of the pipeline schedule
     bucket_mb: float = 25.0           # gradient all-reduce bucket size in MiB
     timeout_s: float = 600.0          # collective timeout (a hang becomes an error after this long)
 
@@ -78,6 +81,10 @@ def validate_layout(world_size: int, pc: ParallelConfig, model: ModelConfig | No
             raise UserError(f"parallel.{name} = {getattr(pc, name)} is invalid: it must be >= 1")
     if pc.dp < 0:
         raise UserError(f"parallel.dp = {pc.dp} is invalid: it must be >= 1 (or 0 for world_size // pp)")
+    if pc.schedule not in ("1f1b", "dualpipev"):
+        raise UserError(f"parallel.schedule = {pc.schedule!r} is invalid: use '1f1b' or 'dualpipev'")
+    if pc.microbatches < 0:
+        raise UserError(f"parallel.microbatches = {pc.microbatches} is invalid: use 0 (derived) or a positive count")
     if pc.bucket_mb <= 0 or pc.timeout_s <= 0:
         raise UserError("parallel.bucket_mb and parallel.timeout_s must be > 0")
     pp = pc.pp

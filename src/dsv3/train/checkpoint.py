@@ -55,18 +55,25 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)))
 
 
-def save_checkpoint(run_dir: Path, step: int, cfg: RunConfig, model, optimizer, trainer_state: dict,
-                    keep: int) -> Path:
-    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep``."""
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CKPT_DIR / f"step_{step:06d}"
+
+
+def save_checkpoint(run_dir: Path, step: int, cfg: RunConfig, model_state: dict, optimizer_state: dict,
+                    trainer_state: dict, keep: int) -> Path:
+    """Write checkpoint ``step`` atomically, then delete all but the newest ``keep``.
+
+    The states are layout-independent (full expert tensors, optimizer state keyed by parameter name), so a
+    checkpoint written at one (pp, dp, ep) resumes at another."""
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
+    final = checkpoint_path(run_dir, step)
     tmp = root / f".{final.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    torch.save(model.state_dict(), tmp / "model.pt")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(model_state, tmp / "model.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save({**trainer_state, "rng": rng_state()}, tmp / "trainer.pt")
     (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
     if final.exists():  # the same step saved twice (e.g. interrupt right after a periodic save)

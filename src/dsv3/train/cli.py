@@ -142,9 +142,11 @@ def run_train(args: argparse.Namespace) -> int:
 
     trainer = Trainer(cfg, run_dir, data, resume=ckpt, quiet=args.quiet)  # validates before anything is written
     try:
-        if ckpt is None:
-            rundir.create_out(run_dir, args.force)
-        save_json(cfg, run_dir / "config.json")
+        if trainer.is_main:  # under torchrun only rank 0 writes; the others wait for the directory
+            if ckpt is None:
+                rundir.create_out(run_dir, args.force)
+            save_json(cfg, run_dir / "config.json")
+        trainer.layout.barrier()
         return _train_and_report(trainer, cfg, run_dir, data, ckpt, quiet=args.quiet)
     finally:
         trainer.close()
@@ -165,7 +167,7 @@ def _train_and_report(trainer, cfg: RunConfig, run_dir: Path, data: Path, ckpt, 
         say(f"resuming from {ckpt} (step {trainer.step})")
     start = time.perf_counter()
     code = trainer.train()
-    if code != 0:
+    if code != 0 or not trainer.is_main:
         return code
     wall = time.perf_counter() - start
     result = trainer.final_eval
@@ -179,7 +181,9 @@ def _train_and_report(trainer, cfg: RunConfig, run_dir: Path, data: Path, ckpt, 
     eval_txt = f", validation loss {result['loss']:.3f} (ppl {result['ppl']:.1f})" if result.get("tokens") else ""
     print(f"train loss {train_loss:.3f} nats/token (main, last 10 steps){eval_txt}; corpus unigram entropy "
           f"{entropy:.3f} nats/token")
-    if cfg.train.sample_tokens > 0:
+    if cfg.train.sample_tokens > 0 and trainer.layout.distributed:
+        print(f"sample: run `dsv3 generate --ckpt {run_dir}` (this run's experts are spread over processes)")
+    elif cfg.train.sample_tokens > 0:
         from dsv3.train.sample import greedy_sample
 
         text = greedy_sample(m, data, max_new_tokens=cfg.train.sample_tokens)

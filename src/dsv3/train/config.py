@@ -88,7 +88,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=lambda: preset("tiny"))
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    parallel: dict = field(default_factory=dict)   # reserved for data/expert/pipeline parallelism
+    parallel: dict = field(default_factory=dict)   # the [parallel] table (dsv3.parallel.mesh.ParallelConfig)
     model_spec: dict = field(default_factory=lambda: {"preset": "tiny"})  # as written: preset + overrides
 
     def to_dict(self) -> dict:
@@ -242,12 +242,13 @@ def resolve(raw: dict) -> RunConfig:
     model_spec = dict(raw.get("model", {}) or {})
     if "preset" not in model_spec:
         model_spec = {"preset": "tiny", **model_spec}
-    parallel = raw.get("parallel", {})
-    if parallel:
-        raise UserError("[parallel] is reserved for multi-GPU training, which this version does not run yet; "
-                        "remove the [parallel] section")
+    from dsv3.parallel.mesh import ParallelConfig
+
+    parallel = dict(raw.get("parallel", {}) or {})
+    ParallelConfig.from_dict(parallel)  # unknown keys and wrong types fail here, naming the key
     cfg = RunConfig(model=_model(model_spec), train=_section(TrainConfig, raw.get("train", {}), "train"),
-                    data=_section(DataConfig, raw.get("data", {}), "data"), parallel={}, model_spec=model_spec)
+                    data=_section(DataConfig, raw.get("data", {}), "data"), parallel=parallel,
+                    model_spec=model_spec)
     return cfg.validate()
 
 
@@ -278,7 +279,14 @@ def config_help() -> str:
             default = json.dumps(f.default) if isinstance(f.default, str) else repr(f.default).lower() \
                 if isinstance(f.default, bool) else repr(f.default)
             lines.append(f"  {f.name:<22} = {default:<8} # {docs.get(f.name, '')}")
-    lines += ["", "[parallel]  reserved for multi-GPU training (not yet available)",
-              "", "Override any key with --set section.key=value (value as a TOML literal), e.g. "
+    from dsv3.parallel.mesh import ParallelConfig
+
+    docs = _field_docs(ParallelConfig)
+    lines += ["", "[parallel]  layout under torchrun (world size = pp x dp; ep divides dp)"]
+    for f in fields(ParallelConfig):
+        default = json.dumps(f.default) if isinstance(f.default, str) else repr(f.default).lower() \
+            if isinstance(f.default, bool) else repr(f.default)
+        lines.append(f"  {f.name:<22} = {default:<8} # {docs.get(f.name, '')}")
+    lines += ["", "Override any key with --set section.key=value (value as a TOML literal), e.g. "
               "--set train.steps=400 --set model.num_hidden_layers=2"]
     return "\n".join(lines)

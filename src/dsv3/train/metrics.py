@@ -53,6 +53,19 @@ def _clean(v):
     return v
 
 
+class NullSink:
+    """Stands in for the file sinks on ranks other than 0 (they write nothing)."""
+
+    def write(self, *args, **kwargs) -> None:
+        pass
+
+    def scalars(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class JsonlWriter:
     """Appends one JSON object per line, flushed each time (a crash loses nothing already written)."""
 

@@ -27,8 +27,8 @@ from dsv3.errors import UserError
 from dsv3.model import DeepseekV3
 from dsv3.train import balance, checkpoint, metrics, schedules
 from dsv3.train.config import RunConfig
+from dsv3.train.distributed import Layout
 from dsv3.train.evaluate import evaluate
-from dsv3.train.optim import build_optimizer
 
 
 def pick_device(name: str) -> torch.device:
@@ -38,6 +38,11 @@ def pick_device(name: str) -> torch.device:
         raise UserError(f"train.device = {name!r} but CUDA is not available here; use --set train.device=\"cpu\" "
                         "or \"auto\"")
     return torch.device(name)
+
+
+def lay_any(layout, flag: bool) -> bool:
+    """A stop request seen on any rank stops every rank after the same step."""
+    return layout.any(flag)
 
 
 def seed_everything(seed: int) -> None:
@@ -54,8 +59,11 @@ class Trainer:
         run_dir: where checkpoints and metrics go (must exist).
         data: the prepared data directory.
         resume: a checkpoint directory to continue from, or None for a fresh start.
-        all_reduce: sums a tensor over data-parallel ranks (None: one process).
+        all_reduce: sums a tensor over data-parallel ranks (None: the layout's own, or one process).
         quiet: no progress lines (tests).
+
+    Under torchrun the [parallel] section picks the layout (data + expert parallel); every rank runs the same
+    loop, only rank 0 prints and writes files, and the logged loss is the global one.
     """
 
     def __init__(self, cfg: RunConfig, run_dir: Path, data: Path, resume: Path | None = None,
@@ -63,10 +71,12 @@ class Trainer:
         self.cfg, self.run_dir, self.data = cfg, Path(run_dir), Path(data)
         t = cfg.train
         self.t = t
-        self.all_reduce = all_reduce
-        self.device = pick_device(t.device)
+        self.layout = Layout(cfg.parallel, cfg.model, "auto" if t.device == "auto" else str(pick_device(t.device)))
+        self.device = self.layout.device
+        self.all_reduce = all_reduce or self.layout.count_all_reduce
+        self.is_main = self.layout.is_main
         self.autocast = torch.bfloat16 if (t.precision == "bf16" and self.device.type == "cuda") else None
-        self.progress = metrics.Progress(t.steps, quiet=quiet)
+        self.progress = metrics.Progress(t.steps, quiet=quiet or not self.is_main)
 
         # Some CPU backward kernels (scatter/index-add style) accumulate in thread order; deterministic mode
         # makes two runs, and a run and its resumption, agree bit for bit. Restored in close().
@@ -75,16 +85,23 @@ class Trainer:
         if t.deterministic and self.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(t.seed)
-        self.model = DeepseekV3(cfg.model).to(self.device)
+        self.model = DeepseekV3(self.layout.model_config).to(self.device)
         self.model.train()
         self.model.set_recompute(t.recompute)
+        self.layout.wrap(self.model)          # experts sharded over EP ranks, gradient reducer installed
+        self.all_reduce = all_reduce or self.layout.count_all_reduce
         if t.compile:
             for layer in list(self.model.layers) + list(self.model.mtp):
                 layer.compile()
-        self.optimizer = build_optimizer(self.model, t)
-        mb = t.micro_batch_size or t.batch_size
-        self.ramp = schedules.BatchRamp(t, granularity=mb)
+        self.optimizer = self.layout.build_optimizer(self.model, t)
+        dp = self.layout.dp
+        mb = t.micro_batch_size or t.batch_size // dp   # per-rank micro-batch
+        if t.batch_size % dp or (t.batch_ramp_start and t.batch_ramp_start % dp) or mb * dp > t.batch_size:
+            raise UserError(f"train.batch_size = {t.batch_size} (and batch_ramp_start) must be a multiple of the "
+                            f"data-parallel size {dp}, with micro_batch_size * {dp} <= batch_size; adjust them")
+        self.ramp = schedules.BatchRamp(t, granularity=mb * dp)
         self.loader = PackedLoader(self.data, "train", seq_len=t.seq_len, batch_size=self.ramp, seed=t.seed,
+                                   rank=self.layout.dp_rank, world_size=dp,
                                    document_mask=cfg.data.document_mask, prefetch=cfg.data.prefetch,
                                    pin_memory=self.device.type == "cuda", verify=cfg.data.verify)
         self.step = 0           # optimizer steps done (including skipped ones)
@@ -104,8 +121,8 @@ class Trainer:
     # ------------------------------------------------------------------ resume
     def _restore(self, ckpt: Path) -> None:
         state = checkpoint.load_checkpoint(ckpt)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.layout.load_model_state(self.model, state["model"])
+        self.layout.load_optimizer_state(self.optimizer, self.model, state["optimizer"])
         tr = state["trainer"]
         self.loader.load_state_dict(tr["loader"])
         self.step, self.tokens = tr["step"], tr["tokens"]
@@ -118,9 +135,14 @@ class Trainer:
                 "nan_streak": self.nan_streak, "loader": self.loader.state_dict()}
 
     def save(self) -> Path:
-        self.last_checkpoint = checkpoint.save_checkpoint(self.run_dir, self.step, self.cfg, self.model,
-                                                          self.optimizer, self.trainer_state(),
-                                                          self.t.keep_checkpoints)
+        """Every rank gathers the layout-independent state (collectives); rank 0 writes it."""
+        model_state = self.layout.model_state(self.model)
+        optim_state = self.layout.optimizer_state(self.optimizer, self.model)
+        if self.is_main:
+            checkpoint.save_checkpoint(self.run_dir, self.step, self.cfg, model_state, optim_state,
+                                       self.trainer_state(), self.t.keep_checkpoints)
+        self.layout.barrier()
+        self.last_checkpoint = checkpoint.checkpoint_path(self.run_dir, self.step)
         return self.last_checkpoint
 
     # -------------------------------------------------------------------- step
@@ -141,29 +163,35 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-        n_target = int((batch["labels"] != IGNORE_INDEX).sum())
-        micro = min(t.micro_batch_size or global_batch, batch["input_ids"].shape[0])
+        lay = self.layout
+        # Each rank holds its slice of the global batch; every micro-batch's loss is weighted by its share of
+        # the GLOBAL target tokens (times dp, as the reducer averages over dp ranks), so the accumulated,
+        # reduced gradient is that of the whole batch's mean loss, however the batch is split.
+        n_target = lay.global_sum(int((batch["labels"] != IGNORE_INDEX).sum()))
+        micro = min(t.micro_batch_size or batch["input_ids"].shape[0], batch["input_ids"].shape[0])
         parts: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=self.device)
         ctx = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
-        for mb in self._micro_batches(batch, micro):
-            # Weight by target tokens so that the accumulated gradient is that of the whole batch's mean loss.
-            w = int((mb["labels"] != IGNORE_INDEX).sum()) / max(n_target, 1)
-            with ctx:
-                out = self.model(mb["input_ids"], mb["labels"], doc_ids=mb.get("doc_ids"), mtp_lambda=lam,
-                                 balance_alpha=t.balance_alpha, return_logits=False)
-            (out.loss * w).backward()
+        mbs = list(self._micro_batches(batch, micro))
+        for i, mb in enumerate(mbs):
+            w = lay.dp * int((mb["labels"] != IGNORE_INDEX).sum()) / max(n_target, 1)
+            with lay.no_sync(last=i == len(mbs) - 1):
+                with ctx:
+                    out = self.model(mb["input_ids"], mb["labels"], doc_ids=mb.get("doc_ids"), mtp_lambda=lam,
+                                     balance_alpha=t.balance_alpha, return_logits=False)
+                (out.loss * w).backward()
             total = total + out.loss.detach().float() * w
             for k, v in out.losses.items():
                 parts[k] = parts.get(k, 0) + v.detach().float() * w
+        lay.finish_gradients()
 
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        loss = float(total)
+        loss = lay.global_mean(total)
+        parts = {k: lay.global_mean(v) for k, v in parts.items()}
         grad_norm = float("nan")
         skipped = not math.isfinite(loss)
         if not skipped:
             clip = t.grad_clip if t.grad_clip > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+            grad_norm = lay.clip_grad_norm_(self.model, clip)
             skipped = not math.isfinite(grad_norm)
         counts = balance.read_counts(self.model) if self._log_load(step) and not skipped else None
         if skipped:
@@ -191,6 +219,7 @@ class Trainer:
                   "step_time_s": elapsed}
         for k, v in parts.items():
             record[f"loss_{k}"] = float(v)
+        record.update(lay.traffic_stats())  # EP bytes sent per rank and imbalance (a collective)
         record["maxvio"] = sum(vios) / len(vios) if vios else 0.0
         record["maxvio_max"] = max(vios) if vios else 0.0
         record["maxvio_layers"] = vios
@@ -223,11 +252,12 @@ class Trainer:
         t = self.t
         return evaluate(self.model, self.data, seq_len=t.seq_len, batch_size=t.micro_batch_size or t.batch_size,
                         max_batches=t.eval_batches, device=self.device, autocast_dtype=self.autocast,
-                        document_mask=self.cfg.data.document_mask)
+                        document_mask=self.cfg.data.document_mask, rank=self.layout.dp_rank,
+                        world_size=self.layout.dp, all_reduce=self.layout.count_all_reduce)
 
     def _run_eval(self) -> dict:
         result = self.evaluate()
-        if result.get("tokens"):
+        if result.get("tokens") and self.is_main:
             record = {"step": self.step, "tokens_seen": self.tokens, **result}
             self.eval_log.write(record)
             self.tb.scalars("eval", record, self.step)
@@ -244,12 +274,15 @@ class Trainer:
         """
         t = self.t
         end = min(t.steps, until) if until is not None else t.steps
-        for name in ("metrics.jsonl", "eval.jsonl", "expert_load.jsonl"):
-            metrics.truncate_jsonl(self.run_dir / name, self.step)
-        self.metrics_log = metrics.JsonlWriter(self.run_dir / "metrics.jsonl")
-        self.eval_log = metrics.JsonlWriter(self.run_dir / "eval.jsonl")
-        self.expert_log = metrics.JsonlWriter(self.run_dir / "expert_load.jsonl")
-        self.tb = metrics.TensorBoard(self.run_dir, t.tensorboard)
+        if self.is_main:
+            for name in ("metrics.jsonl", "eval.jsonl", "expert_load.jsonl"):
+                metrics.truncate_jsonl(self.run_dir / name, self.step)
+            self.metrics_log = metrics.JsonlWriter(self.run_dir / "metrics.jsonl")
+            self.eval_log = metrics.JsonlWriter(self.run_dir / "eval.jsonl")
+            self.expert_log = metrics.JsonlWriter(self.run_dir / "expert_load.jsonl")
+            self.tb = metrics.TensorBoard(self.run_dir, t.tensorboard)
+        else:  # only rank 0 writes files
+            self.metrics_log = self.eval_log = self.expert_log = self.tb = metrics.NullSink()
         old_handlers = self._install_signals()
         loop_start, first_step = time.perf_counter(), self.step
         try:
@@ -267,7 +300,8 @@ class Trainer:
                         f"training stopped at step {self.step}: {self.nan_streak} non-finite losses in a row "
                         f"({self.nan_skips} in total); last good checkpoint: {last}. Lower train.lr or raise "
                         f"train.warmup_steps and resume with `dsv3 train --resume {self.run_dir}`")
-                if self._stop_signal is not None:
+                if lay_any(self.layout, self._stop_signal is not None):
+                    self._stop_signal = self._stop_signal or signal.SIGTERM
                     path = self.save()
                     # Printed even when quiet: the user must learn where the run stopped and how to go on.
                     print(f"interrupted: saved {path} at step {self.step}; continue with "
@@ -290,4 +324,5 @@ class Trainer:
 
     def close(self) -> None:
         self.loader.close()
+        self.layout.close()
         torch.use_deterministic_algorithms(self._det_before[0], warn_only=self._det_before[1])
