@@ -220,19 +220,25 @@ def _mbs(cfg, m, seq=10):
     return [{"input_ids": ids[i:i + 1, :-1], "labels": ids[i:i + 1, 1:]} for i in range(m)]
 
 
-@pytest.mark.parametrize("schedule,split", [("1f1b", False), ("dualpipev", True), ("dualpipev", False)])
-def test_single_process_step_matches_model(schedule, split):
-    """pp = 1: the whole op machinery (local hand-over between DualPipeV's two chunks, B/W split) without
-    communication reproduces the unsplit model's loss and gradients."""
+@pytest.mark.parametrize("schedule,split,recompute", [("1f1b", False, "none"), ("dualpipev", True, "none"),
+                                                      ("dualpipev", False, "none"), ("dualpipev", True, "full"),
+                                                      ("dualpipev", True, "selective")])
+def test_single_process_step_matches_model(schedule, split, recompute):
+    """pp = 1: the whole op machinery (local hand-over between DualPipeV's two chunks, B/W split, also
+    under activation recomputation) without communication reproduces the unsplit model's loss and
+    gradients, and the expert counts (once per real forward)."""
     cfg = _cfg(4)
     mbs = _mbs(cfg, 3)
     model, ref, out = _reference(cfg, mbs)
+    model.set_recompute(recompute)
     stages = build_stages(model, schedule, 0, 1)
     loss, aux = run_pipeline_step(schedule, stages, mbs, PipelineLoss(0.3, 1e-2, 1), split_backward=split)
     assert abs(float(loss) - float(out.loss.detach())) <= 1e-5 * abs(float(out.loss.detach()))
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         assert float((p.grad - q.grad).norm() / q.grad.norm()) <= 1e-5, n
     assert aux["expert_counts"].shape == (len(model.moe_layers()), cfg.n_routed_experts)
+    for moe, moe_ref, c in zip(model.moe_layers(), ref.moe_layers(), aux["expert_counts"]):
+        assert torch.equal(moe.tokens_per_expert, moe_ref.tokens_per_expert) and torch.equal(c, moe_ref.tokens_per_expert)
 
 
 def test_stage_views_share_parameters_and_names():

@@ -34,7 +34,7 @@ def run_pipeline_step(schedule: str, stages: Sequence[PipelineStage], micro_batc
                       loss_fn, *, group=None, weights: Sequence[float] | None = None,
                       split_backward: bool = True, forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
                       trace: str | Path | None = None, act_dtype: torch.dtype | None = None,
-                      lookahead: int = 2) -> tuple[torch.Tensor, dict]:
+                      lookahead: int = 2, cuda_overlap: bool = False) -> tuple[torch.Tensor, dict]:
     """Run one step; returns (loss, aux).
 
     schedule: "1f1b" or "dualpipev". stages: this rank's stages from build_stages (same schedule and pp).
@@ -45,6 +45,9 @@ def run_pipeline_step(schedule: str, stages: Sequence[PipelineStage], micro_batc
     split_backward: DualPipeV's B/W split (ignored by 1F1B, which always runs full backwards).
     forward_context: e.g. ``lambda: torch.autocast("cuda", torch.bfloat16)`` around each forward.
     trace: a directory; writes ``pp_rank{r}.json`` (Chrome trace) there.
+    cuda_overlap: on CUDA, run the forward half of each F&B pair on a second stream so its kernels can
+    overlap the backward half's (EXPERIMENTAL, not yet run on a GPU; see _PairStreams). Off: one stream,
+    P2P still overlaps compute because NCCL transfers run on NCCL's own streams.
 
     aux: ``loss_parts`` {main, mtp_k, balance} (weighted over micro-batches, summed over stages),
     ``expert_counts`` [n_moe_layers, E] int64 summed over micro-batches and pp ranks (order of
@@ -99,25 +102,29 @@ def run_pipeline_step(schedule: str, stages: Sequence[PipelineStage], micro_batc
         else:
             comm.send(kind, g, mb, t)
 
-    for op in ops:
+    streams = _PairStreams(device) if cuda_overlap and device.type == "cuda" else None
+    for i, op in enumerate(ops):
         g, mb = op.chunk, op.mb
         if comm is not None:
             comm.prefetch()
         if op.kind == "F":
+            paired = i + 1 < len(ops) and ops[i + 1].pair
             x = None
             if g > 0:
                 x = get("act", g - 1, mb).detach().to(dtype).requires_grad_()
-            with tracer.span(f"F{g}.{mb}", "F"), fwd_ctx():
-                t0 = time.perf_counter()
-                out = by_chunk[g](x, micro_batches[mb], loss_fn, weights[mb])
-                compute["F"] += time.perf_counter() - t0
-            inputs[(g, mb)], outputs[(g, mb)] = x, out
-            for k, v in out.parts.items():
-                parts_sum[k] = parts_sum.get(k, 0) + v.float() * weights[mb]
-            for i, c in out.counts.items():
-                counts[i] += c
-            if g < C - 1:
-                put("act", g, mb, out.out)
+            stream_ctx = streams.forward() if (streams is not None and paired) else contextlib.nullcontext()
+            with stream_ctx:     # everything touching the F's results stays on the F's stream until joined
+                with tracer.span(f"F{g}.{mb}", "F"), fwd_ctx():
+                    t0 = time.perf_counter()
+                    out = by_chunk[g](x, micro_batches[mb], loss_fn, weights[mb])
+                    compute["F"] += time.perf_counter() - t0
+                inputs[(g, mb)], outputs[(g, mb)] = x, out
+                for k, v in out.parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0) + v.float() * weights[mb]
+                for layer_idx, c in out.counts.items():
+                    counts[layer_idx] += c
+                if g < C - 1:
+                    put("act", g, mb, out.out)
         elif op.kind == "B":
             out, x = outputs.pop((g, mb)), inputs.pop((g, mb))
             if g == C - 1:
@@ -133,6 +140,9 @@ def run_pipeline_step(schedule: str, stages: Sequence[PipelineStage], micro_batc
                     d_in = bw.backward_full(outs, gouts, x)
                 compute["B"] += time.perf_counter() - t0
             del out, outs, gouts
+            if op.pair and streams is not None:
+                streams.join(inputs.get((ops[i - 1].chunk, ops[i - 1].mb)),
+                             outputs[(ops[i - 1].chunk, ops[i - 1].mb)].out)
             if g > 0:
                 put("grad", g, mb, d_in)
         else:  # W
@@ -165,6 +175,33 @@ def run_pipeline_step(schedule: str, stages: Sequence[PipelineStage], micro_batc
     if trace is not None:
         aux["trace_path"] = str(tracer.write(Path(trace) / f"pp_rank{rank}.json"))
     return loss.detach(), aux
+
+
+class _PairStreams:
+    """CUDA streams for an F&B pair: the F runs on ``side`` while the B runs on the current stream.
+
+    Ordering: the side stream first waits for everything queued on the current stream (the F's input
+    arrived there); after the pair, the current stream waits for the side stream, so later ops see the
+    F's results. Tensors made on the side stream and used on the current one are ``record_stream``-ed so
+    the caching allocator does not hand their memory back to the side stream early. Autograd runs each
+    backward op on its forward op's stream and synchronizes across streams itself.
+    """
+
+    def __init__(self, device: torch.device):
+        self.side = torch.cuda.Stream(device=device)
+
+    @contextlib.contextmanager
+    def forward(self):
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            yield
+
+    def join(self, *tensors) -> None:
+        cur = torch.cuda.current_stream()
+        cur.wait_stream(self.side)
+        for t in tensors:
+            if t is not None:
+                t.record_stream(cur)
 
 
 def collections_counter() -> dict[str, float]:
