@@ -252,6 +252,12 @@ def test_stage_views_share_parameters_and_names():
                 assert full[n] is p, f"{n} is not the model's parameter"
                 seen[n] = p
     assert set(seen) == set(full)
+    from dsv3.parallel.pipeline import rank_module
+    for r in range(2):
+        stages = build_stages(model, "dualpipev", r, 2)
+        held = dict(rank_module(stages).named_parameters())
+        assert all(full[n] is p for n, p in held.items())
+        assert set(held) == {n for st in stages for n, _ in st.named_parameters()}
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     stages = build_stages(model, "dualpipev", 1, 2)
     mine = stage_state_dict(stages)

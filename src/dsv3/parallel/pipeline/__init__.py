@@ -13,10 +13,10 @@ from dsv3.parallel.pipeline.partition import Partition, partition_layers, rank_c
 from dsv3.parallel.pipeline.runtime import run_pipeline_step, sync_tied_grads
 from dsv3.parallel.pipeline.schedules import build_schedule, check_micro_batches, min_micro_batches
 from dsv3.parallel.pipeline.stage import (PipelineLoss, PipelineStage, build_stages, full_state_dict,
-                                          load_stage_state_dict, norm_parameters, stage_parameters,
+                                          load_stage_state_dict, norm_parameters, rank_module, stage_parameters,
                                           stage_state_dict)
 
 __all__ = ["Partition", "partition_layers", "rank_chunks", "chunk_owner", "num_chunks", "run_pipeline_step",
            "sync_tied_grads", "build_schedule", "check_micro_batches", "min_micro_batches", "PipelineLoss",
-           "PipelineStage", "build_stages", "full_state_dict", "load_stage_state_dict", "norm_parameters",
+           "PipelineStage", "build_stages", "full_state_dict", "load_stage_state_dict", "norm_parameters", "rank_module",
            "stage_parameters", "stage_state_dict"]

@@ -167,6 +167,23 @@ def build_stages(model: DeepseekV3, schedule: str, pp_rank: int, pp: int,
     return stages
 
 
+def rank_module(stages: list[PipelineStage]) -> nn.Module:
+    """One module holding everything this rank runs, under the full model's names (``layers.{l}``,
+    ``embed_tokens``, ``norm``, ``lm_head``, ``mtp.{k}``): hand it to build_optimizer, a GradReducer, a
+    grad-norm or a checkpoint writer in place of the full model. Parameters are the model's own objects."""
+    holder = nn.Module()
+    layers = nn.ModuleDict()
+    for st in sorted(stages, key=lambda s: s.chunk):
+        for name, child in st.named_children():
+            if name == "layers":
+                for key, layer in child.items():
+                    layers[key] = layer
+            elif not hasattr(holder, name):
+                holder.add_module(name, child)
+    holder.add_module("layers", layers)
+    return holder
+
+
 def stage_parameters(stages: list[PipelineStage]) -> list[nn.Parameter]:
     """This rank's parameters, each once (for the optimizer)."""
     seen, out = set(), []
