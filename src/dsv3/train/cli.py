@@ -101,7 +101,7 @@ def _resume_config(args) -> tuple[RunConfig, Path, Path]:
     else:
         raw = {"model": {"preset": saved.model_spec.get("preset", "tiny"), **saved.model.to_dict()},
                "train": json.loads(json.dumps(saved.to_dict()["train"])),
-               "data": saved.to_dict()["data"]}
+               "data": saved.to_dict()["data"], "parallel": dict(saved.parallel)}
     raw = apply_overrides(raw, args.overrides)
     if args.data:
         raw.setdefault("data", {})["path"] = args.data

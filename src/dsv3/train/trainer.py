@@ -273,6 +273,7 @@ class Trainer:
         then: the last one on disk is the last good state).
         """
         t = self.t
+        until = until if until is not None else (t.stop_at or None)
         end = min(t.steps, until) if until is not None else t.steps
         if self.is_main:
             for name in ("metrics.jsonl", "eval.jsonl", "expert_load.jsonl"):
