@@ -82,12 +82,20 @@ class Experts(nn.Module):
         self.up_proj = nn.Parameter(torch.empty(E, F_, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, F_))
         self.use_loop_reference = False  # tests flip this to run the per-expert loop
+        self.fp8_recipe = None           # set by dsv3.fp8.recipe.convert_to_fp8: FP8 grouped GEMMs
 
     def forward(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Weighted sum over each token's K experts, combined in fp32; returns x's dtype."""
         if self.use_loop_reference:
             return experts_forward_loop(x_TD, routing, self.gate_proj, self.up_proj, self.down_proj)
-        return experts_forward_sorted(x_TD, routing, self.gate_proj, self.up_proj, self.down_proj)
+        gemm = None
+        if self.fp8_recipe is not None:
+            from dsv3.fp8.grouped import fp8_grouped_mm
+            pow2 = bool(getattr(self.fp8_recipe, "pow2_scale", False))
+
+            def gemm(x_MD, w_EOD, ends_E, counts_E):
+                return fp8_grouped_mm(x_MD, w_EOD, ends_E, pow2_scale=pow2)
+        return experts_forward_sorted(x_TD, routing, self.gate_proj, self.up_proj, self.down_proj, gemm=gemm)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -142,11 +150,12 @@ def grouped_linear(x_MD: torch.Tensor, w_EOD: torch.Tensor, ends_E: torch.Tensor
     return torch.cat(outs, dim=0) if outs else x_MD.new_zeros(0, w_EOD.shape[1])
 
 
-def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_EDF) -> torch.Tensor:
+def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_EDF, gemm=None) -> torch.Tensor:
     """Grouped path: sort token copies by expert, grouped GEMMs, un-permute, deterministic weighted sum.
 
     The weighted sum is a gather back to [T, K, D] then a reduction over K: no atomics, so results do not
-    depend on scheduling (index_add_ on GPU would be non-deterministic).
+    depend on scheduling (index_add_ on GPU would be non-deterministic). ``gemm(x, w, ends, counts)`` replaces
+    the BF16 grouped GEMM (the FP8 recipe passes its block-scaled one).
     """
     T, D = x_TD.shape
     K = routing.idx_TK.shape[1]
@@ -158,8 +167,9 @@ def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_
     counts_E = count_selections(routing.idx_TK, E)
     ends_E = torch.cumsum(counts_E, 0).to(torch.int32)
     x_sorted = x_TD[order // K]
-    h = F.silu(grouped_linear(x_sorted, w_gate_EFD, ends_E, counts_E)) * grouped_linear(x_sorted, w_up_EFD, ends_E, counts_E)
-    y_sorted = grouped_linear(h, w_down_EDF, ends_E, counts_E)
+    gemm = gemm or grouped_linear  # FP8 experts pass their own grouped GEMM
+    h = F.silu(gemm(x_sorted, w_gate_EFD, ends_E, counts_E)) * gemm(x_sorted, w_up_EFD, ends_E, counts_E)
+    y_sorted = gemm(h, w_down_EDF, ends_E, counts_E)
     y_TKD = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(T, K, D)
     out = (y_TKD.float() * routing.weight_TK[..., None]).sum(dim=1)  # elementwise: autocast leaves it fp32
     return out.to(dtype)

@@ -18,7 +18,7 @@ from typing import Any
 from dsv3.config import ModelConfig, preset
 from dsv3.errors import UserError
 
-PRECISIONS = ("bf16", "fp32")
+PRECISIONS = ("bf16", "fp32", "fp8")
 DEVICES_HINT = "'auto', 'cpu', 'cuda' or 'cuda:N'"
 SECTIONS = ("model", "train", "data", "parallel")
 
@@ -53,7 +53,7 @@ class TrainConfig:
     bias_gamma: float = 0.001             # aux-loss-free balance bias update speed
     bias_gamma_off: float = 0.95          # fraction of steps after which the bias is frozen (gamma = 0)
     balance_alpha: float = 1e-4           # sequence-wise balance loss weight; 0 = off
-    precision: str = "bf16"               # 'bf16' (autocast on CUDA; fp32 on CPU) or 'fp32'
+    precision: str = "bf16"               # 'bf16' (autocast on CUDA; fp32 on CPU), 'fp32', or 'fp8' (V3's block-scaled FP8 GEMMs, bf16 elsewhere)
     device: str = "auto"                  # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'
     compile: bool = False                 # torch.compile each transformer block
     recompute: str = "none"               # activation recomputation: 'none', 'selective', 'full'
@@ -140,7 +140,7 @@ class RunConfig:
         if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
             raise UserError(f"train.beta1/beta2 = {t.beta1}/{t.beta2} are invalid: each must be in [0, 1)")
         if t.precision not in PRECISIONS:
-            hint = " (fp8 training is not available yet)" if t.precision.lower().startswith("fp8") else ""
+            hint = ""
             raise UserError(f"train.precision = {t.precision!r} is invalid{hint}: use one of "
                             f"{', '.join(repr(p) for p in PRECISIONS)}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):

@@ -75,7 +75,7 @@ class Trainer:
         self.device = self.layout.device
         self.all_reduce = all_reduce or self.layout.count_all_reduce
         self.is_main = self.layout.is_main
-        self.autocast = torch.bfloat16 if (t.precision == "bf16" and self.device.type == "cuda") else None
+        self.autocast = torch.bfloat16 if (t.precision in ("bf16", "fp8") and self.device.type == "cuda") else None
         self.progress = metrics.Progress(t.steps, quiet=quiet or not self.is_main)
 
         # Some CPU backward kernels (scatter/index-add style) accumulate in thread order; deterministic mode
@@ -88,6 +88,9 @@ class Trainer:
         self.model = DeepseekV3(self.layout.model_config).to(self.device)
         self.model.train()
         self.model.set_recompute(t.recompute)
+        if t.precision == "fp8":  # FP8 GEMMs for attention projections, MLPs and experts; the rest stays bf16/fp32
+            from dsv3.fp8.recipe import FP8Recipe, convert_to_fp8
+            convert_to_fp8(self.model, FP8Recipe())
         self.layout.wrap(self.model)          # experts sharded over EP ranks, gradient reducer installed
         self.all_reduce = all_reduce or self.layout.count_all_reduce
         if t.compile:
