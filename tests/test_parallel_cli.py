@@ -51,7 +51,13 @@ def single(data_dir, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("layout", [["--set", "parallel.ep=2"], ["--set", "parallel.ep=1"]], ids=["ep2", "dp2"])
+PP_DUALPIPEV = ["--set", "parallel.pp=2", "--set", 'parallel.schedule="dualpipev"', "--set", "train.micro_batch_size=4",
+                "--set", "parallel.trace=true"]
+PP_1F1B = ["--set", "parallel.pp=2", "--set", 'parallel.schedule="1f1b"', "--set", "train.micro_batch_size=4"]
+
+
+@pytest.mark.parametrize("layout", [["--set", "parallel.ep=2"], ["--set", "parallel.ep=1"], PP_DUALPIPEV, PP_1F1B],
+                         ids=["ep2", "dp2", "pp2-dualpipev", "pp2-1f1b"])
 def test_torchrun_two_processes_reproduce_single_process_losses(data_dir, single, tmp_path, layout):
     run = tmp_path / "run"
     r = _run([*COMMON, "--data", str(data_dir), "--out", str(run), "--set", "train.steps=8",
@@ -61,9 +67,14 @@ def test_torchrun_two_processes_reproduce_single_process_losses(data_dir, single
     assert len(a) == len(b) == 8
     for x, y in zip(a, b):
         assert abs(x - y) / abs(x) <= 1e-4, (a, b)
+    rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     if layout[-1] == "parallel.ep=2":
-        rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
         assert rec["ep_bytes_sent"] > 0 and rec["ep_recv_imbalance"] >= 1.0
+    if layout is PP_DUALPIPEV:
+        assert 0 <= rec["pp_bubble_fraction"] < 1
+        traces = sorted(p.name for p in (run / "traces").iterdir())
+        assert traces == ["pp_rank0.json", "pp_rank1.json"]
+        assert json.loads((run / "traces" / "pp_rank0.json").read_text())
 
 
 def test_checkpoint_resumes_across_layouts(data_dir, single, tmp_path):
@@ -73,6 +84,19 @@ def test_checkpoint_resumes_across_layouts(data_dir, single, tmp_path):
               "--set", "train.stop_at=4", "--set", "model.vocab_size=512", "--set", "parallel.ep=2"], 2)
     assert r.returncode == 0, r.stderr[-3000:]
     r = _run(["--resume", str(run), "--set", "train.stop_at=0", "--set", "parallel.ep=1", "--quiet"], 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _losses(single), _losses(run)
+    assert len(b) == 8
+    for x, y in zip(a, b):
+        assert abs(x - y) / abs(x) <= 1e-4, (a, b)
+
+
+def test_pipeline_checkpoint_resumes_in_one_process(data_dir, single, tmp_path):
+    run = tmp_path / "run"
+    r = _run([*COMMON, "--data", str(data_dir), "--out", str(run), "--set", "train.steps=8", "--set", "train.stop_at=4",
+              "--set", "model.vocab_size=512", *PP_DUALPIPEV], 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _run(["--resume", str(run), "--set", "train.stop_at=0", "--set", "parallel.pp=1", "--quiet"], 1)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _losses(single), _losses(run)
     assert len(b) == 8

@@ -23,6 +23,8 @@ class Layout:
         self.mesh = init_distributed(self.pc, model_config, device=device)
         self.model_config = model_config_for(model_config, self.pc)
         self.par = None
+        self.stages = self.held = None
+        self.last_pipeline_timings: dict = {}
 
     # ----------------------------------------------------------------- facts
     @property
@@ -46,9 +48,23 @@ class Layout:
         return self.mesh.dp_rank
 
     # ----------------------------------------------------------- model / optim
+    @property
+    def pp(self) -> int:
+        return self.mesh.pp
+
     def wrap(self, model) -> None:
-        """Shard experts over EP ranks and install the gradient reducer (before building the optimizer)."""
-        if self.distributed:
+        """Pipeline: split into this rank's stages. Otherwise shard experts over EP ranks and install the
+        gradient reducer. Call before building the optimizer."""
+        self.model = model
+        if self.pp > 1:
+            from dsv3.errors import UserError
+            from dsv3.parallel.pipeline import build_stages, rank_module
+            if self.mesh.dp > 1:
+                raise UserError(f"parallel.pp = {self.pp} with data-parallel size {self.mesh.dp} is not supported "
+                                "yet: launch pp processes (dp = 1), or use pp = 1 with data/expert parallelism")
+            self.stages = build_stages(model, self.pc.schedule, self.mesh.pp_rank, self.pp)
+            self.held = rank_module(self.stages)   # this rank's parameters under the full model's names
+        elif self.distributed:
             from dsv3.parallel.runtime import DataExpertParallel
             self.par = DataExpertParallel(model, self.mesh)
 
@@ -56,7 +72,17 @@ class Layout:
         if self.par is not None:
             return self.par.build_optimizer(train_cfg)
         from dsv3.train.optim import build_optimizer
-        return build_optimizer(model, train_cfg)
+        return build_optimizer(self.held if self.pp > 1 else model, train_cfg)
+
+    def pipeline_step(self, micro_batches, weights, mtp_lambda, balance_alpha, forward_context, trace_dir):
+        """One optimizer step's forward+backward over the pipeline; (loss, parts, expert_counts [L, E])."""
+        from dsv3.parallel.pipeline import PipelineLoss, run_pipeline_step
+        loss_fn = PipelineLoss(mtp_lambda, balance_alpha, max(self.model.config.num_nextn_predict_layers, 1))
+        loss, aux = run_pipeline_step(self.pc.schedule, self.stages, micro_batches, loss_fn,
+                                      group=self.mesh.pp_group, weights=weights, forward_context=forward_context,
+                                      trace=trace_dir)  # also sums the tied embedding's grads (1F1B)
+        self.last_pipeline_timings = aux.get("timings", {})
+        return float(loss), {k: float(v) for k, v in aux["loss_parts"].items()}, aux["expert_counts"]
 
     def no_sync(self, last: bool):
         """Gradient reduction waits for the last micro-batch of a step."""
@@ -69,6 +95,20 @@ class Layout:
     def clip_grad_norm_(self, model, max_norm: float) -> float:
         if self.par is not None:
             return float(self.par.clip_grad_norm_(max_norm))
+        if self.pp > 1:  # squares summed over the pipeline ranks; tied copies counted once
+            from dsv3.parallel.pipeline import norm_parameters
+            sq = torch.zeros((), dtype=torch.float64, device=self.device)
+            for p in norm_parameters(self.stages):
+                if p.grad is not None:
+                    sq += p.grad.detach().double().pow(2).sum()
+            dist.all_reduce(sq, group=self.mesh.pp_group)
+            norm = float(sq.sqrt())
+            if norm > max_norm:
+                scale = max_norm / (norm + 1e-6)
+                for p in self.held.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+            return norm
         params = [p for p in model.parameters() if p.grad is not None]
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
@@ -102,8 +142,17 @@ class Layout:
 
     # ------------------------------------------------------------ checkpoint
     def model_state(self, model) -> dict:
-        """Full state dict (every expert) on every rank: a collective under EP."""
+        """Full state dict (every expert, every stage) on every rank: a collective under EP and PP."""
+        if self.pp > 1:
+            from dsv3.parallel.pipeline import full_state_dict
+            return full_state_dict(self.stages, self.mesh.pp_group)
         return self.par.full_state_dict() if self.par is not None else model.state_dict()
+
+    def complete_model(self, model) -> None:
+        """Pipeline: copy every stage's current weights into this rank's full model object (a collective),
+        so it can evaluate or sample alone."""
+        if self.pp > 1:
+            model.load_state_dict(self.model_state(model))
 
     def load_model_state(self, model, state: dict) -> None:
         if self.par is not None:
@@ -116,6 +165,14 @@ class Layout:
         if self.par is not None:
             return optimizer.state_dict()
         from dsv3.parallel.data_parallel import named_optimizer_state
+        if self.pp > 1:  # each rank owns its stages' state: gather the names of all of them
+            mine = named_optimizer_state(optimizer, self.held)
+            parts = [None] * self.pp
+            dist.all_gather_object(parts, mine["state"], group=self.mesh.pp_group)
+            merged = {}
+            for part in parts:
+                merged.update(part)
+            return {**mine, "state": merged}
         return named_optimizer_state(optimizer, model)
 
     def load_optimizer_state(self, optimizer, model, state: dict) -> None:
@@ -126,7 +183,7 @@ class Layout:
             optimizer.load_state_dict(state)
         else:
             from dsv3.parallel.data_parallel import load_named_optimizer_state
-            load_named_optimizer_state(optimizer, model, state)
+            load_named_optimizer_state(optimizer, self.held if self.pp > 1 else model, state)
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():

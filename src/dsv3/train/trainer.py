@@ -119,6 +119,7 @@ class Trainer:
         self.peak_flops, self.peak_desc = (t.peak_tflops * 1e12, "train.peak_tflops") if t.peak_tflops > 0 \
             else metrics.measure_peak_flops(self.device)
         self._stop_signal: int | None = None
+        self._trace_step = min(self.step + 2, t.steps - 1)  # trace one warmed-up step when parallel.trace is on
         self.final_eval: dict = {}
 
     # ------------------------------------------------------------------ resume
@@ -176,6 +177,8 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         ctx = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
         mbs = list(self._micro_batches(batch, micro))
+        if lay.pp > 1:
+            return self._finish_step(start, step, global_batch, lr, lam, gamma, *self._pipeline_backward(mbs, n_target, lam, ctx))
         for i, mb in enumerate(mbs):
             w = lay.dp * int((mb["labels"] != IGNORE_INDEX).sum()) / max(n_target, 1)
             with lay.no_sync(last=i == len(mbs) - 1):
@@ -190,13 +193,33 @@ class Trainer:
 
         loss = lay.global_mean(total)
         parts = {k: lay.global_mean(v) for k, v in parts.items()}
+        return self._finish_step(start, step, global_batch, lr, lam, gamma, loss, parts, None)
+
+    def _pipeline_backward(self, mbs, n_target, lam, ctx):
+        """Forward+backward of all micro-batches through the pipeline schedule (every pp rank, same data)."""
+        t, lay = self.t, self.layout
+        pc = lay.pc
+        if pc.microbatches and pc.microbatches != len(mbs):
+            raise UserError(f"parallel.microbatches = {pc.microbatches} but the batch splits into {len(mbs)} "
+                            "micro-batches; set train.micro_batch_size = batch_size / microbatches")
+        weights = [int((mb["labels"] != IGNORE_INDEX).sum()) / max(n_target, 1) for mb in mbs]
+        trace = str(self.run_dir / "traces") if pc.trace and self.step == self._trace_step else None
+        loss, parts, counts = lay.pipeline_step(mbs, weights, lam, t.balance_alpha,
+                                                (lambda: ctx) if self.autocast else None, trace)
+        return loss, parts, counts
+
+    def _finish_step(self, start, step, global_batch, lr, lam, gamma, loss, parts, pipeline_counts) -> dict:
+        """Clip, update (or skip), move the balance biases, and build the step's metrics record."""
+        t, lay = self.t, self.layout
         grad_norm = float("nan")
         skipped = not math.isfinite(loss)
         if not skipped:
             clip = t.grad_clip if t.grad_clip > 0 else float("inf")
             grad_norm = lay.clip_grad_norm_(self.model, clip)
             skipped = not math.isfinite(grad_norm)
-        counts = balance.read_counts(self.model) if self._log_load(step) and not skipped else None
+        counts = None
+        if self._log_load(step) and not skipped:
+            counts = list(pipeline_counts) if pipeline_counts is not None else balance.read_counts(self.model)
         if skipped:
             # No update at all: weights, optimizer moments and balance biases stay as they were.
             balance.zero_counts(self.model)
@@ -206,6 +229,9 @@ class Trainer:
         else:
             self.optimizer.step()
             vios = balance.update_balance_biases(self.model, gamma, self.all_reduce)
+            if pipeline_counts is not None:  # a rank only counts its own layers: MaxVio from all of them
+                from dsv3.model.moe import max_violation
+                vios = [float(max_violation(c)) for c in pipeline_counts]
             self.nan_streak = 0
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -223,6 +249,9 @@ class Trainer:
         for k, v in parts.items():
             record[f"loss_{k}"] = float(v)
         record.update(lay.traffic_stats())  # EP bytes sent per rank and imbalance (a collective)
+        if pipeline_counts is not None:
+            tm = lay.last_pipeline_timings
+            record.update({f"pp_{k}": float(v) for k, v in tm.items() if isinstance(v, (int, float))})
         record["maxvio"] = sum(vios) / len(vios) if vios else 0.0
         record["maxvio_max"] = max(vios) if vios else 0.0
         record["maxvio_layers"] = vios
@@ -251,6 +280,12 @@ class Trainer:
         return old
 
     # ------------------------------------------------------------------- eval
+    def evaluate_alone(self) -> dict:
+        t = self.t
+        return evaluate(self.model, self.data, seq_len=t.seq_len, batch_size=t.micro_batch_size or t.batch_size,
+                        max_batches=t.eval_batches, device=self.device, autocast_dtype=self.autocast,
+                        document_mask=self.cfg.data.document_mask)
+
     def evaluate(self) -> dict:
         t = self.t
         return evaluate(self.model, self.data, seq_len=t.seq_len, batch_size=t.micro_batch_size or t.batch_size,
@@ -259,7 +294,12 @@ class Trainer:
                         world_size=self.layout.dp, all_reduce=self.layout.count_all_reduce)
 
     def _run_eval(self) -> dict:
-        result = self.evaluate()
+        if self.layout.pp > 1:  # stages live on different ranks: rank 0 assembles the model and evaluates alone
+            self.layout.complete_model(self.model)
+            result = self.evaluate_alone() if self.is_main else {}
+            self.layout.barrier()
+        else:
+            result = self.evaluate()
         if result.get("tokens") and self.is_main:
             record = {"step": self.step, "tokens_seen": self.tokens, **result}
             self.eval_log.write(record)
