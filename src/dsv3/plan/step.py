@@ -1,0 +1,672 @@
+"""Step-time simulator: one training step of an MLA/MoE model on a PP x DP layout (EP inside DP), from rates.
+
+What it times, per pipeline chunk and micro-batch (``chunk_work``):
+
+* compute of every decoder layer in the chunk: the attention projections, shared experts and dense FFNs at
+  the dense GEMM rate, the routed experts at the grouped GEMM rate (FP8 or BF16 per ``precision``), the
+  router in BF16, the attention core at the attention rates (causal model FLOPs), and the memory-bound work
+  (RMSNorms, RoPE, residual adds, SwiGLU, FP8 quantization, the weighted combine) as HBM bytes. Backward is
+  split like a zero-bubble schedule: B = input gradients (+ attention backward, elementwise backward and the
+  recomputation), W = weight gradients (one more GEMM pass). The first chunk embeds; the last runs the final
+  norm, the head, the loss, and the MTP module(s) (eh_proj, one MoE block, the shared head again).
+* the EP all-to-all of every MoE layer: dispatch (FP8, 1 byte/value) and combine (BF16, 2 bytes/value) bytes
+  from ``comm.ep_traffic``; node-limited routing sends one copy per reached node over IB (a token reaches
+  ``min(topk_group, K, EP nodes)`` nodes, of which a fraction (N-1)/N is remote) and K copies over NVLink
+  inside the node; IB and NVLink legs pipeline, so a transfer takes the slower leg plus a latency. Backward
+  moves the same bytes (V3: FP8 for the gradient sent to the experts, BF16 back).
+* pipeline P2P: the BF16 activation (forward) or its gradient (backward) of one micro-batch; IB when
+  neighbouring stages sit on different nodes, NVLink otherwise; it delays the consumer, occupies no SMs.
+* ZeRO-1 data parallelism: reduce-scatter of the gradients (``grad_bytes``) and all-gather of the BF16
+  weights, non-expert parameters over DP, expert parameters over DP/EP (ring volumes, IB when the group
+  spans nodes); the reduce-scatter of a chunk starts when the rank's last backward op of that chunk ends
+  (hidden under the rest of the step as far as it goes); the optimizer (AdamW on the local shard) at HBM rate.
+
+The schedule (``dsv3.parallel.pipeline.schedules``: 1F1B, or DualPipeV: DeepSeek's DualPipe folded to a V,
+the same Table-2 bubble for the same number of stages) is simulated event by event: every rank runs its op
+list in order, an op starts when the rank is free and its inputs have arrived. A lone op exposes its EP
+communication (compute + comm); an overlapped F&B pair (DualPipe) costs max(compute x sms/(sms-comm_sms),
+comm of both halves): the pair's communication hides under the other half's computation while the compute
+loses the SMs the all-to-all occupies. Exposed communication = communication time not hidden under compute.
+
+Golden check (tests/test_plan_step.py): the Insights paper's Table 4 (``TABLE4``), DeepSeek-V3 on 2,048 H800
+GPUs: 19.926 s per step and 1,541.7 tokens/s/GPU. Its operating point: 272.80B tokens/day on 2,048 GPUs at
+19.926 s/step = 62,914,560 tokens per step = 15,360 sequences of 4,096 tokens (the V3 report's final batch
+size); PP 16, EP 64, DP 128 (V3 report 3.2), so 120 sequences per pipeline per step. MFU = model FLOPs per
+token (causal or not) x tokens/s/GPU / 989 TFLOP/s.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from dsv3.config import ModelConfig
+from dsv3.plan import comm as ep_comm
+from dsv3.plan.flops import training_flops_per_token
+from dsv3.plan.params import expert_params, mla_attention_params, router_params
+from dsv3.plan.rates import Rates
+
+SCHEDULES = ("1f1b", "dualpipev", "dualpipe")  # "dualpipe" is simulated as DualPipeV (see ``_schedule_name``)
+PRECISIONS = ("fp8", "bf16")
+RECOMPUTE = ("none", "selective", "full")
+
+# Insights paper (arXiv 2505.09343) Table 4, MPFT column: DeepSeek-V3 on 2,048 H800 GPUs. The per-phase rows
+# (s, one rank) add up to 19.90 s, the step time within 0.13%.
+TABLE4 = {"tokens_per_day_B": 272.80, "step_s": 19.926, "tokens_per_s_per_gpu": 1541.7, "1F_s": 1.13,
+          "bubble_s": 2.06, "1B_s": 1.99, "1W_s": 0.48, "1F1B_s": 13.95, "opt_s": 0.29,
+          "tflops_noncausal": 432, "tflops_causal": 385, "mfu_noncausal_pct": 43.73, "mfu_causal_pct": 38.94}
+TABLE4_LAYOUT = {"pp": 16, "ep": 64, "dp": 128, "micro_batch": 1, "seq_len": 4096, "microbatches": 120}
+
+
+# ----------------------------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class Layout:
+    """PP stages x DP replicas (GPUs = pp * dp); EP ranks carved out of DP; no tensor parallelism."""
+
+    pp: int = 1
+    ep: int = 1
+    dp: int = 1
+
+    @property
+    def gpus(self) -> int:
+        return self.pp * self.dp
+
+    def check(self, cfg: ModelConfig | None = None) -> "Layout":
+        if min(self.pp, self.ep, self.dp) < 1:
+            raise ValueError(f"layout pp={self.pp}, ep={self.ep}, dp={self.dp}: every size must be >= 1")
+        if self.dp % self.ep:
+            raise ValueError(f"ep ({self.ep}) must divide dp ({self.dp}): EP ranks are carved out of data parallel")
+        if cfg is not None and cfg.n_routed_experts and cfg.n_routed_experts % self.ep:
+            raise ValueError(f"ep ({self.ep}) must divide n_routed_experts ({cfg.n_routed_experts})")
+        return self
+
+
+def parse_layout(text: str) -> Layout:
+    """``pp=16,ep=64,dp=128`` (any order, missing sizes 1) -> Layout; ValueError naming the bad part."""
+    sizes: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        key, sep, val = part.partition("=")
+        key = key.strip().lower()
+        if not sep or key not in ("pp", "ep", "dp"):
+            raise ValueError(f"bad layout part {part!r} in {text!r}: write e.g. pp=16,ep=64,dp=128 "
+                             "(keys pp, ep, dp)")
+        if key in sizes:
+            raise ValueError(f"layout {text!r} names {key} twice")
+        try:
+            sizes[key] = int(val)
+        except ValueError:
+            raise ValueError(f"layout {text!r}: {key} = {val!r} is not an integer") from None
+    if not sizes:
+        raise ValueError(f"empty layout {text!r}: write e.g. pp=16,ep=64,dp=128")
+    return Layout(**sizes).check()
+
+
+# ------------------------------------------------------------------------------------------ chunk costs
+@dataclass
+class Work:
+    """Seconds of one chunk for one micro-batch: compute split F / B (input part) / W, and EP comm."""
+
+    f: float = 0.0        # forward compute
+    b: float = 0.0        # backward input-gradient compute (incl. recomputation and attention backward)
+    w: float = 0.0        # weight-gradient compute
+    kf: float = 0.0       # forward EP all-to-all (dispatch + combine of every MoE layer)
+    kb: float = 0.0       # backward EP all-to-all
+    parts: dict = field(default_factory=dict)  # forward compute by kind, for the report
+
+    def add(self, other: "Work") -> None:
+        self.f += other.f
+        self.b += other.b
+        self.w += other.w
+        self.kf += other.kf
+        self.kb += other.kb
+        for k, v in other.parts.items():
+            self.parts[k] = self.parts.get(k, 0.0) + v
+
+
+@dataclass(frozen=True)
+class Options:
+    """What else shapes the cost besides the rates."""
+
+    precision: str = "fp8"          # GEMM inputs of Linear layers (V3: FP8; head, router, attention stay BF16)
+    recompute: str = "selective"    # V3: RMSNorms and MLA up-projections recomputed, SwiGLU from FP8 inputs
+    node_limit: int | None = None   # nodes a token may reach (default: the model's topk_group)
+    dispatch_bytes: float = 1.0     # FP8 dispatch
+    combine_bytes: float = 2.0      # BF16 combine
+    grad_bytes: float = 4.0         # gradients reduce-scattered in FP32 (V3 keeps FP32 grads for the optimizer)
+    weight_bytes: float = 2.0       # BF16 weights all-gathered after the optimizer
+    expert_imbalance: float = 1.0   # busiest EP rank's expert tokens / mean (1.0 = perfectly balanced)
+    overlap_dp: bool = True         # start a chunk's gradient reduce-scatter when its last backward ends
+
+    def check(self) -> "Options":
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.recompute not in RECOMPUTE:
+            raise ValueError(f"recompute {self.recompute!r}: use one of {', '.join(RECOMPUTE)}")
+        if self.expert_imbalance < 1.0:
+            raise ValueError("expert_imbalance is max/mean load and cannot be below 1")
+        if self.node_limit is not None and self.node_limit < 1:
+            raise ValueError("node_limit must be >= 1")
+        return self
+
+
+def _gemm(params: float, tokens: float, tflops: float) -> float:
+    """Seconds of one forward pass of a weight matrix with ``params`` entries over ``tokens`` rows."""
+    return 2.0 * params * tokens / (tflops * 1e12)
+
+
+def _ep_geometry(layout: Layout, rates: Rates) -> tuple[int, int]:
+    """(nodes the EP group spans, GPUs of the EP group inside one node)."""
+    per_node = min(layout.ep, rates.gpus_per_node)
+    return max(1, math.ceil(layout.ep / rates.gpus_per_node)), per_node
+
+
+def ep_seconds(cfg: ModelConfig, layout: Layout, rates: Rates, opts: Options, tokens: float) -> tuple[float, float]:
+    """(dispatch, combine) seconds of one MoE layer's all-to-all for ``tokens`` tokens of one GPU."""
+    if layout.ep <= 1 or not cfg.n_routed_experts:
+        return 0.0, 0.0
+    nodes, per_node = _ep_geometry(layout, rates)
+    tr = ep_comm.ep_traffic(cfg, nodes, True, opts.dispatch_bytes, opts.combine_bytes)
+    reach = tr.nodes_reached if opts.node_limit is None else min(opts.node_limit, tr.experts, nodes)
+    remote = reach * (nodes - 1) / nodes if nodes > 1 else 0.0   # expected copies leaving the node
+    local_copies = tr.experts * (per_node - 1) / per_node        # copies forwarded to other GPUs of the node
+    out = []
+    for nbytes in (opts.dispatch_bytes, opts.combine_bytes):
+        value = tokens * tr.hidden * nbytes
+        ib = value * remote / (rates.ib_gbps * 1e9) + (rates.ib_latency_us * 1e-6 if remote else 0.0)
+        nvl = value * local_copies / (rates.nvlink_gbps * 1e9) + (rates.nvlink_latency_us * 1e-6 if local_copies else 0.0)
+        out.append(max(ib, nvl))
+    return out[0], out[1]
+
+
+def layer_work(cfg: ModelConfig, moe: bool, layout: Layout, rates: Rates, opts: Options, tokens: float,
+               seq_len: int) -> Work:
+    """One decoder layer (``moe`` or dense) for ``tokens`` tokens of sequences of ``seq_len``."""
+    d, h = cfg.hidden_size, cfg.num_attention_heads
+    fp8 = opts.precision == "fp8"
+    dense_rate = rates.gemm_fp8_tflops if fp8 else rates.gemm_bf16_tflops
+    group_rate = rates.grouped_fp8_tflops if fp8 else rates.grouped_bf16_tflops
+    hbm = rates.hbm_gbps * 1e9
+    T = tokens
+    parts: dict[str, float] = {}
+    # MLA projections (inner norms are not matmuls: take them out of the parameter count)
+    inner = (cfg.q_lora_rank or 0) + cfg.kv_lora_rank
+    attn_p = mla_attention_params(cfg) - inner
+    up_p = (cfg.q_lora_rank * h * cfg.qk_head_dim if cfg.q_lora_rank else 0) + \
+        cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    parts["attention projections"] = _gemm(attn_p, T, dense_rate)
+    # attention core: causal FLOPs (QK^T and PV over half the sequence on average)
+    core = 2.0 * h * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len / 2 * T
+    parts["attention core"] = core / (rates.attention_fwd_tflops * 1e12)
+    core_b = 2 * core / (rates.attention_bwd_tflops * 1e12)
+    # FFN
+    e = expert_params(cfg)
+    if moe:
+        K, S, f = cfg.num_experts_per_tok, cfg.n_shared_experts, cfg.moe_intermediate_size
+        parts["router"] = _gemm(cfg.n_routed_experts * d, T, rates.gemm_bf16_tflops)
+        parts["shared experts"] = _gemm(S * e, T, dense_rate)
+        parts["routed experts"] = _gemm(K * e, T, group_rate) * opts.expert_imbalance
+        width = (K + S) * f
+        # norms (in/out + FP8 copy), 2 residual adds, RoPE, o_proj input quantization, SwiGLU (read gate/up,
+        # write the product + its FP8 copy), weighted combine of K expert outputs, routing scores
+        ew = (2 * 5 * d + 5 * inner + 2 * 6 * d + 8 * h * cfg.qk_rope_head_dim + 3 * h * cfg.v_head_dim
+              + 7 * width + 2 * d * (K + 1) + 16 * cfg.n_routed_experts)
+    else:
+        width = cfg.intermediate_size
+        parts["dense FFN"] = _gemm(3 * d * width, T, dense_rate)
+        ew = 2 * 5 * d + 5 * inner + 2 * 6 * d + 8 * h * cfg.qk_rope_head_dim + 3 * h * cfg.v_head_dim + 7 * width
+    parts["memory-bound"] = ew * T / hbm
+    gemm_f = sum(v for k, v in parts.items() if k not in ("attention core", "memory-bound"))
+    fwd = sum(parts.values())
+    if opts.recompute == "full":
+        recomp = fwd
+    elif opts.recompute == "selective":
+        # norms and the MLA up-projections again; SwiGLU recomputed from its cached FP8 inputs
+        recomp = _gemm(up_p, T, dense_rate) + (2 * 5 * d + 5 * inner + 7 * width) * T / hbm
+    else:
+        recomp = 0.0
+    w = Work(f=fwd, b=gemm_f + core_b + 2 * parts["memory-bound"] + recomp, w=gemm_f, parts=parts)
+    if moe:
+        disp, comb = ep_seconds(cfg, layout, rates, opts, T)
+        w.kf = w.kb = disp + comb
+    return w
+
+
+def head_work(cfg: ModelConfig, layout: Layout, rates: Rates, opts: Options, tokens: float, seq_len: int) -> Work:
+    """The last chunk's extras: final norm, head and loss, and each MTP depth (norms, eh_proj, a MoE block,
+    the shared head and its loss). The head stays BF16 (V3 recipe)."""
+    d, V, T = cfg.hidden_size, cfg.vocab_size, tokens
+    hbm = rates.hbm_gbps * 1e9
+    dense_rate = rates.gemm_fp8_tflops if opts.precision == "fp8" else rates.gemm_bf16_tflops
+
+    def one_head() -> Work:
+        g = _gemm(V * d, T, rates.gemm_bf16_tflops)
+        loss = 3 * 4 * V * T / hbm  # fp32 logits written, read for the softmax, and once more for the gradient
+        return Work(f=g + loss + 5 * d * T / hbm, b=g + 2 * loss, w=g, parts={"head + loss": g + loss})
+
+    out = one_head()
+    for _ in range(cfg.num_nextn_predict_layers):
+        eh = _gemm(2 * d * d, T, dense_rate)
+        out.add(Work(f=eh + 4 * 5 * d * T / hbm, b=eh + 8 * 5 * d * T / hbm, w=eh, parts={"MTP": eh}))
+        blk = layer_work(cfg, cfg.num_moe_layers > 0, layout, rates, opts, T, seq_len)
+        blk.parts = {"MTP": blk.f}
+        out.add(blk)
+        h2 = one_head()
+        h2.parts = {"MTP": h2.f}
+        out.add(h2)
+    return out
+
+
+def chunk_work(cfg: ModelConfig, layers: range, first: bool, last: bool, layout: Layout, rates: Rates,
+               opts: Options, tokens: float, seq_len: int) -> Work:
+    """Everything one pipeline chunk does for one micro-batch of ``tokens`` tokens."""
+    w = Work()
+    for l in layers:
+        w.add(layer_work(cfg, cfg.is_moe_layer(l), layout, rates, opts, tokens, seq_len))
+    if first:
+        emb = 3 * cfg.hidden_size * 2 * tokens / (rates.hbm_gbps * 1e9)  # gather; scatter-add in backward
+        w.add(Work(f=emb, b=0.0, w=2 * emb, parts={"embedding": emb}))
+    if last:
+        w.add(head_work(cfg, layout, rates, opts, tokens, seq_len))
+    return w
+
+
+# --------------------------------------------------------------------------------------------- schedule
+def _schedule_name(schedule: str) -> str:
+    s = schedule.lower()
+    if s not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
+    return s
+
+
+def num_stages(schedule: str, pp: int) -> int:
+    """Model pieces (stages) of ``schedule`` on ``pp`` ranks: pp for 1F1B and (bidirectional) DualPipe, whose
+    rank r holds stages r and pp-1-r (two weight copies); 2*pp for DualPipeV (rank r holds r and 2pp-1-r)."""
+    return 2 * pp if _schedule_name(schedule) == "dualpipev" else pp
+
+
+def rank_stages(schedule: str, pp: int, rank: int) -> list[int]:
+    s = _schedule_name(schedule)
+    if s == "1f1b":
+        return [rank]
+    n = num_stages(s, pp)
+    return sorted({rank, n - 1 - rank})
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Op lists over "virtual chunks" v: stage(v), owner(v), and the chunk before/after v on a micro-batch's
+    way (None at the ends). DualPipe has two directions: v = d * pp + s, direction 1 running stage s on
+    rank pp-1-s; its micro-batch ids count per direction."""
+
+    ops: list
+    stage: list
+    owner: list
+    prev: list
+    nxt: list
+
+
+def build_plan(schedule: str, pp: int, m: int) -> _Plan:
+    """Per-rank op lists. 1F1B and DualPipeV come from ``dsv3.parallel.pipeline.schedules`` (the runtime's
+    own lists); DualPipe on pp ranks (pp even, m even, m/2 micro-batches from each end) is the same eight
+    phases: its rank r and mirror rank pp-1-r run DualPipeV's rank min(r, pp-1-r) list on pp/2 ranks, with
+    the two directions swapped on the second half (how DeepSeek's dualpipe.py derives both halves)."""
+    from dsv3.errors import UserError
+    from dsv3.parallel.pipeline.schedules import Op, build_schedule
+
+    s = _schedule_name(schedule)
+    try:
+        if s != "dualpipe":
+            ops = build_schedule(s, pp, m)
+            C = num_stages(s, pp)
+            from dsv3.parallel.pipeline.partition import chunk_owner
+            return _Plan(ops, list(range(C)), [chunk_owner(g, s, pp) for g in range(C)],
+                         [g - 1 if g else None for g in range(C)], [g + 1 if g < C - 1 else None for g in range(C)])
+        if pp % 2 or m % 2:
+            raise ValueError(f"DualPipe needs an even pp and an even number of micro-batches (got pp={pp}, m={m})")
+        half, per_dir = pp // 2, m // 2
+        if per_dir < pp:
+            raise ValueError(f"DualPipe on pp = {pp} needs at least {2 * pp} micro-batches per step "
+                             f"({pp} from each end), got {m}")
+        ops = []
+        for r in range(pp):
+            h = min(r, pp - 1 - r)
+            second = r >= half
+            out = []
+            for o in build_schedule("dualpipev", half, per_dir)[h]:
+                down = o.chunk < half  # DualPipeV's phase 0 chunk h
+                d = (1 if down else 0) if second else (0 if down else 1)
+                out.append(Op(o.kind, d * pp + o.chunk, o.mb, split=o.split, pair=o.pair))
+            ops.append(out)
+    except UserError as e:
+        raise ValueError(str(e)) from None
+    stage = [v % pp for v in range(2 * pp)]
+    owner = [v if v < pp else 2 * pp - 1 - v for v in range(2 * pp)]
+    prev = [None if v % pp == 0 else v - 1 for v in range(2 * pp)]
+    nxt = [None if v % pp == pp - 1 else v + 1 for v in range(2 * pp)]
+    return _Plan(ops, stage, owner, prev, nxt)
+
+
+@dataclass
+class RankTimes:
+    """Where one pipeline rank's step went (seconds)."""
+
+    f: float = 0.0           # lone forward chunks (with their exposed EP comm)
+    b: float = 0.0           # lone backward chunks (input part, or full B in 1F1B)
+    w: float = 0.0           # lone weight-gradient chunks
+    pairs: float = 0.0       # overlapped F&B pairs
+    exposed_comm: float = 0.0
+    hidden_comm: float = 0.0
+    sm_overhead: float = 0.0  # compute slowed by the SMs the all-to-all takes during pairs
+    end: float = 0.0         # pipeline end on this rank
+    grad_ready: dict = field(default_factory=dict)  # chunk -> time its last backward op ended
+
+    @property
+    def busy(self) -> float:
+        return self.f + self.b + self.w + self.pairs
+
+
+def simulate_schedule(schedule: str, pp: int, m: int, works: list[Work], p2p_s: float = 0.0,
+                      sm_factor: float = 1.0) -> tuple[float, list[RankTimes]]:
+    """Event-driven run of the op lists of ``schedule`` with chunk costs ``works`` (one per chunk).
+
+    Returns (pipeline makespan, per-rank times). Each rank runs its ops in order; an op starts when the rank
+    is free and its inputs are there (``p2p_s`` later when they come from another rank). An F followed by a
+    ``pair`` B runs as one overlapped F&B: max(sm_factor x compute, comm) when there is comm to hide.
+    """
+    s = _schedule_name(schedule)
+    n = num_stages(s, pp)
+    if len(works) != n:
+        raise ValueError(f"{s} on pp = {pp} has {n} stages, got {len(works)} stage costs")
+    plan = build_plan(s, pp, m)
+    ops, owner = plan.ops, plan.owner
+
+    def deps(op):
+        v = op.chunk
+        if op.kind == "F":
+            return [] if plan.prev[v] is None else [("F", plan.prev[v], op.mb)]
+        if op.kind == "B":
+            return [("F", v, op.mb)] + ([] if plan.nxt[v] is None else [("B", plan.nxt[v], op.mb)])
+        return [("B", v, op.mb)]
+
+    finish: dict = {}
+    clock = [0.0] * pp
+    pos = [0] * pp
+    ranks = [RankTimes() for _ in range(pp)]
+
+    def ready_at(op, r):
+        t = 0.0
+        for dkey in deps(op):
+            if dkey not in finish:
+                return None
+            t = max(t, finish[dkey] + (p2p_s if owner[dkey[1]] != r else 0.0))
+        return t
+
+    def lone_cost(op) -> tuple[float, float, str]:
+        wk = works[plan.stage[op.chunk]]
+        if op.kind == "F":
+            return wk.f, wk.kf, "f"
+        if op.kind == "W":
+            return wk.w, 0.0, "w"
+        return (wk.b if op.split else wk.b + wk.w), wk.kb, "b"
+
+    total = sum(len(x) for x in ops)
+    done = 0
+    while done < total:
+        progressed = False
+        for r in range(pp):
+            rt = ranks[r]
+            while pos[r] < len(ops[r]):
+                op = ops[r][pos[r]]
+                nxt = ops[r][pos[r] + 1] if pos[r] + 1 < len(ops[r]) else None
+                if op.kind == "F" and nxt is not None and nxt.kind == "B" and nxt.pair:
+                    a, b = ready_at(op, r), ready_at(nxt, r)
+                    if a is None or b is None:
+                        break
+                    cf, kf, _ = lone_cost(op)
+                    cb, kb, _ = lone_cost(nxt)
+                    comp, com = cf + cb, kf + kb
+                    slowed = comp * sm_factor if com > 0 else comp
+                    cost = max(slowed, com)
+                    rt.pairs += cost
+                    rt.sm_overhead += slowed - comp
+                    rt.exposed_comm += max(0.0, com - slowed)
+                    rt.hidden_comm += min(com, slowed)
+                    t0 = max(clock[r], a, b)
+                    for o in (op, nxt):
+                        finish[(o.kind, o.chunk, o.mb)] = t0 + cost
+                    if not nxt.split:
+                        rt.grad_ready[plan.stage[nxt.chunk]] = t0 + cost
+                    clock[r] = t0 + cost
+                    pos[r] += 2
+                    done += 2
+                    progressed = True
+                    continue
+                a = ready_at(op, r)
+                if a is None:
+                    break
+                comp, com, kind = lone_cost(op)
+                cost = comp + com
+                setattr(rt, kind, getattr(rt, kind) + cost)
+                rt.exposed_comm += com
+                t0 = max(clock[r], a)
+                finish[(op.kind, op.chunk, op.mb)] = t0 + cost
+                if op.kind == "W" or (op.kind == "B" and not op.split):
+                    rt.grad_ready[plan.stage[op.chunk]] = t0 + cost
+                clock[r] = t0 + cost
+                pos[r] += 1
+                done += 1
+                progressed = True
+        if not progressed:
+            raise AssertionError("schedule deadlocks")  # the op lists are validated by the pipeline tests
+    for r, rt in enumerate(ranks):
+        rt.end = clock[r]
+    return max(clock), ranks
+
+
+def simulated_bubble(schedule: str, pp: int, m: int, F: float, B: float, W: float, FB: float | None = None) -> float:
+    """Worst rank's idle time with uniform chunk costs and no communication (to compare with Table 2): F
+    forward, B full backward (input part B - W), W weight part, FB an overlapped pair (default F + B, no gain).
+
+    A pair cheaper than F + B is expressed as the SM factor FB / (F + B) with a vanishing comm term that
+    switches the pair rule on."""
+    s = _schedule_name(schedule)
+    C = num_stages(s, pp)
+    if FB is None or FB == F + B:
+        works = [Work(f=F, b=B - W, w=W) for _ in range(C)]
+        factor = 1.0
+    else:
+        works = [Work(f=F, b=B - W, w=W, kf=1e-300) for _ in range(C)]
+        factor = FB / (F + B)
+    span, ranks = simulate_schedule(s, pp, m, works, 0.0, factor)
+    return max(span - r.busy for r in ranks)
+
+
+# ------------------------------------------------------------------------------------------ partition
+def partition_stages(layer_cost: list[float], first_extra: float, last_extra: float, schedule: str,
+                     pp: int) -> list[range]:
+    """Contiguous split of the decoder layers into the schedule's stages (each at least one layer) that
+    minimizes the busiest *rank* (DualPipe/DualPipeV ranks hold two stages), from per-layer seconds and the
+    first/last stage extras (embedding; head, loss, MTP). Start from the split minimizing the costliest
+    stage, then move single boundaries while that lowers (max rank load, sum of squares)."""
+    n = num_stages(schedule, pp)
+    L = len(layer_cost)
+    if L < n:
+        raise ValueError(f"cannot split {L} decoder layers into {n} pipeline stages of at least one layer: "
+                         f"lower pp or use 1f1b")
+    pre = [0.0]
+    for c in layer_cost:
+        pre.append(pre[-1] + c)
+
+    def stage_costs(bounds):
+        return [pre[bounds[i + 1]] - pre[bounds[i]] + (first_extra if i == 0 else 0.0)
+                + (last_extra if i == n - 1 else 0.0) for i in range(n)]
+
+    def score(bounds):
+        c = stage_costs(bounds)
+        loads = [sum(c[g] for g in rank_stages(schedule, pp, r)) for r in range(pp)]
+        return (max(loads), sum(x * x for x in loads))
+
+    # min-max stage split by bisection on the bound with a greedy fill (stages of >= 1 layer)
+    def greedy(limit):
+        bounds, i = [0], 0
+        for g in range(n):
+            extra = (first_extra if g == 0 else 0.0) + (last_extra if g == n - 1 else 0.0)
+            j = i + 1
+            while j < L - (n - 1 - g) and pre[j + 1] - pre[i] + extra <= limit:
+                j += 1
+            if g == n - 1:
+                j = L
+            bounds.append(j)
+            i = j
+        return bounds
+
+    lo, hi = 0.0, pre[-1] + first_extra + last_extra
+    best = greedy(hi)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        b = greedy(mid)
+        if max(stage_costs(b)) <= mid * (1 + 1e-12):
+            hi, best = mid, b
+        else:
+            lo = mid
+    cur = score(best)
+    improved = True
+    while improved:
+        improved = False
+        for i in range(1, n):
+            for step in (-1, 1):
+                b = list(best)
+                b[i] += step
+                if not (b[i - 1] < b[i] < b[i + 1]):
+                    continue
+                sc = score(b)
+                if sc < cur:
+                    best, cur, improved = b, sc, True
+    return [range(best[i], best[i + 1]) for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------------- the step
+def _dp_seconds(nparams: float, group: int, nbytes: float, bw_gbps: float, lat_us: float) -> float:
+    """Ring reduce-scatter (or all-gather) time of ``nparams`` parameters of ``nbytes`` over ``group`` GPUs."""
+    if group <= 1 or nparams <= 0:
+        return 0.0
+    return (group - 1) / group * nparams * nbytes / (bw_gbps * 1e9) + (group - 1) * lat_us * 1e-6
+
+
+def chunk_params(cfg: ModelConfig, layers: range, first: bool, last: bool, ep: int) -> tuple[float, float]:
+    """(non-expert, local expert) parameters one GPU holds for a chunk."""
+    d = cfg.hidden_size
+    dense = exp = 0.0
+    e_local = cfg.n_routed_experts // ep if cfg.n_routed_experts else 0
+    moe_extra = cfg.n_shared_experts * expert_params(cfg) + router_params(cfg)
+    for l in layers:
+        dense += mla_attention_params(cfg) + 2 * d
+        if cfg.is_moe_layer(l):
+            dense += moe_extra
+            exp += e_local * expert_params(cfg)
+        else:
+            dense += 3 * d * cfg.intermediate_size
+    if first:
+        dense += cfg.vocab_size * d
+    if last:
+        dense += d + cfg.vocab_size * d
+        D = cfg.num_nextn_predict_layers
+        dense += D * (4 * d + 2 * d * d + mla_attention_params(cfg) + 2 * d + moe_extra)
+        exp += D * e_local * expert_params(cfg)
+    return dense, exp
+
+
+def predict_step(model_cfg: ModelConfig, layout: Layout | str, rates: Rates, micro_batch: int = 1,
+                 seq_len: int = 4096, microbatches: int = 120, schedule: str = "dualpipev",
+                 options: Options | None = None) -> dict:
+    """Simulate one optimizer step; returns a flat dict of seconds, fractions and rates (see keys below).
+
+    ``microbatches`` per pipeline (DP replica) per step, each of ``micro_batch`` sequences of ``seq_len``.
+    Keys: step_s, pipeline_s, bubble_s, bubble_fraction, exposed_comm_s (EP + DP exposed on the critical
+    rank), exposed_ep_comm_s, exposed_dp_s, hidden_comm_s, optimizer_s, tokens_per_step,
+    tokens_per_s_per_gpu, mfu_causal, mfu_noncausal (of rates.peak_bf16_tflops), mfu_causal_measured_peak
+    (of the dense GEMM rate of the precision), phase times of the critical rank (f_s, b_s, w_s, pairs_s), and
+    per-chunk costs (chunks).
+    """
+    cfg = model_cfg
+    if isinstance(layout, str):
+        layout = parse_layout(layout)
+    layout.check(cfg)
+    opts = (options or Options()).check()
+    rates.check()
+    if micro_batch < 1 or seq_len < 1 or microbatches < 1:
+        raise ValueError("micro_batch, seq_len and microbatches must be >= 1")
+    s = _schedule_name(schedule)
+    T = micro_batch * seq_len
+    n = num_stages(s, layout.pp)
+    one = [layer_work(cfg, cfg.is_moe_layer(l), layout, rates, opts, T, seq_len) for l in range(cfg.num_hidden_layers)]
+    head = head_work(cfg, layout, rates, opts, T, seq_len)
+    stages = partition_stages([x.f + x.b + x.w for x in one], 0.0, head.f + head.b + head.w, s, layout.pp)
+    works = [chunk_work(cfg, stages[g], g == 0, g == n - 1, layout, rates, opts, T, seq_len) for g in range(n)]
+
+    # pipeline P2P of one micro-batch's activation (BF16); neighbours are dp ranks apart in the rank order
+    act = T * cfg.hidden_size * 2
+    if layout.pp == 1:
+        p2p = 0.0
+    elif layout.gpus > rates.gpus_per_node:  # stages are dp ranks apart: count every hop as crossing nodes
+        p2p = act / (rates.ib_gbps * 1e9) + rates.ib_latency_us * 1e-6
+    else:
+        p2p = act / (rates.nvlink_gbps * 1e9) + rates.nvlink_latency_us * 1e-6
+    sm_factor = rates.sms / (rates.sms - rates.comm_sms)
+    span, ranks = simulate_schedule(s, layout.pp, microbatches, works, p2p, sm_factor)
+
+    # ZeRO-1 data parallelism per rank: reduce-scatter after the rank's last backward of each chunk, then
+    # the optimizer on the local shard, then the all-gather of the updated weights.
+    dp_group_on_ib = layout.dp > rates.gpus_per_node
+    dp_bw = rates.ib_gbps if dp_group_on_ib else rates.nvlink_gbps
+    dp_lat = rates.ib_latency_us if dp_group_on_ib else rates.nvlink_latency_us
+    exp_group = layout.dp // layout.ep
+    exp_on_ib = layout.ep * exp_group > rates.gpus_per_node and exp_group > 1
+    exp_bw = rates.ib_gbps if exp_on_ib else rates.nvlink_gbps
+    exp_lat = rates.ib_latency_us if exp_on_ib else rates.nvlink_latency_us
+    results = []
+    for r, rt in enumerate(ranks):
+        link_free = 0.0
+        ag = opt_s = 0.0
+        for g in sorted(rank_stages(s, layout.pp, r), key=lambda c: rt.grad_ready.get(c, rt.end)):
+            dense, exp = chunk_params(cfg, stages[g], g == 0, g == n - 1, layout.ep)
+            rs = _dp_seconds(dense, layout.dp, opts.grad_bytes, dp_bw, dp_lat) + \
+                _dp_seconds(exp, exp_group, opts.grad_bytes, exp_bw, exp_lat)
+            ag += _dp_seconds(dense, layout.dp, opts.weight_bytes, dp_bw, dp_lat) + \
+                _dp_seconds(exp, exp_group, opts.weight_bytes, exp_bw, exp_lat)
+            start = rt.grad_ready.get(g, rt.end) if opts.overlap_dp else rt.end
+            link_free = max(link_free, start) + rs
+            shard = dense / layout.dp + exp / exp_group
+            # AdamW: read grad (fp32), read+write master (fp32) and two BF16 moments, write BF16 weights
+            opt_s += shard * (opts.grad_bytes + 8 + 8 + opts.weight_bytes) / (rates.hbm_gbps * 1e9)
+        rs_exposed = max(0.0, link_free - rt.end)
+        results.append((rt.end + rs_exposed + opt_s + ag, rs_exposed, opt_s, ag))
+    crit = max(range(layout.pp), key=lambda r: results[r][0])
+    step, rs_exposed, opt_s, ag = results[crit]
+    rt = ranks[crit]
+    bubble = span - rt.busy
+    worst_bubble = max(span - x.busy for x in ranks)
+
+    tokens = layout.dp * microbatches * T
+    tps = tokens / step / layout.gpus
+    fc = training_flops_per_token(cfg, seq_len, True).total
+    fn = training_flops_per_token(cfg, seq_len, False).total
+    meas_peak = rates.gemm_fp8_tflops if opts.precision == "fp8" else rates.gemm_bf16_tflops
+    return {
+        "schedule": s, "pp": layout.pp, "ep": layout.ep, "dp": layout.dp, "gpus": layout.gpus,
+        "micro_batch": micro_batch, "seq_len": seq_len, "microbatches": microbatches,
+        "tokens_per_step": tokens, "step_s": step, "pipeline_s": span, "critical_rank": crit,
+        "f_s": rt.f, "b_s": rt.b, "w_s": rt.w, "pairs_s": rt.pairs, "bubble_s": bubble,
+        "worst_rank_bubble_s": worst_bubble, "bubble_fraction": worst_bubble / span if span else 0.0,
+        "exposed_ep_comm_s": rt.exposed_comm, "hidden_ep_comm_s": rt.hidden_comm, "sm_share_overhead_s": rt.sm_overhead,
+        "p2p_s": p2p, "exposed_dp_s": rs_exposed + ag, "dp_reduce_scatter_exposed_s": rs_exposed,
+        "dp_all_gather_s": ag, "optimizer_s": opt_s, "exposed_comm_s": rt.exposed_comm + rs_exposed + ag,
+        "tokens_per_s_per_gpu": tps, "flops_per_token_causal": fc, "flops_per_token_noncausal": fn,
+        "tflops_causal": tps * fc / 1e12, "mfu_causal": tps * fc / (rates.peak_bf16_tflops * 1e12),
+        "mfu_noncausal": tps * fn / (rates.peak_bf16_tflops * 1e12),
+        "mfu_causal_measured_peak": tps * fc / (meas_peak * 1e12), "measured_peak_tflops": meas_peak,
+        "peak_tflops": rates.peak_bf16_tflops, "rates": rates.name,
+        "chunks": [{"layers": f"{stages[g].start}-{stages[g].stop - 1}",
+                    "ranks": [r for r in range(layout.pp) if g in rank_stages(s, layout.pp, r)],
+                    "F_ms": works[g].f * 1e3, "B_ms": works[g].b * 1e3, "W_ms": works[g].w * 1e3,
+                    "EP_comm_F_ms": works[g].kf * 1e3, "EP_comm_B_ms": works[g].kb * 1e3} for g in range(n)],
+    }
