@@ -349,5 +349,7 @@ def _run_cost(args) -> list[Section]:
     return out
 
 
+from dsv3.plan import step as _step  # noqa: E402  (the step simulator's sub-verb lives in step.py)
+
 SUBVERBS = [("model", _add_model), ("memory", _add_memory), ("pipeline", _add_pipeline), ("decode", _add_decode),
-            ("network", _add_network), ("cost", _add_cost)]
+            ("network", _add_network), ("cost", _add_cost), ("step", _step.add_parser)]

@@ -670,3 +670,85 @@ def predict_step(model_cfg: ModelConfig, layout: Layout | str, rates: Rates, mic
                     "F_ms": works[g].f * 1e3, "B_ms": works[g].b * 1e3, "W_ms": works[g].w * 1e3,
                     "EP_comm_F_ms": works[g].kf * 1e3, "EP_comm_B_ms": works[g].kb * 1e3} for g in range(n)],
     }
+
+
+# -------------------------------------------------------------------------------------------- the CLI
+def add_parser(sub) -> None:
+    """`dsv3 plan step`: registered in dsv3.plan.cli.SUBVERBS."""
+    from dsv3.plan.cli import MODEL_HELP, POS_FLOAT, POS_INT, _common, _wrap
+    from dsv3.plan.rates import DEVICES
+
+    p = sub.add_parser("step", help="simulate one training step: step time, bubble, exposed comm, tokens/s, MFU",
+                       description="Event-driven simulation of one optimizer step from per-kernel rates and link "
+                                   "bandwidths: F/B/W chunks per stage, EP all-to-all per MoE layer, pipeline P2P, "
+                                   "ZeRO-1 gradient reduction and the optimizer, over the 1F1B / DualPipe / "
+                                   "DualPipeV schedule. Defaults: DeepSeek-V3's run on 2,048 H800s (Insights "
+                                   "paper, Table 4).")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("--layout", default="pp=16,ep=64,dp=128", help="pp=P,ep=E,dp=D: GPUs = P x D, EP inside DP "
+                   "(default pp=16,ep=64,dp=128)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="dualpipe", help="pipeline schedule (default dualpipe)")
+    p.add_argument("--micro-batch", type=POS_INT, default=1, help="sequences per micro-batch (default 1)")
+    p.add_argument("--seq-len", type=POS_INT, default=4096, help="tokens per sequence (default 4096)")
+    p.add_argument("--global-batch", type=POS_INT, default=15360,
+                   help="sequences per optimizer step over all replicas (default 15360, V3's)")
+    p.add_argument("--microbatches", type=POS_INT, help="micro-batches per pipeline per step (overrides "
+                   "--global-batch)")
+    p.add_argument("--device", choices=DEVICES, default="h800", help="rate profile (default h800: the papers' "
+                   "cluster; h100: this project's measured rates)")
+    p.add_argument("--rates", metavar="FILE.json", help="JSON object of rate fields overriding the profile "
+                   "(e.g. {\"grouped_fp8_tflops\": 900, \"ib_gbps\": 45})")
+    p.add_argument("--ib-gbps", type=POS_FLOAT, help="IB GB/s per GPU (override)")
+    p.add_argument("--nvlink-gbps", type=POS_FLOAT, help="NVLink GB/s per GPU (override)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp8", help="Linear GEMM precision (default fp8)")
+    p.add_argument("--recompute", choices=RECOMPUTE, default="selective", help="default selective (V3)")
+    p.add_argument("--node-limit", type=POS_INT, help="nodes a token may reach (default the model's topk_group)")
+    p.add_argument("--expert-imbalance", type=POS_FLOAT, default=1.0,
+                   help="busiest EP rank's routed tokens / mean (default 1.0)")
+    p.add_argument("--no-overlap-dp", action="store_true", help="reduce gradients only after the last backward")
+    _common(p)
+    p.set_defaults(func=_wrap(_run_step))
+
+
+def _run_step(args) -> list:
+    from dsv3.plan.models import is_dense, load_model
+    from dsv3.plan.rates import load_rates
+
+    cfg, label = load_model(args.model)
+    if is_dense(cfg):
+        raise ValueError("step simulation needs a DeepSeek-family (MLA/MoE) model, not a dense config")
+    layout = parse_layout(args.layout).check(cfg)
+    rates = load_rates(args.device, args.rates, ib_gbps=args.ib_gbps, nvlink_gbps=args.nvlink_gbps)
+    m = args.microbatches
+    if m is None:
+        per = layout.dp * args.micro_batch
+        if args.global_batch % per:
+            raise ValueError(f"--global-batch {args.global_batch} is not a multiple of dp x micro-batch = {per}")
+        m = args.global_batch // per
+    opts = Options(precision=args.precision, recompute=args.recompute, node_limit=args.node_limit,
+                   expert_imbalance=args.expert_imbalance, overlap_dp=not args.no_overlap_dp)
+    r = predict_step(cfg, layout, rates, args.micro_batch, args.seq_len, m, args.schedule, opts)
+    head = [("layout", f"{layout.gpus} GPUs = PP {layout.pp} x DP {layout.dp}; EP {layout.ep}"),
+            ("schedule", r["schedule"]), ("micro-batches per pipeline", m),
+            ("tokens per step", r["tokens_per_step"]), ("rates", rates.name),
+            ("step time s", r["step_s"]), ("tokens/s/GPU", r["tokens_per_s_per_gpu"]),
+            ("bubble fraction (worst rank)", r["bubble_fraction"]),
+            ("exposed communication s", r["exposed_comm_s"]),
+            (f"MFU causal (of {rates.peak_bf16_tflops:g} TFLOP/s)", r["mfu_causal"]),
+            (f"MFU non-causal (of {rates.peak_bf16_tflops:g} TFLOP/s)", r["mfu_noncausal"]),
+            (f"MFU causal (of measured {r['measured_peak_tflops']:g} TFLOP/s GEMM)", r["mfu_causal_measured_peak"])]
+    crit = [(f"critical rank", r["critical_rank"]), ("lone forwards (1F) s", r["f_s"]),
+            ("lone backwards (1B) s", r["b_s"]), ("lone weight grads (1W) s", r["w_s"]),
+            ("overlapped F&B pairs s", r["pairs_s"]), ("bubble (idle) s", r["bubble_s"]),
+            ("exposed EP all-to-all s", r["exposed_ep_comm_s"]), ("hidden EP all-to-all s", r["hidden_ep_comm_s"]),
+            ("compute slowed by comm SMs s", r["sm_share_overhead_s"]), ("pipeline P2P per hop ms", r["p2p_s"] * 1e3),
+            ("DP reduce-scatter exposed s", r["dp_reduce_scatter_exposed_s"]),
+            ("DP all-gather s", r["dp_all_gather_s"]), ("optimizer s", r["optimizer_s"])]
+    stages = [(f"stage {i} layers {c['layers']} (ranks {c['ranks']})",
+               f"F {c['F_ms']:.1f} / B {c['B_ms']:.1f} / W {c['W_ms']:.1f} ms; EP comm {c['EP_comm_F_ms']:.1f} "
+               f"/ {c['EP_comm_B_ms']:.1f} ms") for i, c in enumerate(r["chunks"])]
+    out = [(f"{label}: simulated training step", head), ("critical rank breakdown", crit), ("stages", stages)]
+    if args.json:
+        out.append(("result", [(k, v) for k, v in r.items()]))
+        out.append(("rate profile", [(k, v) for k, v in rates.to_dict().items()]))
+    return out
