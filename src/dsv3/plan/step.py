@@ -483,11 +483,13 @@ def simulated_bubble(schedule: str, pp: int, m: int, F: float, B: float, W: floa
 # ------------------------------------------------------------------------------------------ partition
 def partition_stages(layer_cost: list[float], first_extra: float, last_extra: float, schedule: str,
                      pp: int) -> list[range]:
-    """Contiguous split of the decoder layers into the schedule's stages (each at least one layer) that
-    minimizes the busiest *rank* (DualPipe/DualPipeV ranks hold two stages), from per-layer seconds and the
-    first/last stage extras (embedding; head, loss, MTP). Start from the split minimizing the costliest
-    stage, then move single boundaries while that lowers (max rank load, sum of squares)."""
-    n = num_stages(schedule, pp)
+    """Contiguous split of the decoder layers into the schedule's stages (each at least one layer) that keeps
+    the busiest *rank* light, from per-layer seconds and the first/last stage extras (embedding; head, loss,
+    MTP). DualPipe and DualPipeV ranks hold stage p and stage n-1-p, so the split is built from the outside
+    in: a bisection on the rank load limit, each rank (pair) taking as many layers from both ends as fit
+    under it, shared between its two stages as evenly as their costs allow; the innermost rank takes the rest."""
+    s = _schedule_name(schedule)
+    n = num_stages(s, pp)
     L = len(layer_cost)
     if L < n:
         raise ValueError(f"cannot split {L} decoder layers into {n} pipeline stages of at least one layer: "
@@ -495,53 +497,65 @@ def partition_stages(layer_cost: list[float], first_extra: float, last_extra: fl
     pre = [0.0]
     for c in layer_cost:
         pre.append(pre[-1] + c)
+    extra = [0.0] * n
+    extra[0] += first_extra
+    extra[-1] += last_extra
+    groups = [(g,) for g in range(n)] if s == "1f1b" else [(q, n - 1 - q) for q in range(n // 2)]
 
-    def stage_costs(bounds):
-        return [pre[bounds[i + 1]] - pre[bounds[i]] + (first_extra if i == 0 else 0.0)
-                + (last_extra if i == n - 1 else 0.0) for i in range(n)]
-
-    def score(bounds):
-        c = stage_costs(bounds)
-        loads = [sum(c[g] for g in rank_stages(schedule, pp, r)) for r in range(pp)]
-        return (max(loads), sum(x * x for x in loads))
-
-    # min-max stage split by bisection on the bound with a greedy fill (stages of >= 1 layer)
     def greedy(limit):
-        bounds, i = [0], 0
-        for g in range(n):
-            extra = (first_extra if g == 0 else 0.0) + (last_extra if g == n - 1 else 0.0)
-            j = i + 1
-            while j < L - (n - 1 - g) and pre[j + 1] - pre[i] + extra <= limit:
-                j += 1
-            if g == n - 1:
-                j = L
-            bounds.append(j)
-            i = j
-        return bounds
+        """(bounds per stage, max load) taking layers group by group under ``limit``."""
+        lo, hi = 0, L
+        spans: dict[int, tuple[int, int]] = {}
+        worst = 0.0
+        for i, grp in enumerate(groups):
+            need_after = sum(len(x) for x in groups[i + 1:])  # one layer per later stage
+            last = i == len(groups) - 1
+            if len(grp) == 1:
+                g = grp[0]
+                j = hi if last else lo + 1
+                while not last and j + 1 <= hi - need_after and pre[j + 1] - pre[lo] + extra[g] <= limit:
+                    j += 1
+                spans[g] = (lo, j)
+                worst = max(worst, pre[j] - pre[lo] + extra[g])
+                lo = j
+                continue
+            a, b = grp
+            avail = hi - lo - need_after
+            best = None
+            for k in (range(avail, 1, -1) if not last else [avail]):
+                cand = None
+                for x in range(1, k):
+                    ca = pre[lo + x] - pre[lo] + extra[a]
+                    cb = pre[hi] - pre[hi - (k - x)] + extra[b]
+                    if cand is None or abs(ca - cb) < cand[0]:
+                        cand = (abs(ca - cb), x, ca + cb)
+                if cand is not None and (last or cand[2] <= limit):
+                    best = (k, cand[1], cand[2])
+                    break
+            if best is None:
+                k, x = 2, 1
+                load = pre[lo + 1] - pre[lo] + extra[a] + pre[hi] - pre[hi - 1] + extra[b]
+            else:
+                k, x, load = best
+            spans[a] = (lo, lo + x)
+            spans[b] = (hi - (k - x), hi)
+            worst = max(worst, load)
+            lo, hi = lo + x, hi - (k - x)
+        return spans, worst
 
-    lo, hi = 0.0, pre[-1] + first_extra + last_extra
-    best = greedy(hi)
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        b = greedy(mid)
-        if max(stage_costs(b)) <= mid * (1 + 1e-12):
-            hi, best = mid, b
+    top = pre[-1] + first_extra + last_extra
+    lo_t, hi_t = 0.0, top
+    best_spans, best_worst = greedy(top)
+    for _ in range(40):
+        mid = (lo_t + hi_t) / 2
+        spans, worst = greedy(mid)
+        if worst <= mid * (1 + 1e-12):
+            hi_t = mid
+            if worst <= best_worst:
+                best_spans, best_worst = spans, worst
         else:
-            lo = mid
-    cur = score(best)
-    improved = True
-    while improved:
-        improved = False
-        for i in range(1, n):
-            for step in (-1, 1):
-                b = list(best)
-                b[i] += step
-                if not (b[i - 1] < b[i] < b[i + 1]):
-                    continue
-                sc = score(b)
-                if sc < cur:
-                    best, cur, improved = b, sc, True
-    return [range(best[i], best[i + 1]) for i in range(n)]
+            lo_t = mid
+    return [range(*best_spans[g]) for g in range(n)]
 
 
 # ------------------------------------------------------------------------------------------- the step
