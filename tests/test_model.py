@@ -320,3 +320,18 @@ def test_padded_labels_never_become_mtp_input_ids():
     from dsv3.model import mtp_shift
     nxt, tgt = mtp_shift(ids, labels, 1, None)
     assert (nxt >= 0).all() and (tgt[:, -4:] == -100).all()
+
+
+def test_gather_copies_gradient_is_the_sum_of_each_tokens_copies():
+    from dsv3.model.moe import _GatherCopies
+    g = torch.Generator().manual_seed(0)
+    T, K, D = 7, 3, 5
+    x = torch.randn(T, D, generator=g, requires_grad=True)
+    order = torch.randperm(T * K, generator=g)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(T * K))
+    y = _GatherCopies.apply(x, order, inverse, K)
+    assert torch.equal(y, x.detach()[order // K])
+    w = torch.randn(T * K, D, generator=g)
+    (y * w).sum().backward()
+    ref = torch.zeros(T, D).index_add_(0, order // K, w)
+    assert torch.allclose(x.grad, ref, atol=1e-6)

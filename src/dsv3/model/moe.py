@@ -150,6 +150,24 @@ def grouped_linear(x_MD: torch.Tensor, w_EOD: torch.Tensor, ends_E: torch.Tensor
     return torch.cat(outs, dim=0) if outs else x_MD.new_zeros(0, w_EOD.shape[1])
 
 
+class _GatherCopies(torch.autograd.Function):
+    """x_sorted = x[order // K]: each token's K copies in expert order. The gradient sums each token's K rows
+    by gathering them back (inverse permutation) and reducing over K: no atomics, so it is deterministic,
+    where autograd's index backward would scatter-add (non-deterministic on GPU)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, order, inverse, K):
+        ctx.save_for_backward(inverse)
+        ctx.K = K
+        return x_TD[order // K]
+
+    @staticmethod
+    def backward(ctx, g_MD):
+        (inverse,) = ctx.saved_tensors
+        T = inverse.numel() // ctx.K
+        return g_MD[inverse].view(T, ctx.K, -1).sum(dim=1), None, None, None
+
+
 def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_EDF, gemm=None) -> torch.Tensor:
     """Grouped path: sort token copies by expert, grouped GEMMs, un-permute, deterministic weighted sum.
 
@@ -164,12 +182,14 @@ def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_
     x_TD, w_gate_EFD, w_up_EFD, w_down_EDF = (t.to(dtype) for t in (x_TD, w_gate_EFD, w_up_EFD, w_down_EDF))
     flat_idx = routing.idx_TK.reshape(-1)
     order = torch.argsort(flat_idx, stable=True)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     counts_E = count_selections(routing.idx_TK, E)
     ends_E = torch.cumsum(counts_E, 0).to(torch.int32)
-    x_sorted = x_TD[order // K]
+    x_sorted = _GatherCopies.apply(x_TD, order, inverse, K)
     gemm = gemm or grouped_linear  # FP8 experts pass their own grouped GEMM
     h = F.silu(gemm(x_sorted, w_gate_EFD, ends_E, counts_E)) * gemm(x_sorted, w_up_EFD, ends_E, counts_E)
     y_sorted = gemm(h, w_down_EDF, ends_E, counts_E)
+    # back to token order: index_copy_ by `order` (its backward is a plain gather, no scatter-add)
     y_TKD = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(T, K, D)
     out = (y_TKD.float() * routing.weight_TK[..., None]).sum(dim=1)  # elementwise: autocast leaves it fp32
     return out.to(dtype)
