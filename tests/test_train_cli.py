@@ -105,7 +105,7 @@ def test_set_values_are_toml_literals():
     (["train.lr=true"], ["train.lr", "wrong type"]),
     (["model.hidden=3"], ["model.hidden", "valid model keys"]),
     (["model.preset=\"huge\""], ["huge", "choose one of"]),
-    (["train.precision=\"fp8\""], ["train.precision", "'bf16'"]),
+    (["train.precision=\"fp4\""], ["train.precision", "'bf16'", "'fp8'"]),
     (["train.batch_size=6", "train.micro_batch_size=4"], ["micro_batch_size", "multiple"]),
     (["bogus.key=1"], ["bogus.key", "section"]),
     (["train.device=\"tpu\""], ["train.device", "'cpu'"]),
