@@ -273,21 +273,16 @@ def config_help() -> str:
     """Every config key with its default and doc, generated from the dataclasses."""
     lines = ["[model]", f"  {'preset':<22} = \"tiny\"   # one of tiny, small, v2-lite, v3, moonlight-16b-a3b;",
              "  any ModelConfig field (Hugging Face names) overrides the preset, e.g. hidden_size = 256"]
-    for section, cls in (("train", TrainConfig), ("data", DataConfig)):
+    from dsv3.parallel.mesh import ParallelConfig
+
+    headers = {"parallel": "[parallel]  layout under torchrun (world size = pp x dp; ep divides dp)"}
+    for section, cls in (("train", TrainConfig), ("data", DataConfig), ("parallel", ParallelConfig)):
         docs = _field_docs(cls)
-        lines += ["", f"[{section}]"]
+        lines += ["", headers.get(section, f"[{section}]")]
         for f in fields(cls):
             default = json.dumps(f.default) if isinstance(f.default, str) else repr(f.default).lower() \
                 if isinstance(f.default, bool) else repr(f.default)
             lines.append(f"  {f.name:<22} = {default:<8} # {docs.get(f.name, '')}")
-    from dsv3.parallel.mesh import ParallelConfig
-
-    docs = _field_docs(ParallelConfig)
-    lines += ["", "[parallel]  layout under torchrun (world size = pp x dp; ep divides dp)"]
-    for f in fields(ParallelConfig):
-        default = json.dumps(f.default) if isinstance(f.default, str) else repr(f.default).lower() \
-            if isinstance(f.default, bool) else repr(f.default)
-        lines.append(f"  {f.name:<22} = {default:<8} # {docs.get(f.name, '')}")
     lines += ["", "Override any key with --set section.key=value (value as a TOML literal), e.g. "
               "--set train.steps=400 --set model.num_hidden_layers=2"]
     return "\n".join(lines)
