@@ -104,6 +104,22 @@ def test_pipeline_checkpoint_resumes_in_one_process(data_dir, single, tmp_path):
         assert abs(x - y) / abs(x) <= 1e-4, (a, b)
 
 
+def test_pipeline_with_expert_parallel_inside_each_stage(data_dir, single, tmp_path):
+    """PP=2 x EP=2 (dp=2), DualPipeV, 4 processes; then resumed in one process."""
+    run = tmp_path / "run"
+    r = _run([*COMMON, "--data", str(data_dir), "--out", str(run), "--set", "train.steps=8", "--set", "train.stop_at=4",
+              "--set", "model.vocab_size=512", "--set", "parallel.pp=2", "--set", "parallel.ep=2",
+              "--set", 'parallel.schedule="dualpipev"', "--set", "train.micro_batch_size=2"], 4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _run(["--resume", str(run), "--set", "train.stop_at=0", "--set", "parallel.pp=1", "--set", "parallel.ep=1",
+              "--quiet"], 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _losses(single), _losses(run)
+    assert len(b) == 8
+    for x, y in zip(a, b):
+        assert abs(x - y) / abs(x) <= 1e-4, (a, b)
+
+
 def test_impossible_layout_fails_fast_on_every_rank(data_dir, tmp_path):
     r = _run([*COMMON, "--data", str(data_dir), "--out", str(tmp_path / "run"), "--set", "train.steps=2",
               "--set", "model.vocab_size=512", "--set", "parallel.ep=3"], 2, timeout=120)

@@ -1,5 +1,5 @@
-"""A whole node's layouts on CPU (gloo): EP=8 over 8 processes and DualPipeV over 4 pipeline stages reproduce
-the single-process losses (fp32, relative error <= 1e-5)."""
+"""A whole node's layouts on CPU (gloo): EP=8 over 8 processes, DualPipeV over 4 pipeline stages, and DualPipeV
+PP=4 x EP=2 over 8 processes reproduce the single-process losses (fp32, relative error <= 1e-5)."""
 from __future__ import annotations
 
 import pytest
@@ -20,7 +20,9 @@ def single4(data_dir, tmp_path_factory):  # noqa: F811
 @pytest.mark.parametrize("nproc, layout", [
     (8, ["--set", "parallel.ep=8"]),
     (4, ["--set", "parallel.pp=4", "--set", 'parallel.schedule="dualpipev"', "--set", "train.micro_batch_size=2"]),
-], ids=["ep8", "pp4-dualpipev"])
+    (8, ["--set", "parallel.pp=4", "--set", "parallel.ep=2", "--set", 'parallel.schedule="dualpipev"',
+         "--set", "train.micro_batch_size=1"]),
+], ids=["ep8", "pp4-dualpipev", "pp4xep2-dualpipev"])
 def test_node_layouts_reproduce_single_process(data_dir, single4, tmp_path, nproc, layout):  # noqa: F811
     run = tmp_path / "run"
     r = _run([*COMMON, "--data", str(data_dir), "--out", str(run), *STEPS, *layout], nproc, timeout=600)

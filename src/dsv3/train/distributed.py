@@ -57,13 +57,12 @@ class Layout:
         gradient reducer. Call before building the optimizer."""
         self.model = model
         if self.pp > 1:
-            from dsv3.errors import UserError
             from dsv3.parallel.pipeline import build_stages, rank_module
-            if self.mesh.dp > 1:
-                raise UserError(f"parallel.pp = {self.pp} with data-parallel size {self.mesh.dp} is not supported "
-                                "yet: launch pp processes (dp = 1), or use pp = 1 with data/expert parallelism")
             self.stages = build_stages(model, self.pc.schedule, self.mesh.pp_rank, self.pp)
             self.held = rank_module(self.stages)   # this rank's parameters under the full model's names
+            if self.mesh.dp > 1:                   # data/expert parallel inside each pipeline stage
+                from dsv3.parallel.runtime import DataExpertParallel
+                self.par = DataExpertParallel(self.held, self.mesh)
         elif self.distributed:
             from dsv3.parallel.runtime import DataExpertParallel
             self.par = DataExpertParallel(model, self.mesh)
@@ -78,11 +77,21 @@ class Layout:
         """One optimizer step's forward+backward over the pipeline; (loss, parts, expert_counts [L, E])."""
         from dsv3.parallel.pipeline import PipelineLoss, run_pipeline_step
         loss_fn = PipelineLoss(mtp_lambda, balance_alpha, max(self.model.config.num_nextn_predict_layers, 1))
-        loss, aux = run_pipeline_step(self.pc.schedule, self.stages, micro_batches, loss_fn,
-                                      group=self.mesh.pp_group, weights=weights, forward_context=forward_context,
-                                      trace=trace_dir)  # also sums the tied embedding's grads (1F1B)
+        # With dp > 1 the schedule's W steps write .grad directly: reduce once after the step (finish()).
+        with self.par.no_sync() if self.par is not None else nullcontext():
+            loss, aux = run_pipeline_step(self.pc.schedule, self.stages, micro_batches, loss_fn,
+                                          group=self.mesh.pp_group, weights=weights,
+                                          forward_context=forward_context,
+                                          trace=trace_dir)  # also sums the tied embedding's grads (1F1B)
+        self.finish_gradients()
         self.last_pipeline_timings = aux.get("timings", {})
-        return float(loss), {k: float(v) for k, v in aux["loss_parts"].items()}, aux["expert_counts"]
+        counts = aux["expert_counts"]
+        if self.count_all_reduce is not None:  # global MaxVio: counts of every data-parallel replica
+            counts = counts.to(self.device)
+            self.count_all_reduce(counts)
+            counts = counts.cpu()
+        parts = {k: self.global_mean(float(v)) for k, v in aux["loss_parts"].items()}
+        return self.global_mean(float(loss)), parts, counts
 
     def no_sync(self, last: bool):
         """Gradient reduction waits for the last micro-batch of a step."""
@@ -93,6 +102,16 @@ class Layout:
             self.par.finish_gradients()
 
     def clip_grad_norm_(self, model, max_norm: float) -> float:
+        if self.pp > 1 and self.par is not None:  # global norm over dp/ep and pp; tied copies counted once
+            from dsv3.parallel.data_parallel import clip_grad_norm_ as dp_clip
+            from dsv3.parallel.pipeline import norm_parameters
+            norm = float(dp_clip(norm_parameters(self.stages), float("inf"), self.mesh, self.par.expert_params))
+            if norm > max_norm:
+                scale = max_norm / (norm + 1e-6)
+                for p in self.held.parameters():   # the tied copy too, so both copies stay equal
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+            return norm
         if self.par is not None:
             return float(self.par.clip_grad_norm_(max_norm))
         if self.pp > 1:  # squares summed over the pipeline ranks; tied copies counted once
@@ -143,30 +162,46 @@ class Layout:
     # ------------------------------------------------------------ checkpoint
     def model_state(self, model) -> dict:
         """Full state dict (every expert, every stage) on every rank: a collective under EP and PP."""
+        if self.pp > 1 and self.par is not None:  # experts gathered over EP, then stages over pp
+            mine = {k: v.detach().cpu() for k, v in self.par.full_state_dict().items()}
+            parts = [None] * self.pp
+            dist.all_gather_object(parts, mine, group=self.mesh.pp_group)
+            full = {}
+            for part in parts:
+                full.update(part)
+            return {k: full[k] for k in _full_keys(self.model) if k in full}
         if self.pp > 1:
             from dsv3.parallel.pipeline import full_state_dict
             return full_state_dict(self.stages, self.mesh.pp_group)
         return self.par.full_state_dict() if self.par is not None else model.state_dict()
 
-    def complete_model(self, model) -> None:
-        """Pipeline: copy every stage's current weights into this rank's full model object (a collective),
-        so it can evaluate or sample alone."""
-        if self.pp > 1:
-            model.load_state_dict(self.model_state(model))
+    def assembled_model(self, model):
+        """Pipeline: a whole single-process model with every stage's current weights (a collective; built on
+        rank 0 only, None elsewhere), for evaluation or sampling."""
+        state = self.model_state(model)
+        if not self.is_main:
+            return None
+        from dsv3.model import DeepseekV3
+        whole = DeepseekV3(model.config).to(self.device)
+        whole.load_state_dict(state)
+        return whole
 
     def load_model_state(self, model, state: dict) -> None:
-        if self.par is not None:
+        if self.pp > 1 and self.par is not None:
+            own = self.held.state_dict()
+            self.par.load_full_state_dict({k: state[k] for k in own})
+        elif self.par is not None:
             self.par.load_full_state_dict(state)
         else:
             model.load_state_dict(state)
 
     def optimizer_state(self, optimizer, model) -> dict:
         """Optimizer state keyed by parameter name with full expert tensors (a collective under ZeRO)."""
-        if self.par is not None:
-            return optimizer.state_dict()
         from dsv3.parallel.data_parallel import named_optimizer_state
-        if self.pp > 1:  # each rank owns its stages' state: gather the names of all of them
-            mine = named_optimizer_state(optimizer, self.held)
+        if self.par is not None and self.pp == 1:
+            return optimizer.state_dict()
+        if self.pp > 1:  # each stage owns its parameters' state: gather the names of all of them
+            mine = optimizer.state_dict() if self.par is not None else named_optimizer_state(optimizer, self.held)
             parts = [None] * self.pp
             dist.all_gather_object(parts, mine["state"], group=self.mesh.pp_group)
             merged = {}
@@ -193,3 +228,8 @@ class Layout:
 def _index_keyed(state: dict) -> bool:
     keys = list(state.get("state", {}).keys())
     return bool(keys) and all(isinstance(k, int) for k in keys)
+
+
+def _full_keys(model) -> list[str]:
+    """State-dict keys of the unsplit model, in its order (expert tensors under their usual names)."""
+    return list(model.state_dict().keys())

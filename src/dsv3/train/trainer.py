@@ -202,7 +202,8 @@ class Trainer:
         if pc.microbatches and pc.microbatches != len(mbs):
             raise UserError(f"parallel.microbatches = {pc.microbatches} but the batch splits into {len(mbs)} "
                             "micro-batches; set train.micro_batch_size = batch_size / microbatches")
-        weights = [int((mb["labels"] != IGNORE_INDEX).sum()) / max(n_target, 1) for mb in mbs]
+        # n_target is global; times dp because the reducer averages over the data-parallel replicas
+        weights = [lay.dp * int((mb["labels"] != IGNORE_INDEX).sum()) / max(n_target, 1) for mb in mbs]
         trace = str(self.run_dir / "traces") if pc.trace and self.step == self._trace_step else None
         loss, parts, counts = lay.pipeline_step(mbs, weights, lam, t.balance_alpha,
                                                 (lambda: ctx) if self.autocast else None, trace)
@@ -280,9 +281,9 @@ class Trainer:
         return old
 
     # ------------------------------------------------------------------- eval
-    def evaluate_alone(self) -> dict:
+    def evaluate_alone(self, model) -> dict:
         t = self.t
-        return evaluate(self.model, self.data, seq_len=t.seq_len, batch_size=t.micro_batch_size or t.batch_size,
+        return evaluate(model, self.data, seq_len=t.seq_len, batch_size=t.micro_batch_size or t.batch_size,
                         max_batches=t.eval_batches, device=self.device, autocast_dtype=self.autocast,
                         document_mask=self.cfg.data.document_mask)
 
@@ -295,8 +296,9 @@ class Trainer:
 
     def _run_eval(self) -> dict:
         if self.layout.pp > 1:  # stages live on different ranks: rank 0 assembles the model and evaluates alone
-            self.layout.complete_model(self.model)
-            result = self.evaluate_alone() if self.is_main else {}
+            whole = self.layout.assembled_model(self.model)
+            result = self.evaluate_alone(whole) if self.is_main else {}
+            del whole
             self.layout.barrier()
         else:
             result = self.evaluate()
