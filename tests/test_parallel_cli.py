@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,39 +76,17 @@ def test_torchrun_two_processes_reproduce_single_process_losses(data_dir, single
         assert json.loads((run / "traces" / "pp_rank0.json").read_text())
 
 
-def test_checkpoint_resumes_across_layouts(data_dir, single, tmp_path):
-    """4 steps at dp=2/ep=2, then 4 more in one process, log the 8-step single-process losses."""
+PP2_EP2 = ["--set", "parallel.pp=2", "--set", "parallel.ep=2", "--set", 'parallel.schedule="dualpipev"',
+           "--set", "train.micro_batch_size=2"]
+
+
+@pytest.mark.parametrize("nproc, layout", [(2, ["--set", "parallel.ep=2"]), (2, PP_DUALPIPEV), (4, PP2_EP2)],
+                         ids=["dp2xep2", "pp2-dualpipev", "pp2xep2-dualpipev"])
+def test_checkpoint_resumes_in_one_process(data_dir, single, tmp_path, nproc, layout):
+    """4 of 8 steps in a distributed layout, then the other 4 in one process: the 8-step single-process losses."""
     run = tmp_path / "run"
     r = _run([*COMMON, "--data", str(data_dir), "--out", str(run), "--set", "train.steps=8",
-              "--set", "train.stop_at=4", "--set", "model.vocab_size=512", "--set", "parallel.ep=2"], 2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = _run(["--resume", str(run), "--set", "train.stop_at=0", "--set", "parallel.ep=1", "--quiet"], 1)
-    assert r.returncode == 0, r.stderr[-3000:]
-    a, b = _losses(single), _losses(run)
-    assert len(b) == 8
-    for x, y in zip(a, b):
-        assert abs(x - y) / abs(x) <= 1e-4, (a, b)
-
-
-def test_pipeline_checkpoint_resumes_in_one_process(data_dir, single, tmp_path):
-    run = tmp_path / "run"
-    r = _run([*COMMON, "--data", str(data_dir), "--out", str(run), "--set", "train.steps=8", "--set", "train.stop_at=4",
-              "--set", "model.vocab_size=512", *PP_DUALPIPEV], 2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = _run(["--resume", str(run), "--set", "train.stop_at=0", "--set", "parallel.pp=1", "--quiet"], 1)
-    assert r.returncode == 0, r.stderr[-3000:]
-    a, b = _losses(single), _losses(run)
-    assert len(b) == 8
-    for x, y in zip(a, b):
-        assert abs(x - y) / abs(x) <= 1e-4, (a, b)
-
-
-def test_pipeline_with_expert_parallel_inside_each_stage(data_dir, single, tmp_path):
-    """PP=2 x EP=2 (dp=2), DualPipeV, 4 processes; then resumed in one process."""
-    run = tmp_path / "run"
-    r = _run([*COMMON, "--data", str(data_dir), "--out", str(run), "--set", "train.steps=8", "--set", "train.stop_at=4",
-              "--set", "model.vocab_size=512", "--set", "parallel.pp=2", "--set", "parallel.ep=2",
-              "--set", 'parallel.schedule="dualpipev"', "--set", "train.micro_batch_size=2"], 4)
+              "--set", "train.stop_at=4", "--set", "model.vocab_size=512", *layout], nproc)
     assert r.returncode == 0, r.stderr[-3000:]
     r = _run(["--resume", str(run), "--set", "train.stop_at=0", "--set", "parallel.pp=1", "--set", "parallel.ep=1",
               "--quiet"], 1)

@@ -6,20 +6,13 @@ spawn passes sys.path to the children).
 """
 from __future__ import annotations
 
-import copy
-import io
 import json
-import os
-import queue
-import socket
-import traceback
 
-import pytest
 import torch
-import torch.multiprocessing as mp
 
 from dsv3.config import preset
 from dsv3.model import DeepseekV3
+from parallel_helpers import run_ranks, unwrap
 
 MTP_LAMBDA, ALPHA = 0.3, 1e-2
 
@@ -61,70 +54,6 @@ def reference(cfg, mbs: list[dict], seed: int = 0) -> dict:
             "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
             "counts": torch.stack([m.tokens_per_expert.clone() for m in model.moe_layers()]),
             "state": {k: v.clone() for k, v in model.state_dict().items()}}
-
-
-# ------------------------------------------------------------------------------------- launcher
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pack(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def _entry(rank, world, port, fn, args, q):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    try:
-        q.put((rank, "ok", _pack(fn(rank, world, *args))))
-    except BaseException as e:  # noqa: BLE001 - report every failure kind, UserError included
-        q.put((rank, "err", (type(e).__name__, str(e), traceback.format_exc())))
-    finally:
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def spawn(fn, world: int, *args, timeout: float = 90.0) -> list[tuple]:
-    """Run fn(rank, world, *args) in ``world`` processes; [(status, value)] by rank; TimeoutError on a hang."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, q), daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    got: dict[int, tuple] = {}
-    try:
-        import time
-        deadline = time.monotonic() + timeout
-        while len(got) < world:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"ranks {sorted(set(range(world)) - set(got))} hung for {timeout:.0f}s")
-            try:
-                r, status, value = q.get(timeout=left)
-            except queue.Empty:
-                continue
-            got[r] = (status, torch.load(io.BytesIO(value), weights_only=False) if status == "ok" else value)
-    finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return [got[r] for r in range(world)]
-
-
-def values(results) -> list:
-    for r, (status, v) in enumerate(results):
-        if status != "ok":
-            raise AssertionError(f"rank {r} failed: {v[0]}: {v[1]}\n{v[2]}")
-    return [v for _, v in results]
 
 
 # -------------------------------------------------------------------------------------- workers
@@ -204,7 +133,7 @@ def test_pp2_1f1b_matches_single_process():
     """1F1B, pp=2, 4 micro-batches with documents: the MTP embedding is tied across ranks 0 and 1."""
     cfg = tiny_config(4)
     mbs = micro_batches(cfg, 4, docs=True)
-    ranks = values(spawn(step_worker, 2, cfg, mbs, "1f1b"))
+    ranks = unwrap(run_ranks(step_worker, 2, cfg, mbs, "1f1b", timeout=90))
     check(reference(cfg, mbs), ranks)
     assert [c for c, _ in ranks[1]["chunks"]] == [1] and "embed_tokens.weight" in ranks[1]["grads"]
 
@@ -213,7 +142,7 @@ def test_pp2_dualpipev_matches_single_process():
     """DualPipeV, pp=2 (4 chunks), 5 micro-batches (>= 2*pp, not a multiple of pp)."""
     cfg = tiny_config(6)
     mbs = micro_batches(cfg, 5)
-    ranks = values(spawn(step_worker, 2, cfg, mbs, "dualpipev"))
+    ranks = unwrap(run_ranks(step_worker, 2, cfg, mbs, "dualpipev", timeout=90))
     check(reference(cfg, mbs), ranks)
     assert [c for c, _ in ranks[0]["chunks"]] == [0, 3] and [c for c, _ in ranks[1]["chunks"]] == [1, 2]
 
@@ -222,7 +151,7 @@ def test_pp4_dualpipev_matches_single_process(tmp_path):
     """DualPipeV, pp=4 (8 chunks over 8 layers), 8 micro-batches, with Chrome traces."""
     cfg = tiny_config(8)
     mbs = micro_batches(cfg, 8, seq=8)
-    ranks = values(spawn(step_worker, 4, cfg, mbs, "dualpipev", str(tmp_path), timeout=120))
+    ranks = unwrap(run_ranks(step_worker, 4, cfg, mbs, "dualpipev", str(tmp_path), timeout=120))
     check(reference(cfg, mbs), ranks)
     for r, rec in enumerate(ranks):
         events = json.loads(open(rec["trace"]).read())["traceEvents"]
@@ -237,7 +166,7 @@ def test_impossible_layouts_fail_on_every_rank():
     cases = [(tiny_config(3), "dualpipev", 4),     # 3 layers, 4 chunks
              (tiny_config(1), "1f1b", 2),          # 1 layer, 2 stages
              (tiny_config(4), "dualpipev", 3)]     # needs >= 4 micro-batches
-    per_rank = values(spawn(layout_error_worker, 2, cases, timeout=60))
+    per_rank = unwrap(run_ranks(layout_error_worker, 2, cases, timeout=60))
     for r, res in enumerate(per_rank):
         kinds = [k for k, _ in res]
         assert kinds == ["UserError"] * 3, f"rank {r}: {res}"

@@ -40,11 +40,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def lay_any(layout, flag: bool) -> bool:
-    """A stop request seen on any rank stops every rank after the same step."""
-    return layout.any(flag)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
@@ -73,7 +68,6 @@ class Trainer:
         self.t = t
         self.layout = Layout(cfg.parallel, cfg.model, "auto" if t.device == "auto" else str(pick_device(t.device)))
         self.device = self.layout.device
-        self.all_reduce = all_reduce or self.layout.count_all_reduce
         self.is_main = self.layout.is_main
         self.autocast = torch.bfloat16 if (t.precision in ("bf16", "fp8") and self.device.type == "cuda") else None
         self.progress = metrics.Progress(t.steps, quiet=quiet or not self.is_main)
@@ -92,7 +86,7 @@ class Trainer:
             from dsv3.fp8.recipe import FP8Recipe, convert_to_fp8
             convert_to_fp8(self.model, FP8Recipe())
         self.layout.wrap(self.model)          # experts sharded over EP ranks, gradient reducer installed
-        self.all_reduce = all_reduce or self.layout.count_all_reduce
+        self.all_reduce = all_reduce or self.layout.count_all_reduce  # exists only after wrap()
         if t.compile:
             for layer in list(self.model.layers) + list(self.model.mtp):
                 layer.compile()
@@ -346,7 +340,7 @@ class Trainer:
                         f"training stopped at step {self.step}: {self.nan_streak} non-finite losses in a row "
                         f"({self.nan_skips} in total); last good checkpoint: {last}. Lower train.lr or raise "
                         f"train.warmup_steps and resume with `dsv3 train --resume {self.run_dir}`")
-                if lay_any(self.layout, self._stop_signal is not None):
+                if self.layout.any(self._stop_signal is not None):  # a stop seen on any rank stops all
                     self._stop_signal = self._stop_signal or signal.SIGTERM
                     path = self.save()
                     # Printed even when quiet: the user must learn where the run stopped and how to go on.
