@@ -94,12 +94,15 @@ def time_steps(model, loss_fn, x, steps: int, warmup: int = 3) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ ours
-def build_ours(cfg: ModelConfig, compile_blocks: bool, recompute: str = "none"):
+def build_ours(cfg: ModelConfig, compile_blocks: bool, recompute: str = "none", fp8: bool = False):
     torch.manual_seed(0)
     with torch.device(DEVICE):
         m = DeepseekV3(cfg)
     m = m.to(torch.bfloat16 if DEVICE == "cuda" else torch.float32)
     m.set_recompute(recompute)
+    if fp8:  # the paper's recipe: attention projections, MLPs and routed experts in FP8 block scaling
+        from dsv3.fp8.recipe import FP8Recipe, convert_to_fp8
+        convert_to_fp8(m, FP8Recipe())
     if compile_blocks:
         for layer in list(m.layers) + list(m.mtp):
             layer.compile()
@@ -218,7 +221,7 @@ def titan_loss(model, x):
 
 # ----------------------------------------------------------------------------------------------- driver
 def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: int, peers: list[str],
-               profile_dir: str | None) -> dict:
+               profile_dir: str | None, fp8: bool = False) -> dict:
     from dsv3.hf import to_hf_state_dict
 
     flops_tok = training_flops_per_token(cfg, S, causal=True).total
@@ -251,6 +254,29 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
         del m
         torch.cuda.empty_cache()
 
+    if fp8:  # the same model and weights with the FP8 recipe (issue #6's full-step speedup)
+        for compiled in ((True, False) if DEVICE == "cuda" else (False,)):
+            try:
+                m = build_ours(cfg, compile_blocks=False, fp8=True)
+                m.load_state_dict(ours_sd, strict=False)
+                if compiled:
+                    for layer in list(m.layers) + list(m.mtp):
+                        layer.compile()
+                with torch.no_grad():
+                    first = float(ours_loss(m, x))
+                out = time_steps(m, ours_loss, x, steps)
+                record("ours fp8" + (" compiled" if compiled else " eager"), out, first)
+                bf16 = res["runs"]["ours compiled"]["step_s"]
+                res["runs"]["ours fp8" + (" compiled" if compiled else " eager")]["fp8_speedup"] = bf16 / out["step_s"]
+                print(f"[{name}] fp8 step speedup over bf16: {bf16 / out['step_s']:.3f}x", flush=True)
+                del m
+                torch.cuda.empty_cache()
+                break
+            except Exception as e:
+                import traceback
+                traceback.print_exc(limit=6)
+                res["runs"][f"fp8_error{' compiled' if compiled else ''}"] = repr(e)[:400]
+                torch.cuda.empty_cache()
     if "transformers" in peers:
         try:
             m, impl, missing, unexpected = build_hf(cfg, ours_sd, S)
@@ -282,7 +308,7 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
             torch.cuda.empty_cache()
     ours_tok = res["runs"]["ours compiled"]["tokens_per_s"]
     for label, r in res["runs"].items():
-        if isinstance(r, dict) and label != "ours compiled":
+        if isinstance(r, dict) and label != "ours compiled" and not label.startswith("ours fp8"):
             r["ours_over_peer"] = ours_tok / r["tokens_per_s"]
             r["first_loss_rel_diff"] = abs(r["first_loss"] - ours_first) / ours_first
             print(f"[{name}] ours / {label}: {r['ours_over_peer']:.2f}x   first-loss rel diff "
@@ -315,6 +341,7 @@ def main():
     ap.add_argument("--batch", type=int, default=None, help="override the batch of every config")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--seq", type=int, default=None, help="override the sequence length of every config")
+    ap.add_argument("--fp8", action="store_true", help="also time ours with the FP8 recipe (same weights)")
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -329,7 +356,7 @@ def main():
         B = args.batch or B
         S = args.seq or S
         results["configs"].append(run_config(name, cfg, B, S, peak, args.steps, args.peers.split(","),
-                                             args.profile_dir))
+                                             args.profile_dir, args.fp8))
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(results, f, indent=2)

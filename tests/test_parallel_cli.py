@@ -67,6 +67,9 @@ def test_torchrun_two_processes_reproduce_single_process_losses(data_dir, single
     for x, y in zip(a, b):
         assert abs(x - y) / abs(x) <= 1e-4, (a, b)
     rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    if layout[-1].startswith("parallel.ep="):  # same micro-batch: validation covers the same tokens
+        ev_a, ev_b = (json.loads((r / "eval.jsonl").read_text().splitlines()[-1])["loss"] for r in (single, run))
+        assert abs(ev_a - ev_b) / ev_a <= 1e-4, (ev_a, ev_b)
     if layout[-1] == "parallel.ep=2":
         assert rec["ep_bytes_sent"] > 0 and rec["ep_recv_imbalance"] >= 1.0
     if layout is PP_DUALPIPEV:

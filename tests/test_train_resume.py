@@ -170,3 +170,16 @@ def test_padded_rows_train_and_evaluate(train_data, tmp_path):
         assert math.isfinite(tr.evaluate()["loss"])  # the padded last validation batch included
     finally:
         tr.close()
+
+
+def test_time_limit_ends_the_invocation_with_a_checkpoint(train_data, tmp_path):
+    # A limit already passed after the first step: one step, a checkpoint, then resume runs to the end.
+    cfg = _cfg(["train.steps=4", "train.save_every=100", "train.time_limit_min=1e-9"])
+    _train(cfg, tmp_path / "r", train_data)
+    assert len(_losses(tmp_path / "r")) == 1
+    ckpt = checkpoint.list_checkpoints(tmp_path / "r")[-1]
+    assert ckpt.name == "step_000001"
+    cfg_free = _cfg(["train.steps=4", "train.save_every=100"])
+    _train(cfg_free, tmp_path / "r", train_data, resume=ckpt)
+    _train(cfg_free, tmp_path / "full", train_data)
+    assert _losses(tmp_path / "r") == _losses(tmp_path / "full")

@@ -152,6 +152,8 @@ class Mesh:
     ep_group: Any = None
     edp_group: Any = None
     pp_group: Any = None
+    # (src pp rank, dst pp rank) -> a two-rank group that carries only src -> dst pipeline messages
+    p2p_groups: dict = dataclasses.field(default_factory=dict)
 
     @property
     def edp(self) -> int:
@@ -233,7 +235,34 @@ def build_groups(mesh: Mesh) -> Mesh:
             g = dist.new_group(members)
             if mesh.rank in members:
                 setattr(mesh, f"{kind}_group", g)
+    if mesh.pp > 1:
+        build_p2p_groups(mesh, ranks["pp"])
     return mesh
+
+
+def build_p2p_groups(mesh: Mesh, pp_lists: list[list[int]]) -> None:
+    """One group per direction between neighbouring stages, and connect each once, in a fixed order.
+
+    Why: NCCL runs a pair's sends and receives on one stream per communicator, in issue order, and a
+    receive kernel holds that stream until its data arrives. With both directions on one communicator, a
+    receive posted ahead on rank a (waiting for b's send) and one posted ahead on rank b (waiting for a's
+    send) each block the send the other waits for: a deadlock that gloo never shows. With a group per
+    direction, a rank only sends on one and only receives on the other, both in the same message order,
+    so every transfer can complete. The warm-up exchange creates each communicator while all ranks walk
+    the same list (lazy creation inside the schedule could block two ranks on two different groups).
+    """
+    for members in pp_lists:
+        for i in range(len(members) - 1):
+            for a, b in ((i, i + 1), (i + 1, i)):
+                g = dist.new_group([members[a], members[b]])
+                if mesh.rank in (members[a], members[b]):
+                    mesh.p2p_groups[(a, b)] = g
+    token = torch.zeros(1, device=mesh.device)
+    for (a, b), g in sorted(mesh.p2p_groups.items()):
+        if mesh.pp_rank == a:
+            dist.send(token, dst=dist.get_global_rank(mesh.pp_group, b), group=g)
+        else:
+            dist.recv(token, src=dist.get_global_rank(mesh.pp_group, a), group=g)
 
 
 def group_size(group) -> int:

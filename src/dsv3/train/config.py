@@ -67,6 +67,7 @@ class TrainConfig:
     expert_load_every: int = 10           # log per-layer expert counts to expert_load.jsonl every N steps
     max_nan_skips: int = 5                # stop after this many non-finite losses in a row
     stop_at: int = 0                 # end this invocation after this step, with a checkpoint (0 = run to steps); schedules still span steps
+    time_limit_min: float = 0.0           # end this invocation after the step that passes N minutes of training, with a checkpoint (0 = none)
     peak_tflops: float = 0.0              # MFU denominator; 0 = measure a GEMM at start
     tensorboard: bool = True              # write TensorBoard events to RUN_DIR/tb (if installed)
     sample_tokens: int = 64               # tokens of the greedy sample printed at the end; 0 = none

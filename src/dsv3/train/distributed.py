@@ -81,6 +81,7 @@ class Layout:
         with self.par.no_sync() if self.par is not None else nullcontext():
             loss, aux = run_pipeline_step(self.pc.schedule, self.stages, micro_batches, loss_fn,
                                           group=self.mesh.pp_group, weights=weights,
+                                          p2p_groups=self.mesh.p2p_groups,
                                           forward_context=forward_context,
                                           trace=trace_dir)  # also sums the tied embedding's grads (1F1B)
         self.finish_gradients()

@@ -21,6 +21,8 @@ def evaluate(model, data, *, seq_len: int, batch_size: int, max_batches: int | N
     (their targets are one shorter per row: a small, harmless approximation). Expert counts of eval forwards
     are summed here and never touch the training counters (the model is in eval mode).
 
+    ``batch_size`` rows per batch in total, whatever the layout (rounded up to a multiple of ``world_size``),
+    so ``max_batches`` covers the same validation tokens on one process and on several.
     Data parallel: each rank evaluates its slice of every batch (``rank``/``world_size``) and ``all_reduce``
     (an in-place sum of a tensor over the data-parallel ranks) adds the sums; every rank runs every batch, even one whose slice is all padding, because expert
     parallel forwards are collectives.
@@ -32,7 +34,8 @@ def evaluate(model, data, *, seq_len: int, batch_size: int, max_batches: int | N
     counts = None
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
     try:
-        for batch in validation_batches(data, seq_len=seq_len, batch_size=batch_size * world_size,
+        global_batch = -(-batch_size // world_size) * world_size
+        for batch in validation_batches(data, seq_len=seq_len, batch_size=global_batch,
                                         max_batches=max_batches, document_mask=document_mask, rank=rank,
                                         world_size=world_size):
             ids = batch["input_ids"].to(device)

@@ -347,6 +347,10 @@ class Trainer:
                     print(f"interrupted: saved {path} at step {self.step}; continue with "
                           f"`dsv3 train --resume {self.run_dir}`", file=sys.stderr)
                     return 128 + int(self._stop_signal)
+                if t.time_limit_min and self.layout.any(time.perf_counter() - loop_start >= 60 * t.time_limit_min):
+                    self.progress.print(f"time limit of {t.time_limit_min:g} min reached at step {self.step}; "
+                                        f"continue with `dsv3 train --resume {self.run_dir}`")
+                    break
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < end:
                     self._run_eval()
                 # No periodic save during a run of skipped steps: it could prune the last good checkpoints.

@@ -10,6 +10,10 @@ peer pair holds and data lands while this rank computes; gloo additionally match
 isend's that nobody waits on until the step ends (``Comm.finish``), so a send never blocks its rank: a
 schedule that passes schedules.validate cannot deadlock here.
 
+Channels: with ``p2p_groups`` ({(src, dst): group}, see dsv3.parallel.mesh.build_p2p_groups) each
+direction between two ranks has its own communicator, so on NCCL a rank's posted-ahead receives never
+sit in front of its own sends on a shared stream. Without it everything goes over ``group`` (fine on gloo).
+
 CUDA: the isend/irecv of NCCL run on NCCL's own streams and ``wait()`` only makes the current stream wait
 (the host carries on), so transfers overlap compute without extra streams. Sent tensors are kept alive
 until their send completes.
@@ -47,8 +51,10 @@ class Comm:
     """One step's P2P traffic for one rank of the pipeline group."""
 
     def __init__(self, rank: int, all_ops: list[list[Op]], schedule: str, pp: int, group, shape_of,
-                 dtype: torch.dtype, device: torch.device, tracer: Tracer, m: int, lookahead: int = 2):
+                 dtype: torch.dtype, device: torch.device, tracer: Tracer, m: int, lookahead: int = 2,
+                 p2p_groups: dict | None = None):
         self.rank, self.group, self.schedule, self.pp, self.m = rank, group, schedule, pp, m
+        self.p2p_groups = p2p_groups or {}
         self.C = num_chunks(schedule, pp)
         self.shape_of, self.dtype, self.device, self.tracer = shape_of, dtype, device, tracer
         self.lookahead = lookahead
@@ -67,6 +73,10 @@ class Comm:
     def _global(self, r: int) -> int:
         return dist.get_global_rank(self.group, r) if self.group is not None else r
 
+    def channel(self, src: int, dst: int):
+        """The group that carries src -> dst messages (pp ranks)."""
+        return self.p2p_groups.get((src, dst), self.group)
+
     def _tag(self, kind: str, g: int, mb: int) -> int:
         return ((0 if kind == "act" else 1) * self.C + g) * self.m + mb
 
@@ -76,7 +86,7 @@ class Comm:
             return False
         key = q.popleft()
         buf = torch.empty(self.shape_of(key[2]), dtype=self.dtype, device=self.device)
-        work = dist.irecv(buf, src=self._global(peer), group=self.group, tag=self._tag(*key))
+        work = dist.irecv(buf, src=self._global(peer), group=self.channel(peer, self.rank), tag=self._tag(*key))
         self.posted[key] = (work, buf, self.tracer.now())
         return True
 
@@ -112,7 +122,8 @@ class Comm:
     def send(self, kind: str, g: int, mb: int, tensor: torch.Tensor) -> None:
         dst = chunk_owner(g + 1 if kind == "act" else g - 1, self.schedule, self.pp)
         tensor = tensor.detach().to(self.dtype).contiguous()
-        work = dist.isend(tensor, dst=self._global(dst), group=self.group, tag=self._tag(kind, g, mb))
+        work = dist.isend(tensor, dst=self._global(dst), group=self.channel(self.rank, dst),
+                          tag=self._tag(kind, g, mb))
         self.sends.append((work, tensor, f"send {kind} {g}.{mb}", self.tracer.now()))
         self._reap()
 

@@ -34,7 +34,8 @@ def run_pipeline_step(schedule: str, stages: Sequence[PipelineStage], micro_batc
                       loss_fn, *, group=None, weights: Sequence[float] | None = None,
                       split_backward: bool = True, forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
                       trace: str | Path | None = None, act_dtype: torch.dtype | None = None,
-                      lookahead: int = 2, cuda_overlap: bool = False) -> tuple[torch.Tensor, dict]:
+                      lookahead: int = 2, cuda_overlap: bool = False,
+                      p2p_groups: dict | None = None) -> tuple[torch.Tensor, dict]:
     """Run one step; returns (loss, aux).
 
     schedule: "1f1b" or "dualpipev". stages: this rank's stages from build_stages (same schedule and pp).
@@ -44,6 +45,8 @@ def run_pipeline_step(schedule: str, stages: Sequence[PipelineStage], micro_batc
     weight (default 1/M; the trainer's token weighting n_tokens_m / n_tokens also works).
     split_backward: DualPipeV's B/W split (ignored by 1F1B, which always runs full backwards).
     forward_context: e.g. ``lambda: torch.autocast("cuda", torch.bfloat16)`` around each forward.
+    p2p_groups: {(src pp rank, dst pp rank): group}, one communicator per direction (Mesh.p2p_groups);
+    needed on NCCL, where both directions on one communicator can deadlock (see build_p2p_groups).
     trace: a directory; writes ``pp_rank{r}.json`` (Chrome trace) there.
     cuda_overlap: on CUDA, run the forward half of each F&B pair on a second stream so its kernels can
     overlap the backward half's (EXPERIMENTAL, not yet run on a GPU; see _PairStreams). Off: one stream,
@@ -75,7 +78,7 @@ def run_pipeline_step(schedule: str, stages: Sequence[PipelineStage], micro_batc
     hidden = stages[0].config.hidden_size
     tracer = Tracer(enabled=trace is not None, rank=rank)
     comm = Comm(rank, all_ops, s, pp, group, lambda mb: (*micro_batches[mb]["input_ids"].shape, hidden),
-                dtype, device, tracer, M, lookahead) if pp > 1 else None
+                dtype, device, tracer, M, lookahead, p2p_groups) if pp > 1 else None
     local = Mailbox()
     fwd_ctx = forward_context or contextlib.nullcontext
 
