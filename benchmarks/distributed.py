@@ -48,7 +48,11 @@ def prepare(out: Path, vocab: int) -> Path:
 
 
 def train(name: str, out: Path, data: Path, nproc: int, common: list[str], extra: list[str]) -> dict:
+    """Run `dsv3 train` as a user would, or reuse out/NAME/result.json from an earlier --runs call."""
     run = out / name
+    saved = run / "result.json"
+    if name not in RUNS and saved.exists():
+        return json.loads(saved.read_text())
     args = ["-m", "dsv3", "train", "--data", str(data), "--out", str(run), "--force", "--quiet", *common, *extra]
     if nproc == 1:
         cmd = [sys.executable, *args]
@@ -66,7 +70,11 @@ def train(name: str, out: Path, data: Path, nproc: int, common: list[str], extra
         if vals:
             res[key] = statistics.median(vals)
     print(f"[{name}] {res['tokens_per_s']:,.0f} tokens/s, step {res['step_s'] * 1e3:.1f} ms", flush=True)
+    saved.write_text(json.dumps(res) + "\n")
     return res
+
+
+RUNS: set[str] = set()  # the runs this call makes; the others come from earlier calls' result.json
 
 
 A2A = r'''
@@ -108,11 +116,18 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--micro", type=int, default=2, help="per-GPU micro-batch (sequences)")
     ap.add_argument("--accum", type=int, default=4, help="micro-batches per GPU per step (PP uses 2x this)")
+    ap.add_argument("--data", default=None, help="a prepared data directory (default: prepare a stdlib corpus)")
+    ap.add_argument("--runs", default="one,dp2,ep2,pp2_dualpipev",
+                    help="which runs to make now; the others are read from OUT/NAME/result.json of an earlier call "
+                         "(e.g. the one-GPU baseline on a free GPU while another job runs)")
     args = ap.parse_args()
+    RUNS.update(args.runs.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     vocab = 32768 if args.preset == "small" else 512
-    data = prepare(out, vocab)
+    data = Path(args.data) if args.data else prepare(out, vocab)
+    if args.data:
+        vocab = json.loads((data / "meta.json").read_text())["tokenizer"]["vocab_size"]
     seq = args.seq if args.device == "cuda" else 64
     per_gpu = args.micro * args.accum
     common = ["--set", f'model.preset="{args.preset}"', "--set", f"model.vocab_size={vocab}",
@@ -127,6 +142,8 @@ def main() -> None:
     res["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     res["torch"] = torch.__version__
     one = train("one", out, data, 1, common, ["--set", f"train.batch_size={per_gpu}"])
+    if RUNS == {"one"}:
+        return
     dp2 = train("dp2", out, data, 2, common, ["--set", f"train.batch_size={2 * per_gpu}"])
     ep2 = train("ep2", out, data, 2, common, ["--set", f"train.batch_size={2 * per_gpu}", "--set", "parallel.ep=2"])
     pp2 = train("pp2_dualpipev", out, data, 2, common,
