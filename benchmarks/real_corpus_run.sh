@@ -23,7 +23,7 @@ common=(--config configs/small.toml --data "$data"
 case "$what" in
   prepare)
     dirs=()
-    for d in transformers torch/_inductor torch/distributed torch/nn torch/_dynamo sympy; do
+    for d in transformers torch sympy scipy jax sklearn pandas numpy matplotlib networkx; do  # ~200 MB of Python
       [ -d "$sp/$d" ] && dirs+=("$sp/$d")
     done
     python3 -m dsv3 prepare "${dirs[@]}" --ext py --vocab-size 32768 --encoding-errors replace \
