@@ -49,25 +49,33 @@ case "$phase" in
   nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpus.txt"
   python3 -c 'import torch; print(torch.__version__, torch.cuda.device_count())' | tee -a "$OUT/gpus.txt"
   (benchmarks/real_corpus_run.sh prepare "$W/spdata" > "$W/prepare.log" 2>&1; echo $? > "$W/prepare.rc") &
-  # NCCL smoke tests: every layout on the tiny preset (seconds each), before anything long depends on them
-  std=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
-  python3 -m dsv3 prepare "$std/json" "$std/email" --vocab-size 512 --out "$W/smoke_data" --no-progress > /dev/null
-  base=(-m dsv3 train --config configs/tiny.toml --data "$W/smoke_data" --set train.steps=6 --quiet --force
-        --set model.vocab_size=512 --set train.sample_tokens=0 --set train.eval_batches=2)
-  for layout in "dp2:parallel.ep=1" "ep2:parallel.ep=2" \
-                "pp2_dualpipev:parallel.pp=2 parallel.schedule=\"dualpipev\" train.micro_batch_size=4" \
-                "pp2_1f1b:parallel.pp=2 parallel.schedule=\"1f1b\" train.micro_batch_size=4"; do
-    name=${layout%%:*}; sets=()
-    for kv in ${layout#*:}; do sets+=(--set "$kv"); done
-    timeout 150 python3 -m torch.distributed.run --nproc_per_node 2 --master_port 29530 "${base[@]}" \
-        --out "$W/smoke_$name" "${sets[@]}" > "$W/smoke_$name.log" 2>&1
-    echo "smoke $name rc=$? $(tail -n 2 "$W/smoke_$name.log" | tr '\n' ' ')" | tee -a "$OUT/smoke.txt"
-  done
-  wait
-  echo "prepare rc=$(cat "$W/prepare.rc")"; tail -n 5 "$W/prepare.log"
+  # NCCL smoke tests of the layouts on the tiny preset (seconds each; a hang prints every stack after 40 s),
+  # beside the corpus preparation and the start of the long run
+  smoke() {
+    std=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+    python3 -m dsv3 prepare "$std/json" "$std/email" --vocab-size 512 --out "$W/smoke_data" --no-progress > /dev/null
+    base=(-m dsv3 train --config configs/tiny.toml --data "$W/smoke_data" --set train.steps=6 --force
+          --set model.vocab_size=512 --set train.sample_tokens=0 --set train.eval_batches=2 --set train.log_every=1)
+    for layout in "ep2::parallel.ep=2" \
+                  "pp2_1f1b::parallel.pp=2 parallel.schedule=\"1f1b\" train.micro_batch_size=4" \
+                  "pp2_1f1b_eager_la0:CUDA_MODULE_LOADING=EAGER:parallel.pp=2 parallel.schedule=\"1f1b\" train.micro_batch_size=4 parallel.p2p_lookahead=0" \
+                  "pp2_dualpipev_eager_la0:CUDA_MODULE_LOADING=EAGER:parallel.pp=2 parallel.schedule=\"dualpipev\" train.micro_batch_size=4 parallel.p2p_lookahead=0"; do
+      name=${layout%%:*}; rest=${layout#*:}; envs=${rest%%:*}; sets=()
+      for kv in ${rest#*:}; do sets+=(--set "$kv"); done
+      env $envs DSV3_STACK_DUMP_S=40 timeout 60 python3 -m torch.distributed.run --nproc_per_node 2 \
+          --master_port 29530 "${base[@]}" --out "$W/smoke_$name" "${sets[@]}" > "$W/smoke_$name.log" 2>&1
+      echo "smoke $name rc=$? $(grep -c '^step' "$W/smoke_$name.log") step lines" | tee -a "$OUT/smoke.txt"
+    done
+  }
+  smoke &
+  smoke_pid=$!
+  while [ ! -f "$W/prepare.rc" ]; do sleep 2; done
+  echo "prepare rc=$(cat "$W/prepare.rc") after ${SECONDS}s"; tail -n 3 "$W/prepare.log"
   [ "$(cat "$W/prepare.rc")" = 0 ] || exit 1
-  launch run_one env CUDA_VISIBLE_DEVICES=0 benchmarks/real_corpus_run.sh one "$W/spdata" "$W/run_one" 10.2
-  launch gpu1 env CUDA_VISIBLE_DEVICES=1 W="$W" benchmarks/two_gpu_session.sh gpu1
+  launch run_one env CUDA_VISIBLE_DEVICES=0 benchmarks/real_corpus_run.sh one "$W/spdata" "$W/run_one" 10.05
+  wait "$smoke_pid"
+  for f in "$W"/smoke_*.log; do tail -c 15000 "$f" > "$OUT/$(basename "$f")"; done
+  launch gpu1 env CUDA_VISIBLE_DEVICES=1 W="$W" GPU1_BUDGET="${GPU1_BUDGET:-640}" benchmarks/two_gpu_session.sh gpu1
   monitor false
   ;;
 gpu1)  # the GPU1 queue of phase 1, ended by a deadline so that phase 2 finds the GPU free
@@ -92,17 +100,17 @@ gpu1)  # the GPU1 queue of phase 1, ended by a deadline so that phase 2 finds th
   copy_run "$W/run_one" run_one
   cp "$W"/train_step_*.json "$OUT/" 2>/dev/null
   for f in "$W"/*.log; do tail -c 20000 "$f" > "$OUT/$(basename "$f")"; done
+  ls -la "$W/run_one/checkpoints" > "$OUT/run_one/checkpoints.txt" 2>&1
   rm -rf "$W/run_one/checkpoints"
   timeout $((LIMIT - SECONDS - 40)) python3 benchmarks/distributed.py --out "$W/dist" --data "$W/spdata" \
-      --runs dp2,ep2,pp2_dualpipev > "$W/dist.log" 2>&1
+      --runs "${DIST_RUNS:-dp2,ep2}" > "$W/dist.log" 2>&1
   echo "distributed rc=$?"; tail -n 8 "$W/dist.log"
   mkdir -p "$OUT/dist"; cp "$W/dist/distributed.json" "$OUT/dist/" 2>/dev/null
   for r in one dp2 ep2 pp2_dualpipev; do
     [ -d "$W/dist/$r" ] && { mkdir -p "$OUT/dist/$r"; cp "$W/dist/$r"/metrics.jsonl "$W/dist/$r"/result.json "$OUT/dist/$r/" 2>/dev/null; }
   done
   cp -r "$W/dist/pp2_dualpipev/traces" "$OUT/dist/pp2_dualpipev/" 2>/dev/null
-  launch run_ep2 benchmarks/real_corpus_run.sh ep2 "$W/spdata" "$W/run_ep2" 10.2
-  monitor false
+  [ -n "${EP2_RUN:-}" ] && { launch run_ep2 benchmarks/real_corpus_run.sh ep2 "$W/spdata" "$W/run_ep2" 10.2; monitor false; }
   ;;
 3)
   monitor bash -c '! alive run_ep2'

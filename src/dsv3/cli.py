@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from dsv3.errors import UserError
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         argv = ["train"]  # the embedded default: `dsv3` alone is `dsv3 train`
     args = parser.parse_args(argv)
+    if os.environ.get("DSV3_STACK_DUMP_S"):  # debugging a hang: print every thread's stack after N s, then exit
+        import faulthandler
+        faulthandler.dump_traceback_later(float(os.environ["DSV3_STACK_DUMP_S"]), exit=True)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

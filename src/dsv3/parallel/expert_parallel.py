@@ -250,13 +250,15 @@ def traffic_stats(model: nn.Module, ep_group=None, reset: bool = True) -> dict[s
     me = mods[0].transport.rank
     sent = sum(b for m in mods for i, b in enumerate(m.meter.sent_bytes) if i != me)
     rows = sum(m.meter.recv_rows for m in mods)
-    vals = torch.tensor([sent, rows], dtype=torch.float64)
+    # on the parameters' device: NCCL reduces CUDA tensors only
+    vals = torch.tensor([sent, rows], dtype=torch.float64, device=next(model.parameters()).device)
     mx, sm = vals.clone(), vals.clone()
     n = 1
     if ep_group is not None and dist.get_world_size(ep_group) > 1:
         dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=ep_group)
         dist.all_reduce(sm, group=ep_group)
         n = dist.get_world_size(ep_group)
+    vals, mx, sm = vals.cpu(), mx.cpu(), sm.cpu()
     mean = sm / n
     if reset:
         for m in mods:

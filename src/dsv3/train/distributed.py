@@ -82,6 +82,7 @@ class Layout:
             loss, aux = run_pipeline_step(self.pc.schedule, self.stages, micro_batches, loss_fn,
                                           group=self.mesh.pp_group, weights=weights,
                                           p2p_groups=self.mesh.p2p_groups,
+                                          lookahead=self.pc.p2p_lookahead,
                                           forward_context=forward_context,
                                           trace=trace_dir)  # also sums the tied embedding's grads (1F1B)
         self.finish_gradients()

@@ -94,7 +94,7 @@ class Comm:
         """Keep up to ``lookahead`` receives in flight on every incoming channel."""
         for peer, q in self.expected.items():
             inflight = sum(1 for k in self.posted if self._src(k) == peer)
-            while inflight < self.lookahead and q:
+            while inflight < self.lookahead and q:  # lookahead 0: every receive is posted by recv() itself
                 self._post_next(peer)
                 inflight += 1
 
