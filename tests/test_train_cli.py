@@ -196,3 +196,18 @@ def test_plot_and_eval_bad_dirs(capsys, tmp_path):
     _fails(capsys, ["plot", str(tmp_path / "nope")], "does not exist")
     _fails(capsys, ["plot", str(tmp_path)], "no metrics.jsonl")
     _fails(capsys, ["eval", "--ckpt", str(tmp_path)], "no checkpoint")
+
+
+def test_sample_after_compiled_training_runs_eager(tmp_path, train_data):
+    # The end-of-run sample decodes one token at a time: with the blocks compiled it must not recompile them
+    # for every new shape (on CUDA that path crashed after a 10-minute run; on CPU it recompiled 8 times).
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "dsv3", "train", "--data", str(train_data), "--out", str(tmp_path / "r"),
+                        "--quiet", "--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "train.seq_len=32",
+                        "--set", "model.num_hidden_layers=2", "--set", "train.compile=true",
+                        "--set", "train.sample_tokens=6", "--set", "train.eval_batches=1"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "greedy sample:" in r.stdout
+    assert "recompil" not in r.stderr.lower(), r.stderr[-2000:]

@@ -213,6 +213,8 @@ def init_distributed(pc: ParallelConfig | dict | None = None, model: ModelConfig
     if device == "auto":
         device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # 'cuda' under torchrun: this process's GPU
+        device = torch.device("cuda", local_rank)
     mesh = mesh_for(rank, world_size, pc, model, device)        # raises on every rank alike
     if world_size == 1 and not dist.is_initialized():
         return mesh

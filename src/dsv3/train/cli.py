@@ -184,9 +184,14 @@ def _train_and_report(trainer, cfg: RunConfig, run_dir: Path, data: Path, ckpt, 
     if cfg.train.sample_tokens > 0 and trainer.layout.distributed:
         print(f"sample: run `dsv3 generate --ckpt {run_dir}` (this run's experts are spread over processes)")
     elif cfg.train.sample_tokens > 0:
+        import torch
+
         from dsv3.train.sample import greedy_sample
 
-        text = greedy_sample(m, data, max_new_tokens=cfg.train.sample_tokens)
+        # Eager: decoding one token at a time would recompile the training-shaped blocks at every new shape
+        # (on torch 2.11 + CUDA it failed inside the MoE's dynamic-shape path after a 10-minute run).
+        with torch.compiler.set_stance("force_eager"):
+            text = greedy_sample(m, data, max_new_tokens=cfg.train.sample_tokens)
         print("greedy sample:\n" + text)
     return 0
 
