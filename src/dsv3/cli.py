@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun, load every CUDA kernel when CUDA starts: with lazy loading, the first launch of a
+        # kernel while an NCCL receive spins on the GPU blocked the host (pipeline runs hung on 2 H200s).
+        os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
     parser = build_parser()
     if not argv:
         argv = ["train"]  # the embedded default: `dsv3` alone is `dsv3 train`

@@ -50,7 +50,7 @@ class ParallelConfig:
     schedule: str = "1f1b"            # pipeline schedule when pp > 1: '1f1b' or 'dualpipev'
     microbatches: int = 0             # pipeline micro-batches per step; 0 = batch / micro_batch_size
     trace: bool = False               # write a per-rank Chrome trace of the pipeline schedule
-    p2p_lookahead: int = 2            # pipeline receives posted ahead of need per channel (0 = only when needed)
+    p2p_lookahead: int = 0            # pipeline receives posted ahead of need per channel (0 = when needed; >0 untested on NCCL)
     bucket_mb: float = 25.0           # gradient all-reduce bucket size in MiB
     timeout_s: float = 600.0          # collective timeout (a hang becomes an error after this long)
 

@@ -148,6 +148,20 @@ def run_train(args: argparse.Namespace) -> int:
             save_json(cfg, run_dir / "config.json")
         trainer.layout.barrier()
         return _train_and_report(trainer, cfg, run_dir, data, ckpt, quiet=args.quiet)
+    except Exception as e:
+        if trainer.layout.distributed and not isinstance(e, UserError):
+            # A failure on one rank leaves the others blocked in a collective, and tearing the process group
+            # down would then block this rank too, hiding the error: print it now and leave at once
+            # (torchrun stops the other ranks).
+            import os
+            import sys
+            import traceback
+            print(f"rank {trainer.layout.mesh.rank}: training failed:", file=sys.stderr)
+            traceback.print_exc()
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(1)
+        raise
     finally:
         trainer.close()
 
