@@ -114,6 +114,7 @@ class FP8GroupedMMFunction(torch.autograd.Function):
         return dx, dw, None, None, None
 
 
+@torch.compiler.disable  # as dsv3.fp8.linear.fp8_linear: eager inside compiled blocks
 def fp8_grouped_mm(
     x: Tensor, w: Tensor, offs: Tensor, pow2_scale: bool = False, backend: str = "auto"
 ) -> Tensor:

@@ -84,6 +84,10 @@ class FP8LinearFunction(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
+# Kept out of compiled graphs: inductor cannot lower _scaled_mm's blockwise-scale modes (torch 2.11 + H200:
+# "Inductor Triton does not support scale_a.shape = [M, K/128]") and its CPU backend fails on the tile
+# reshapes of the quantizer. A compiled block runs the rest fused and calls this eagerly (a graph break).
+@torch.compiler.disable
 def fp8_linear(
     x: Tensor,
     weight: Tensor,
