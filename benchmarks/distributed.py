@@ -135,6 +135,8 @@ def main() -> None:
               "--set", f"train.micro_batch_size={args.micro}", "--set", "train.eval_every=0",
               "--set", "train.eval_batches=1", "--set", "train.sample_tokens=0", "--set", "train.save_every=100000",
               "--set", "train.batch_ramp_start=0", "--set", "train.warmup_steps=2",
+              # configs/small.toml's peak LR: the trainer default (2e-3, sized for tiny) diverged on small
+              "--set", f"train.lr={4.2e-4 if args.preset == 'small' else 2e-3}",
               "--set", f'train.device="{args.device}"', "--set", f"train.compile={str(args.device == 'cuda').lower()}"]
     res: dict = {"device": None, "torch": None, "preset": args.preset, "seq": seq, "micro": args.micro,
                  "per_gpu_batch": per_gpu}

@@ -20,27 +20,35 @@ def flops_per_token(model_cfg: ModelConfig, seq_len: int) -> float:
 
 
 def measure_peak_flops(device: torch.device, seconds: float = 0.5) -> tuple[float, str]:
-    """(FLOP/s, description) of a dense GEMM on ``device``: bf16 8192^2 on CUDA, fp32 1024^2 on CPU.
+    """(FLOP/s, description) of a dense GEMM on ``device``: bf16 8192^3 on CUDA, fp32 1024^3 on CPU.
 
     The CPU figure is only a yardstick (there is no published peak to compare against); say so in the log.
     """
     if device.type == "cuda":
-        n, dtype, what = 8192, torch.bfloat16, "measured bf16 GEMM"
-    else:
-        n, dtype, what = 1024, torch.float32, "measured fp32 CPU matmul (a yardstick, not a hardware peak)"
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        # The fastest of 20 single GEMMs timed with CUDA events: another process on the same GPU time-slices
+        # it (a mean over a window read 351 instead of ~729 TFLOP/s on an H200 shared with a smoke test).
+        n = 8192
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ b
+        best = float("inf")
+        for _ in range(20):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            a @ b
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        return 2 * n ** 3 / best, "measured bf16 GEMM, fastest of 20"
+    n, what = 1024, "measured fp32 CPU matmul (a yardstick, not a hardware peak)"
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
     a @ b
-    sync()
     reps, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds or reps < 3:
         a @ b
         reps += 1
-        if device.type == "cuda" and reps % 10:
-            continue
-        sync()
-    sync()
     rate = 2 * n ** 3 * reps / (time.perf_counter() - start)
     return rate, what
 
