@@ -183,18 +183,32 @@ class ShardedOptimizer:
 
     def state_dict(self) -> dict:
         """Layout-independent optimizer state, the same on every rank (COLLECTIVE over dp_group: call on all
-        ranks): per parameter NAME, full-size tensors (expert moments re-assembled to [E, ...]). Loads into
-        any other layout, or into a single process with ``load_named_optimizer_state``. Goes through
-        all_gather_object (pickled, host memory): fine for checkpoints of models that fit one host."""
+        ranks): per parameter NAME, full-size CPU tensors (expert moments re-assembled to [E, ...]). Loads into
+        any other layout, or into a single process with ``load_named_optimizer_state``.
+
+        Gathered in two rounds: ``all_gather_object`` of small metadata only (each rank's ep_rank, parameter
+        names, state keys, tensor shapes and dtypes, and the non-tensor values), then the tensors themselves as
+        raw bytes, broadcast from their owner over dp_group in buffers of at most ``_GATHER_CHUNK_BYTES``
+        (several small tensors packed into one buffer, so the collectives scale with the state's size, not
+        with the number of parameters). On NCCL the buffers travel on ``mesh.device``; every rank ends with
+        the whole state in host memory, so this suits models whose optimizer state fits one host's memory."""
+        if group_size(self.mesh.dp_group) > 1:
+            gathered = _gather_states(self.mesh, self._local_state(to_cpu=False))
+        else:
+            gathered = [(self.mesh.ep_rank, self._local_state())]
+        return self._assemble(gathered)
+
+    def _local_state(self, to_cpu: bool = True) -> dict:
+        """This rank's state by parameter name (tensors detached; on the CPU unless ``to_cpu`` is False)."""
         local = {}
         for z in self.parts:
             for p, st in z.optim.state.items():
-                local[self.names[id(p)]] = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in st.items()}
-        if group_size(self.mesh.dp_group) > 1:
-            gathered = [None] * self.mesh.dp
-            dist.all_gather_object(gathered, (self.mesh.ep_rank, local), group=self.mesh.dp_group)
-        else:
-            gathered = [(self.mesh.ep_rank, local)]
+                local[self.names[id(p)]] = {k: (v.detach().cpu() if to_cpu else v.detach()) if torch.is_tensor(v)
+                                            else v for k, v in st.items()}
+        return local
+
+    def _assemble(self, gathered: list[tuple[int, dict]]) -> dict:
+        """(ep_rank, {name: {key: value}}) per dp rank -> the named format (expert shards concatenated)."""
         full, shards = {}, {}
         for ep_rank, st in gathered:
             for name, v in st.items():
@@ -207,6 +221,17 @@ class ShardedOptimizer:
             full[name] = {k: torch.cat([by_rank[r][k] for r in range(self.mesh.ep)])
                           if torch.is_tensor(v) and v.ndim > 0 else v for k, v in first.items()}
         return {"format": NAMED_FORMAT, "state": full}
+
+    def _state_dict_via_objects(self) -> dict:
+        """The former ``state_dict``: every rank's state pickled through ``all_gather_object`` (slow and
+        memory-hungry on NCCL). Kept only as the reference for tests of ``state_dict``."""
+        local = self._local_state()
+        if group_size(self.mesh.dp_group) > 1:
+            gathered = [None] * self.mesh.dp
+            dist.all_gather_object(gathered, (self.mesh.ep_rank, local), group=self.mesh.dp_group)
+        else:
+            gathered = [(self.mesh.ep_rank, local)]
+        return self._assemble(gathered)
 
     def load_state_dict(self, state: dict) -> None:
         """Load a ``state_dict()`` of any layout (no communication); each rank takes its owned parameters'
@@ -225,6 +250,64 @@ class ShardedOptimizer:
 
 
 NAMED_FORMAT = "dsv3-named-optimizer-v1"
+
+# Largest buffer (bytes) that ``state_dict`` broadcasts at once (a single bigger tensor goes alone, uncopied on
+# its owner): bounds the extra device memory of a checkpoint while keeping the number of collectives small.
+_GATHER_CHUNK_BYTES = 256 * 2 ** 20
+
+
+def _gather_states(mesh: Mesh, local: dict) -> list[tuple[int, dict]]:
+    """(ep_rank, {name: {key: value}}) of every rank of dp_group, in group-rank order (COLLECTIVE).
+
+    Round 1, ``all_gather_object`` of metadata: per rank its ep_rank and, per name, the (key, spec) pairs in
+    state order, spec being ("tensor", shape, dtype) or ("value", v) for non-tensor values. Round 2: every
+    rank walks the tensors in the same order (owner rank, then metadata order), cuts them into chunks of at
+    most ``_GATHER_CHUNK_BYTES`` and broadcasts each chunk from its owner as one uint8 buffer (byte views:
+    bit-exact, and any dtype, including float8 and bool, crosses gloo and NCCL alike). Receivers slice the
+    buffer back into CPU tensors (each its own storage)."""
+    group = mesh.dp_group
+    meta = {name: [(k, ("tensor", tuple(v.shape), v.dtype) if torch.is_tensor(v) else ("value", v))
+                   for k, v in st.items()] for name, st in local.items()}
+    metas: list = [None] * group_size(group)
+    dist.all_gather_object(metas, (mesh.ep_rank, meta), group=group)
+    me = dist.get_rank(group)
+    dev = mesh.device if mesh.backend == "nccl" else torch.device("cpu")
+
+    out: list[tuple[int, dict]] = []
+    for r, (ep_rank, rmeta) in enumerate(metas):
+        states = {name: {k: (spec[1] if spec[0] == "value" else None) for k, spec in entries}
+                  for name, entries in rmeta.items()}
+        out.append((ep_rank, states))
+        todo = [(name, k, spec[1], spec[2], math.prod(spec[1]) * spec[2].itemsize)
+                for name, entries in rmeta.items() for k, spec in entries if spec[0] == "tensor"]
+        chunks, cur, cur_bytes = [], [], 0
+        for item in todo:
+            if cur and cur_bytes + item[4] > _GATHER_CHUNK_BYTES:
+                chunks.append(cur)
+                cur, cur_bytes = [], 0
+            cur.append(item)
+            cur_bytes += item[4]
+        if cur:
+            chunks.append(cur)
+        src = dist.get_global_rank(group, r)
+        for chunk in chunks:
+            nbytes = sum(item[4] for item in chunk)
+            if nbytes == 0:
+                buf = torch.empty(0, dtype=torch.uint8)
+            else:
+                if r == me:
+                    views = [local[name][k].detach().to(dev).reshape(-1).view(torch.uint8)
+                             for name, k, *_ in chunk]
+                    buf = views[0] if len(views) == 1 else torch.cat(views)
+                else:
+                    buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+                dist.broadcast(buf, src=src, group=group)
+                buf = buf.cpu()
+            offset = 0
+            for name, k, shape, dtype, n in chunk:
+                states[name][k] = buf[offset:offset + n].clone().view(dtype).reshape(shape)
+                offset += n
+    return out
 
 
 def _expert_slices(model: nn.Module) -> dict[str, slice]:
