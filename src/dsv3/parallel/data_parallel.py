@@ -257,32 +257,74 @@ _GATHER_CHUNK_BYTES = 256 * 2 ** 20
 
 
 def _gather_states(mesh: Mesh, local: dict) -> list[tuple[int, dict]]:
-    """(ep_rank, {name: {key: value}}) of every rank of dp_group, in group-rank order (COLLECTIVE).
-
-    Round 1, ``all_gather_object`` of metadata: per rank its ep_rank and, per name, the (key, spec) pairs in
-    state order, spec being ("tensor", shape, dtype) or ("value", v) for non-tensor values. Round 2: every
-    rank walks the tensors in the same order (owner rank, then metadata order), cuts them into chunks of at
-    most ``_GATHER_CHUNK_BYTES`` and broadcasts each chunk from its owner as one uint8 buffer (byte views:
-    bit-exact, and any dtype, including float8 and bool, crosses gloo and NCCL alike). Receivers slice the
-    buffer back into CPU tensors (each its own storage)."""
-    group = mesh.dp_group
-    meta = {name: [(k, ("tensor", tuple(v.shape), v.dtype) if torch.is_tensor(v) else ("value", v))
-                   for k, v in st.items()] for name, st in local.items()}
-    metas: list = [None] * group_size(group)
-    dist.all_gather_object(metas, (mesh.ep_rank, meta), group=group)
-    me = dist.get_rank(group)
+    """(ep_rank, {name: {key: value}}) of every rank of dp_group, in group-rank order (COLLECTIVE): the
+    tensor-wise gather of ``gather_tensor_dicts`` over dp_group, with each rank's ep_rank carried in the
+    metadata round (buffers on ``mesh.device`` under NCCL, else on the CPU)."""
     dev = mesh.device if mesh.backend == "nccl" else torch.device("cpu")
+    headers, dicts = _gather_tensor_dicts(local, mesh.dp_group, dev, header=mesh.ep_rank)
+    return list(zip(headers, dicts))
 
-    out: list[tuple[int, dict]] = []
-    for r, (ep_rank, rmeta) in enumerate(metas):
-        states = {name: {k: (spec[1] if spec[0] == "value" else None) for k, spec in entries}
-                  for name, entries in rmeta.items()}
-        out.append((ep_rank, states))
-        todo = [(name, k, spec[1], spec[2], math.prod(spec[1]) * spec[2].itemsize)
-                for name, entries in rmeta.items() for k, spec in entries if spec[0] == "tensor"]
+
+def gather_tensor_dicts(local: dict, group, device: torch.device | str,
+                        chunk_bytes: int | None = None) -> list[dict]:
+    """Every rank's ``local`` dict, in group-rank order, with its tensors as CPU tensors (COLLECTIVE over
+    ``group``; None means the default group): what ``dist.all_gather_object`` of the dicts returns, bit for
+    bit (keys in order, dtypes, shapes, 0-dim tensors, non-tensor values), without pickling the tensors.
+
+    ``local`` maps keys to tensors, to non-tensor values, or to dicts one level deep of {key: tensor | value}
+    (optimizer state: name -> {"step", "exp_avg", ...}); anything deeper counts as a non-tensor value.
+
+    Round 1, ``all_gather_object`` of metadata: per rank, its keys in order with per entry ("tensor", shape,
+    dtype), ("value", v) or ("dict", [(key, spec), ...]). Round 2: every rank walks the tensors in the same
+    order (owner rank, then metadata order), cuts them into chunks of at most ``chunk_bytes`` (default
+    ``_GATHER_CHUNK_BYTES``; a single bigger tensor goes alone) and broadcasts each chunk from its owner as one
+    uint8 buffer on ``device`` (byte views: bit-exact, and any dtype, including float8 and bool, crosses gloo
+    and NCCL alike). Pass the backend's device: the rank's CUDA device under NCCL, the CPU under gloo.
+    Receivers slice the buffer back into CPU tensors, each with its own storage (contiguous, detached):
+    values match the pickled gather, but strides and storage sharing between entries are not kept, the
+    containers are plain dicts, and a tensor hidden inside a non-tensor value still travels pickled."""
+    return _gather_tensor_dicts(local, group, device, chunk_bytes=chunk_bytes)[1]
+
+
+def _leaf_spec(v) -> tuple:
+    return ("tensor", tuple(v.shape), v.dtype) if torch.is_tensor(v) else ("value", v)
+
+
+def _gather_tensor_dicts(local: dict, group, device, header=None,
+                         chunk_bytes: int | None = None) -> tuple[list, list[dict]]:
+    """``gather_tensor_dicts`` plus a small picklable ``header`` per rank sent along with the metadata;
+    returns (headers, dicts), both in group-rank order."""
+    if group is None:
+        group = dist.group.WORLD
+    cap = _GATHER_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    dev = torch.device(device)
+    meta = [(name, ("dict", [(k, _leaf_spec(x)) for k, x in v.items()]) if isinstance(v, dict) else _leaf_spec(v))
+            for name, v in local.items()]
+    metas: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(metas, (header, meta), group=group)
+    me = dist.get_rank(group)
+
+    headers: list = []
+    out: list[dict] = []
+    for r, (rheader, rmeta) in enumerate(metas):
+        result: dict = {}
+        todo = []   # (container, key, shape, dtype, nbytes, path in ``local``) of each tensor, in order
+        for name, spec in rmeta:
+            if spec[0] == "dict":
+                inner = result[name] = {}
+                for k, sub in spec[1]:
+                    inner[k] = sub[1] if sub[0] == "value" else None
+                    if sub[0] == "tensor":
+                        todo.append((inner, k, sub[1], sub[2], math.prod(sub[1]) * sub[2].itemsize, (name, k)))
+            else:
+                result[name] = spec[1] if spec[0] == "value" else None
+                if spec[0] == "tensor":
+                    todo.append((result, name, spec[1], spec[2], math.prod(spec[1]) * spec[2].itemsize, (name,)))
+        headers.append(rheader)
+        out.append(result)
         chunks, cur, cur_bytes = [], [], 0
         for item in todo:
-            if cur and cur_bytes + item[4] > _GATHER_CHUNK_BYTES:
+            if cur and cur_bytes + item[4] > cap:
                 chunks.append(cur)
                 cur, cur_bytes = [], 0
             cur.append(item)
@@ -296,18 +338,20 @@ def _gather_states(mesh: Mesh, local: dict) -> list[tuple[int, dict]]:
                 buf = torch.empty(0, dtype=torch.uint8)
             else:
                 if r == me:
-                    views = [local[name][k].detach().to(dev).reshape(-1).view(torch.uint8)
-                             for name, k, *_ in chunk]
+                    views = []
+                    for *_, path in chunk:
+                        t = local[path[0]] if len(path) == 1 else local[path[0]][path[1]]
+                        views.append(t.detach().to(dev).reshape(-1).view(torch.uint8))
                     buf = views[0] if len(views) == 1 else torch.cat(views)
                 else:
                     buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
                 dist.broadcast(buf, src=src, group=group)
                 buf = buf.cpu()
             offset = 0
-            for name, k, shape, dtype, n in chunk:
-                states[name][k] = buf[offset:offset + n].clone().view(dtype).reshape(shape)
+            for container, key, shape, dtype, n, _ in chunk:
+                container[key] = buf[offset:offset + n].clone().view(dtype).reshape(shape)
                 offset += n
-    return out
+    return headers, out
 
 
 def _expert_slices(model: nn.Module) -> dict[str, slice]:
