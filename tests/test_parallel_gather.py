@@ -54,9 +54,9 @@ def gather_worker(rank: int, world_size: int) -> dict:
     reference: list = [None] * world_size
     dist.all_gather_object(reference, _without_f8(local))
     out = {"reference": reference,
-           "default": gather_tensor_dicts(local, None, "cpu"),
-           "tiny_chunks": gather_tensor_dicts(local, sub, torch.device("cpu"), chunk_bytes=7),
-           "one_byte_chunks": gather_tensor_dicts(local, dist.group.WORLD, "cpu", chunk_bytes=1)}
+           "default": gather_tensor_dicts(local, None),
+           "tiny_chunks": gather_tensor_dicts(local, sub, chunk_bytes=7),
+           "one_byte_chunks": gather_tensor_dicts(local, dist.group.WORLD, chunk_bytes=1)}
     # the gather copies: the caller's tensors are not aliased by the result
     mine = out["default"][rank]
     out["aliased"] = any(torch.is_tensor(v) and v.numel() and v.untyped_storage().data_ptr()

@@ -63,7 +63,7 @@ class GradReducer:
         expert_ids = {id(p) for p in expert_params}
         params = [p for p in model.parameters() if p.requires_grad]
         self.buckets: list[_Bucket] = []
-        cur, cur_bytes, cur_key = [], 0, None
+        cur, cur_bytes, cur_key, cur_group = [], 0, None, None
         for p in reversed(params):
             group = mesh.edp_group if id(p) in expert_ids else mesh.dp_group
             key = (id(group), p.dtype, p.device)
@@ -259,14 +259,12 @@ _GATHER_CHUNK_BYTES = 256 * 2 ** 20
 def _gather_states(mesh: Mesh, local: dict) -> list[tuple[int, dict]]:
     """(ep_rank, {name: {key: value}}) of every rank of dp_group, in group-rank order (COLLECTIVE): the
     tensor-wise gather of ``gather_tensor_dicts`` over dp_group, with each rank's ep_rank carried in the
-    metadata round (buffers on ``mesh.device`` under NCCL, else on the CPU)."""
-    dev = mesh.device if mesh.backend == "nccl" else torch.device("cpu")
-    headers, dicts = _gather_tensor_dicts(local, mesh.dp_group, dev, header=mesh.ep_rank)
+    metadata round."""
+    headers, dicts = _gather_tensor_dicts(local, mesh.dp_group, header=mesh.ep_rank)
     return list(zip(headers, dicts))
 
 
-def gather_tensor_dicts(local: dict, group, device: torch.device | str,
-                        chunk_bytes: int | None = None) -> list[dict]:
+def gather_tensor_dicts(local: dict, group, chunk_bytes: int | None = None) -> list[dict]:
     """Every rank's ``local`` dict, in group-rank order, with its tensors as CPU tensors (COLLECTIVE over
     ``group``; None means the default group): what ``dist.all_gather_object`` of the dicts returns, bit for
     bit (keys in order, dtypes, shapes, 0-dim tensors, non-tensor values), without pickling the tensors.
@@ -278,26 +276,28 @@ def gather_tensor_dicts(local: dict, group, device: torch.device | str,
     dtype), ("value", v) or ("dict", [(key, spec), ...]). Round 2: every rank walks the tensors in the same
     order (owner rank, then metadata order), cuts them into chunks of at most ``chunk_bytes`` (default
     ``_GATHER_CHUNK_BYTES``; a single bigger tensor goes alone) and broadcasts each chunk from its owner as one
-    uint8 buffer on ``device`` (byte views: bit-exact, and any dtype, including float8 and bool, crosses gloo
-    and NCCL alike). Pass the backend's device: the rank's CUDA device under NCCL, the CPU under gloo.
+    uint8 buffer (byte views: bit-exact, and any dtype, including float8 and bool, crosses gloo and NCCL
+    alike), on the group's device: this rank's current CUDA device under NCCL, else the CPU.
     Receivers slice the buffer back into CPU tensors, each with its own storage (contiguous, detached):
     values match the pickled gather, but strides and storage sharing between entries are not kept, the
     containers are plain dicts, and a tensor hidden inside a non-tensor value still travels pickled."""
-    return _gather_tensor_dicts(local, group, device, chunk_bytes=chunk_bytes)[1]
+    return _gather_tensor_dicts(local, group, chunk_bytes=chunk_bytes)[1]
 
 
 def _leaf_spec(v) -> tuple:
     return ("tensor", tuple(v.shape), v.dtype) if torch.is_tensor(v) else ("value", v)
 
 
-def _gather_tensor_dicts(local: dict, group, device, header=None,
+def _gather_tensor_dicts(local: dict, group, header=None,
                          chunk_bytes: int | None = None) -> tuple[list, list[dict]]:
     """``gather_tensor_dicts`` plus a small picklable ``header`` per rank sent along with the metadata;
     returns (headers, dicts), both in group-rank order."""
     if group is None:
         group = dist.group.WORLD
     cap = _GATHER_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    dev = torch.device(device)
+    # NCCL moves CUDA tensors only (init_distributed set this rank's device current); gloo, CPU tensors
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+        else torch.device("cpu")
     meta = [(name, ("dict", [(k, _leaf_spec(x)) for k, x in v.items()]) if isinstance(v, dict) else _leaf_spec(v))
             for name, v in local.items()]
     metas: list = [None] * dist.get_world_size(group)

@@ -162,18 +162,12 @@ class Layout:
         return self.par.traffic_stats()
 
     # ------------------------------------------------------------ checkpoint
-    @property
-    def _gather_device(self) -> torch.device:
-        """Where checkpoint gathers (``gather_tensor_dicts``) move their buffers: this rank's GPU under NCCL,
-        else the CPU (as ``ShardedOptimizer.state_dict`` does)."""
-        return self.mesh.device if self.mesh.backend == "nccl" else torch.device("cpu")
-
     def model_state(self, model) -> dict:
         """Full state dict (every expert, every stage) on every rank: a collective under EP and PP."""
         if self.pp > 1 and self.par is not None:  # experts gathered over EP, then stages over pp
             from dsv3.parallel.data_parallel import gather_tensor_dicts
             mine = {k: v.detach() if torch.is_tensor(v) else v for k, v in self.par.full_state_dict().items()}
-            parts = gather_tensor_dicts(mine, self.mesh.pp_group, self._gather_device)
+            parts = gather_tensor_dicts(mine, self.mesh.pp_group)
             full = {}
             for part in parts:
                 full.update(part)
@@ -211,7 +205,7 @@ class Layout:
         if self.pp > 1:  # each stage owns its parameters' state: gather the names of all of them
             from dsv3.parallel.data_parallel import gather_tensor_dicts
             mine = optimizer.state_dict() if self.par is not None else named_optimizer_state(optimizer, self.held)
-            parts = gather_tensor_dicts(mine["state"], self.mesh.pp_group, self._gather_device)
+            parts = gather_tensor_dicts(mine["state"], self.mesh.pp_group)
             merged = {}
             for part in parts:
                 merged.update(part)

@@ -228,7 +228,7 @@ def full_state_dict(stages: list[PipelineStage], group=None) -> dict[str, torch.
 
     Layout-independent: equal to ``model.state_dict()`` of the unsplit model, as CPU tensors. Every rank's
     stage state travels tensor-wise (``gather_tensor_dicts``: metadata as objects, tensors as byte buffers
-    broadcast from their owner, on the stages' device under NCCL, else on the CPU), and every rank ends with
+    broadcast from their owner), and every rank ends with
     the whole model in host memory; models that do not fit one host should save per-rank shards of
     ``stage_state_dict`` under the same keys instead.
     """
@@ -237,11 +237,7 @@ def full_state_dict(stages: list[PipelineStage], group=None) -> dict[str, torch.
         return {k: v.detach().cpu() for k, v in stage_state_dict(stages).items()}
     from dsv3.parallel.data_parallel import gather_tensor_dicts
     mine = {k: v.detach() if torch.is_tensor(v) else v for k, v in stage_state_dict(stages).items()}
-    device = torch.device("cpu")
-    if dist.get_backend(group) == "nccl":
-        params = [p for st in stages for p in st.parameters()]
-        device = params[0].device if params else torch.device("cuda", torch.cuda.current_device())
     full: dict[str, torch.Tensor] = {}
-    for p in gather_tensor_dicts(mine, group, device):
+    for p in gather_tensor_dicts(mine, group):
         full.update(p)
     return full
