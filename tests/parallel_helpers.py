@@ -28,6 +28,17 @@ def small_config(**changes) -> ModelConfig:
     return preset("tiny").replace(**base)
 
 
+def pipeline_config(layers: int = 8, **changes) -> ModelConfig:
+    """``layers`` layers (first dense, rest MoE) + 1 MTP layer; 8 experts top-2; fast on CPU (pipeline tests)."""
+    base = dict(vocab_size=256, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                num_hidden_layers=layers, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2,
+                n_group=4, topk_group=2, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+                qk_nope_head_dim=8, v_head_dim=8, num_attention_heads=2, num_key_value_heads=2,
+                max_position_embeddings=64, num_nextn_predict_layers=1, initializer_range=0.05)
+    base.update(changes)
+    return preset("tiny").replace(**base)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,22 +10,10 @@ import json
 
 import torch
 
-from dsv3.config import preset
 from dsv3.model import DeepseekV3
-from parallel_helpers import run_ranks, unwrap
+from parallel_helpers import pipeline_config as tiny_config, run_ranks, unwrap
 
 MTP_LAMBDA, ALPHA = 0.3, 1e-2
-
-
-def tiny_config(layers: int = 8, **changes):
-    """8 layers (first dense, rest MoE) + 1 MTP layer; 8 experts top-2; fast on CPU."""
-    base = dict(vocab_size=256, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-                num_hidden_layers=layers, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2,
-                n_group=4, topk_group=2, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
-                qk_nope_head_dim=8, v_head_dim=8, num_attention_heads=2, num_key_value_heads=2,
-                max_position_embeddings=64, num_nextn_predict_layers=1, initializer_range=0.05)
-    base.update(changes)
-    return preset("tiny").replace(**base)
 
 
 def micro_batches(cfg, m: int, b: int = 1, seq: int = 12, docs: bool = False, seed: int = 1) -> list[dict]:

@@ -16,6 +16,7 @@ from dsv3.parallel.pipeline.backward import backward_full, backward_input
 from dsv3.parallel.pipeline.comm import messages_sent
 from dsv3.parallel.pipeline.partition import chunk_owner, layer_cost, num_chunks
 from dsv3.parallel.pipeline.schedules import Op, simulate, table2_bubble, validate
+from parallel_helpers import pipeline_config as _cfg
 
 CASES = [("1f1b", 2, 1), ("1f1b", 2, 4), ("1f1b", 4, 3), ("1f1b", 4, 8), ("dualpipev", 1, 2),
          ("dualpipev", 2, 4), ("dualpipev", 2, 7), ("dualpipev", 4, 8), ("dualpipev", 4, 13),
@@ -121,14 +122,6 @@ def test_too_few_micro_batches():
 
 # ---------------------------------------------------------------------------------------- partition
 
-def _cfg(layers=8, **kw):
-    base = dict(vocab_size=256, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-                num_hidden_layers=layers, first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2,
-                n_group=4, topk_group=2, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
-                qk_nope_head_dim=8, v_head_dim=8, num_attention_heads=2, num_key_value_heads=2,
-                max_position_embeddings=64, num_nextn_predict_layers=1, initializer_range=0.05)
-    base.update(kw)
-    return preset("tiny").replace(**base)
 
 
 def test_partition_is_contiguous_and_min_max_optimal():
