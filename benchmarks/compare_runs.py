@@ -12,18 +12,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from dsv3.train.metrics import read_jsonl  # noqa: E402
+
 
 def load(run: Path) -> tuple[dict, list[dict]]:
     """(train series {tokens, loss, step, tokens_per_s}, eval records) of one run directory."""
-    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    train = [r for r in recs if "loss" in r and "tokens" in r and not r.get("skipped")]
-    evals = [r for r in recs if "tokens_seen" in r]
-    if (run / "eval.jsonl").exists():
-        evals += [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in read_jsonl(run / "metrics.jsonl") if "loss" in r and "tokens" in r and not r.get("skipped")]
+    if not train:
+        raise SystemExit(f"{run}: no training steps in metrics.jsonl (is it a `dsv3 train` run directory?)")
+    evals = read_jsonl(run / "eval.jsonl")
     series = {k: np.array([r.get(k, np.nan) for r in train], dtype=float)
               for k in ("tokens", "loss", "step", "tokens_per_s")}
     return series, evals
@@ -71,7 +75,7 @@ def main() -> None:
         med_tps = float(np.nanmedian(series["tokens_per_s"][len(series["tokens_per_s"]) // 5:]))
         entry = {"dir": str(run), "steps": int(series["step"][-1]), "tokens": float(series["tokens"][-1]),
                  "median_tokens_per_s": med_tps, "last_loss_smoothed": float(smooth(series["loss"], args.window)[-1]),
-                 "eval": [{k: e[k] for k in e if k in ("step", "tokens_seen", "val_loss", "loss", "ppl", "maxvio")}
+                 "eval": [{k: e[k] for k in e if k in ("step", "tokens_seen", "loss", "ppl", "maxvio")}
                           for e in evals]}
         if series is not ref:
             c = compare(ref, series, args.window)
@@ -80,10 +84,9 @@ def main() -> None:
             # validation at the same steps in both runs
             ref_eval = {e["step"]: e for e in data[0][1]}
             pairs = [(e, ref_eval[e["step"]]) for e in evals if e["step"] in ref_eval]
-            key = next((k for k in ("val_loss", "loss") if pairs and k in pairs[0][0]), None)
-            if key:
-                entry["eval_rel_diff"] = [{"step": e["step"], "ref": r[key], "run": e[key],
-                                           "rel": (e[key] - r[key]) / r[key]} for e, r in pairs]
+            if pairs:
+                entry["eval_rel_diff"] = [{"step": e["step"], "ref": r["loss"], "run": e["loss"],
+                                           "rel": (e["loss"] - r["loss"]) / r["loss"]} for e, r in pairs]
         out["runs"][label] = entry
         rows.append((label, entry))
 
