@@ -17,7 +17,10 @@ Quantization per GEMM, as in the linear layer:
   mixes two experts' tokens (DeepSeek-V3 pads each expert's tokens to 128).
   ``x^T`` quantized this way is what the forward saves (FP8).
 
-GPU path: a per-group loop of blockwise ``torch._scaled_mm``
+GPU paths: with ``aligned=True`` (every group starts at a multiple of 128 rows,
+as ``dsv3.model.moe`` lays them out for FP8) and Triton installed, two
+one-launch Triton kernels for all experts (``dsv3.fp8.triton_grouped``), no
+host sync; otherwise a per-group loop of blockwise ``torch._scaled_mm``
 (``dsv3.fp8.gemm``). ``torch._scaled_grouped_mm`` cannot run this recipe: in
 torch's ``_scaled_grouped_mm_cuda`` (``GroupedBlas.cpp``, torch 2.9-2.13) fp32
 scales are accepted only as *rowwise* scales (``_check_scales_fp8_rowwise``:
@@ -34,11 +37,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dsv3.fp8.blocks import BLOCK, TILE, quantize_weight_blocks
+from dsv3.fp8 import triton_grouped
 from dsv3.fp8.gemm import fp8_gemm_nt
 from dsv3.fp8.triton_quant import quantize_tiles
+from dsv3.fp8.weight_cache import weight_blocks, weight_blocks_transposed
 
-__all__ = ["fp8_grouped_mm", "FP8GroupedMMFunction", "group_bounds", "quantize_tokens_grouped"]
+__all__ = ["fp8_grouped_mm", "FP8GroupedMMFunction", "group_bounds", "quantize_tokens_grouped",
+           "triton_path_available"]
 
 
 def group_bounds(offs: Tensor, num_groups: int | None = None) -> list[tuple[int, int]]:
@@ -64,35 +69,54 @@ class FP8GroupedMMFunction(torch.autograd.Function):
     """Autograd for ``fp8_grouped_mm``. See the module docstring for the recipe."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, offs: Tensor, pow2_scale: bool, backend: str):
+    def forward(ctx, x: Tensor, w: Tensor, offs: Tensor, pow2_scale: bool, backend: str, fast: bool):
         t, k = x.shape
         e_count, n, k_w = w.shape
         if k_w != k:
             raise ValueError(f"x [T, {k}] does not match w [E, N, {k_w}]")
-        bounds = group_bounds(offs, e_count)
-        if bounds and bounds[-1][1] > t:
-            raise ValueError(f"offs ends at {bounds[-1][1]} but x has {t} rows")
         xq, xs = quantize_tiles(x, pow2_scale, backend)
-        wq, ws = quantize_weight_blocks(w, BLOCK, pow2_scale)  # [E, N, K], [E, nb, kb]
-        y = x.new_zeros(t, n)
-        for g, (s, e) in enumerate(bounds):
-            if e > s:
-                y[s:e] = fp8_gemm_nt(xq[s:e], xs[s:e], "tile", wq[g], ws[g], "block",
-                                     out_dtype=x.dtype, backend=backend)
-        saved = []
-        if ctx.needs_input_grad[1]:
-            for q, sc in quantize_tokens_grouped(x, bounds, pow2_scale, backend):
-                saved += [q, sc]
-        ctx.save_for_backward(wq, ws, *saved)
+        wq, ws = weight_blocks(w, pow2_scale)  # [E, N, K], [E, nb, kb]
+        ctx.fast = fast
+        if fast:  # one Triton launch for all groups; the group ends stay on the device
+            bounds = None
+            y = triton_grouped.grouped_fp8_nt(xq, xs, wq, ws, offs, out_dtype=x.dtype)
+            # x^T tiled along tokens over all rows at once: groups start at multiples of 128, so no tile
+            # mixes two groups
+            saved = list(quantize_tiles(x.t(), pow2_scale, backend)) if ctx.needs_input_grad[1] else []
+        else:
+            bounds = group_bounds(offs, e_count)
+            if bounds and bounds[-1][1] > t:
+                raise ValueError(f"offs ends at {bounds[-1][1]} but x has {t} rows")
+            y = x.new_zeros(t, n)
+            for g, (s, e) in enumerate(bounds):
+                if e > s:
+                    y[s:e] = fp8_gemm_nt(xq[s:e], xs[s:e], "tile", wq[g], ws[g], "block",
+                                         out_dtype=x.dtype, backend=backend)
+            saved = []
+            if ctx.needs_input_grad[1]:
+                for q, sc in quantize_tokens_grouped(x, bounds, pow2_scale, backend):
+                    saved += [q, sc]
+        ctx.save_for_backward(wq, ws, offs, *saved)
+        ctx.w = w  # the cache key of the transposed copy (a reference, no data)
         ctx.meta = (bounds, x.shape, x.dtype, w.dtype, pow2_scale, backend)
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        wq, ws, *xt = ctx.saved_tensors
+        wq, ws, offs, *xt = ctx.saved_tensors
         bounds, x_shape, x_dtype, w_dtype, pow2_scale, backend = ctx.meta
         e_count, n, k = wq.shape
         dx = dw = None
+        if ctx.fast:
+            if ctx.needs_input_grad[0]:
+                dyq, dys = quantize_tiles(dy, pow2_scale, backend)
+                wtq, wts = weight_blocks_transposed(ctx.w, wq, ws, pow2_scale)
+                dx = triton_grouped.grouped_fp8_nt(dyq, dys, wtq, wts, offs, out_dtype=x_dtype)
+            if ctx.needs_input_grad[1]:
+                dytq, dyts = quantize_tiles(dy.t(), pow2_scale, backend)
+                dw = triton_grouped.grouped_fp8_wgrad(dytq, dyts, xt[0], xt[1], offs,
+                                                      out_dtype=torch.float32).to(w_dtype)
+            return dx, dw, None, None, None, None
         if ctx.needs_input_grad[0]:
             dyq, dys = quantize_tiles(dy, pow2_scale, backend)
             dx = dy.new_zeros(x_shape, dtype=x_dtype)
@@ -111,17 +135,30 @@ class FP8GroupedMMFunction(torch.autograd.Function):
                     dw[g] = fp8_gemm_nt(dytq, dyts, "tile", xtq, xts, "tile",
                                         out_dtype=torch.float32, backend=backend)
             dw = dw.to(w_dtype)
-        return dx, dw, None, None, None
+        return dx, dw, None, None, None, None
+
+
+def triton_path_available(x: Tensor, backend: str = "auto") -> bool:
+    """Whether ``fp8_grouped_mm(..., aligned=True)`` runs the Triton kernels for ``x``."""
+    return backend in ("auto", "triton") and triton_grouped.HAVE_TRITON and x.is_cuda
 
 
 @torch.compiler.disable  # as dsv3.fp8.linear.fp8_linear: eager inside compiled blocks
 def fp8_grouped_mm(
-    x: Tensor, w: Tensor, offs: Tensor, pow2_scale: bool = False, backend: str = "auto"
+    x: Tensor, w: Tensor, offs: Tensor, pow2_scale: bool = False, backend: str = "auto",
+    aligned: bool = False,
 ) -> Tensor:
     """FP8 grouped ``x @ w[e]^T``: ``x [T, K]`` sorted by expert, ``w [E, N, K]``, ``offs`` int32 [E] ends.
 
-    Returns ``[T, N]`` in ``x.dtype``. Differentiable in ``x`` and ``w``.
+    Returns ``[T, N]`` in ``x.dtype``. Differentiable in ``x`` and ``w``. ``aligned=True`` promises that every
+    group starts at a multiple of 128 rows (``triton_grouped.GROUP_ALIGN``); on CUDA with Triton that runs the
+    one-launch kernels (``backend="triton"`` or ``"auto"``), elsewhere the per-group path, same numbers.
+    Weights are quantized once per ``dsv3.fp8.weight_cache.reuse_quantized_weights()`` scope.
     """
     if x.dim() != 2 or w.dim() != 3:
         raise ValueError(f"expected x [T, K] and w [E, N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
-    return FP8GroupedMMFunction.apply(x, w, offs, pow2_scale, backend)
+    if backend == "triton" and not (aligned and triton_path_available(x, backend)):
+        raise ValueError("backend='triton' needs aligned=True, Triton and a CUDA input")
+    fast = aligned and triton_path_available(x, backend)
+    gemm_backend = "auto" if backend == "triton" else backend
+    return FP8GroupedMMFunction.apply(x, w, offs, pow2_scale, gemm_backend, fast)

@@ -29,9 +29,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from dsv3.fp8.blocks import BLOCK, TILE, quantize_weight_blocks
+from dsv3.fp8.blocks import BLOCK, TILE
 from dsv3.fp8.gemm import fp8_gemm_nt
 from dsv3.fp8.triton_quant import quantize_tiles
+from dsv3.fp8.weight_cache import weight_blocks, weight_blocks_transposed
 
 __all__ = ["fp8_linear", "FP8Linear", "FP8LinearFunction"]
 
@@ -47,7 +48,7 @@ class FP8LinearFunction(torch.autograd.Function):
         n = weight.shape[0]
         x2 = x.reshape(-1, k)
         xq, xs = quantize_tiles(x2, pow2_scale, backend)
-        wq, ws = quantize_weight_blocks(weight, BLOCK, pow2_scale)
+        wq, ws = weight_blocks(weight, pow2_scale)  # once per step inside reuse_quantized_weights()
         y = fp8_gemm_nt(xq, xs, "tile", wq, ws, "block", out_dtype=x.dtype, backend=backend)
         if bias is not None:
             y = y + bias.to(y.dtype)
@@ -58,6 +59,7 @@ class FP8LinearFunction(torch.autograd.Function):
         else:
             xtq = xts = None
         ctx.save_for_backward(xtq, xts, wq, ws)
+        ctx.w = weight  # the cache key of W^T's FP8 copy
         ctx.meta = (x.shape, x.dtype, weight.dtype, bias is not None, pow2_scale, backend)
         return y.reshape(*x.shape[:-1], n)
 
@@ -71,7 +73,7 @@ class FP8LinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dyq, dys = quantize_tiles(dy2, pow2_scale, backend)
             # W^T [K, N] in FP8: same bytes and block grid, transposed.
-            wtq, wts = wq.t().contiguous(), ws.t().contiguous()
+            wtq, wts = weight_blocks_transposed(ctx.w, wq, ws, pow2_scale)
             dx = fp8_gemm_nt(dyq, dys, "tile", wtq, wts, "block", out_dtype=x_dtype, backend=backend)
             dx = dx.reshape(x_shape)
         if ctx.needs_input_grad[1]:

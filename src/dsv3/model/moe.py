@@ -88,14 +88,19 @@ class Experts(nn.Module):
         """Weighted sum over each token's K experts, combined in fp32; returns x's dtype."""
         if self.use_loop_reference:
             return experts_forward_loop(x_TD, routing, self.gate_proj, self.up_proj, self.down_proj)
-        gemm = None
-        if self.fp8_recipe is not None:
-            from dsv3.fp8.grouped import fp8_grouped_mm
-            pow2 = bool(getattr(self.fp8_recipe, "pow2_scale", False))
+        if self.fp8_recipe is None:
+            return experts_forward_sorted(x_TD, routing, self.gate_proj, self.up_proj, self.down_proj)
+        from dsv3.fp8.grouped import fp8_grouped_mm
+        from dsv3.fp8.triton_grouped import GROUP_ALIGN
+        pow2 = bool(getattr(self.fp8_recipe, "pow2_scale", False))
 
-            def gemm(x_MD, w_EOD, ends_E, counts_E):
-                return fp8_grouped_mm(x_MD, w_EOD, ends_E, pow2_scale=pow2)
-        return experts_forward_sorted(x_TD, routing, self.gate_proj, self.up_proj, self.down_proj, gemm=gemm)
+        def gemm(x_MD, w_EOD, ends_E, counts_E):
+            return fp8_grouped_mm(x_MD, w_EOD, ends_E, pow2_scale=pow2, aligned=True)
+        # Each expert's rows start at a multiple of 128 (zero rows between groups), as DeepSeek-V3 pads them:
+        # one-launch grouped kernels, and no FP8 tile mixes two experts. FP8 quantizes the fp32 master weights
+        # directly (no bf16 copy first).
+        return experts_forward_sorted(x_TD, routing, self.gate_proj, self.up_proj, self.down_proj, gemm=gemm,
+                                      align=GROUP_ALIGN, cast_weights=False)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -151,46 +156,72 @@ def grouped_linear(x_MD: torch.Tensor, w_EOD: torch.Tensor, ends_E: torch.Tensor
 
 
 class _GatherCopies(torch.autograd.Function):
-    """x_sorted = x[order // K]: each token's K copies in expert order. The gradient sums each token's K rows
-    by gathering them back (inverse permutation) and reducing over K: no atomics, so it is deterministic,
-    where autograd's index backward would scatter-add (non-deterministic on GPU)."""
+    """x_sorted = x[order // K]: each token's K copies in expert order (placed at rows ``dest`` of a zeroed
+    [rows, D] buffer when groups are padded). The gradient sums each token's K rows by gathering them back
+    (``copy_rows``: the row of each flat copy) and reducing over K: no atomics, so it is deterministic, where
+    autograd's index backward would scatter-add (non-deterministic on GPU)."""
 
     @staticmethod
-    def forward(ctx, x_TD, order, inverse, K):
-        ctx.save_for_backward(inverse)
+    def forward(ctx, x_TD, order, copy_rows, K, dest=None, rows=None):
+        ctx.save_for_backward(copy_rows)
         ctx.K = K
-        return x_TD[order // K]
+        x_sorted = x_TD[order // K]
+        if dest is None:
+            return x_sorted
+        return x_sorted.new_zeros(rows, x_TD.shape[1]).index_copy_(0, dest, x_sorted)
 
     @staticmethod
     def backward(ctx, g_MD):
-        (inverse,) = ctx.saved_tensors
-        T = inverse.numel() // ctx.K
-        return g_MD[inverse].view(T, ctx.K, -1).sum(dim=1), None, None, None
+        (copy_rows,) = ctx.saved_tensors
+        T = copy_rows.numel() // ctx.K
+        return g_MD[copy_rows].view(T, ctx.K, -1).sum(dim=1), None, None, None, None, None
 
 
-def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_EDF, gemm=None) -> torch.Tensor:
+def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_EDF, gemm=None, align: int = 1,
+                           cast_weights: bool = True) -> torch.Tensor:
     """Grouped path: sort token copies by expert, grouped GEMMs, un-permute, deterministic weighted sum.
 
     The weighted sum is a gather back to [T, K, D] then a reduction over K: no atomics, so results do not
     depend on scheduling (index_add_ on GPU would be non-deterministic). ``gemm(x, w, ends, counts)`` replaces
-    the BF16 grouped GEMM (the FP8 recipe passes its block-scaled one).
+    the BF16 grouped GEMM (the FP8 recipe passes its block-scaled one). ``align`` > 1 starts every expert's
+    rows at a multiple of ``align`` (zero rows in between; the buffer has a fixed size, T*K + E*(align-1)
+    rounded up, so nothing waits on the host); ``ends`` are then the padded group ends.
     """
     T, D = x_TD.shape
     K = routing.idx_TK.shape[1]
     E = w_gate_EFD.shape[0]
     dtype = compute_dtype(x_TD)
-    x_TD, w_gate_EFD, w_up_EFD, w_down_EDF = (t.to(dtype) for t in (x_TD, w_gate_EFD, w_up_EFD, w_down_EDF))
+    x_TD = x_TD.to(dtype)
+    if cast_weights:
+        w_gate_EFD, w_up_EFD, w_down_EDF = (t.to(dtype) for t in (w_gate_EFD, w_up_EFD, w_down_EDF))
     flat_idx = routing.idx_TK.reshape(-1)
     order = torch.argsort(flat_idx, stable=True)
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    M = order.numel()
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(M, device=order.device))
     counts_E = count_selections(routing.idx_TK, E)
-    ends_E = torch.cumsum(counts_E, 0).to(torch.int32)
-    x_sorted = _GatherCopies.apply(x_TD, order, inverse, K)
+    if align > 1:
+        padded_E = (counts_E + (align - 1)) // align * align
+        ends_E = torch.cumsum(padded_E, 0)
+        # row of sorted copy j (expert e): j + (padded start of e - unpadded start of e)
+        shift_E = (ends_E - padded_E) - (torch.cumsum(counts_E, 0) - counts_E)
+        dest = torch.arange(M, device=order.device) + shift_E[flat_idx[order]]
+        rows = -(-(M + E * (align - 1)) // align) * align
+        copy_rows = dest[inverse]
+        x_sorted = _GatherCopies.apply(x_TD, order, copy_rows, K, dest, rows)
+        ends_E = ends_E.to(torch.int32)
+    else:
+        ends_E = torch.cumsum(counts_E, 0).to(torch.int32)
+        copy_rows = inverse
+        x_sorted = _GatherCopies.apply(x_TD, order, copy_rows, K)
     gemm = gemm or grouped_linear  # FP8 experts pass their own grouped GEMM
     h = F.silu(gemm(x_sorted, w_gate_EFD, ends_E, counts_E)) * gemm(x_sorted, w_up_EFD, ends_E, counts_E)
     y_sorted = gemm(h, w_down_EDF, ends_E, counts_E)
-    # back to token order: index_copy_ by `order` (its backward is a plain gather, no scatter-add)
-    y_TKD = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(T, K, D)
+    if align > 1:
+        # back to token order: a gather of each flat copy's row (its backward scatters to distinct rows)
+        y_TKD = y_sorted.index_select(0, copy_rows).view(T, K, D)
+    else:
+        # back to token order: index_copy_ by `order` (its backward is a plain gather, no scatter-add)
+        y_TKD = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(T, K, D)
     out = (y_TKD.float() * routing.weight_TK[..., None]).sum(dim=1)  # elementwise: autocast leaves it fp32
     return out.to(dtype)
 

@@ -26,6 +26,7 @@ from dsv3.data.loader import IGNORE_INDEX, PackedLoader
 from dsv3.errors import UserError
 from dsv3.model import DeepseekV3
 from dsv3.train import balance, checkpoint, metrics, schedules
+from dsv3.fp8.weight_cache import reuse_quantized_weights
 from dsv3.train.config import RunConfig
 from dsv3.train.distributed import Layout
 from dsv3.train.evaluate import evaluate
@@ -171,18 +172,24 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         ctx = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
         mbs = list(self._micro_batches(batch, micro))
+        # FP8: each weight is quantized once for all of this step's micro-batches (weights change only in the
+        # optimizer step, after this scope)
+        fp8_scope = reuse_quantized_weights() if t.precision == "fp8" else nullcontext()
         if lay.pp > 1:
-            return self._finish_step(start, step, global_batch, lr, lam, gamma, *self._pipeline_backward(mbs, n_target, lam, ctx))
-        for i, mb in enumerate(mbs):
-            w = lay.dp * int((mb["labels"] != IGNORE_INDEX).sum()) / max(n_target, 1)
-            with lay.no_sync(last=i == len(mbs) - 1):
-                with ctx:
-                    out = self.model(mb["input_ids"], mb["labels"], doc_ids=mb.get("doc_ids"), mtp_lambda=lam,
-                                     balance_alpha=t.balance_alpha, return_logits=False)
-                (out.loss * w).backward()
-            total = total + out.loss.detach().float() * w
-            for k, v in out.losses.items():
-                parts[k] = parts.get(k, 0) + v.detach().float() * w
+            with fp8_scope:
+                pipelined = self._pipeline_backward(mbs, n_target, lam, ctx)
+            return self._finish_step(start, step, global_batch, lr, lam, gamma, *pipelined)
+        with fp8_scope:
+            for i, mb in enumerate(mbs):
+                w = lay.dp * int((mb["labels"] != IGNORE_INDEX).sum()) / max(n_target, 1)
+                with lay.no_sync(last=i == len(mbs) - 1):
+                    with ctx:
+                        out = self.model(mb["input_ids"], mb["labels"], doc_ids=mb.get("doc_ids"), mtp_lambda=lam,
+                                         balance_alpha=t.balance_alpha, return_logits=False)
+                    (out.loss * w).backward()
+                total = total + out.loss.detach().float() * w
+                for k, v in out.losses.items():
+                    parts[k] = parts.get(k, 0) + v.detach().float() * w
         lay.finish_gradients()
 
         loss = lay.global_mean(total)

@@ -1,0 +1,199 @@
+"""Triton grouped FP8 GEMMs with DeepSeek-V3's block scales, for the routed experts (GPU fast path).
+
+``torch._scaled_grouped_mm`` takes only rowwise fp32 scales on Hopper (see ``dsv3.fp8.grouped``), and a
+loop of blockwise ``torch._scaled_mm`` calls costs a host sync plus three launches per expert. These two
+kernels run every expert in one launch each, reading the group boundaries on the device:
+
+* ``grouped_fp8_nt``: ``out[rows of e] = A[rows of e] @ B[e]^T``. A [M, K] FP8 with 1x128 tile scales along K,
+  B [E, N, K] FP8 with 128x128 block scales (fprop with ``w``, dgrad with ``w^T`` stored K-major).
+* ``grouped_fp8_wgrad``: ``out[e] = A_e @ B_e^T`` reducing over the tokens of group e, with A = dy^T [N, M] and
+  B = x^T [K, M] FP8, both with 1x128 tile scales along the token axis.
+
+Groups must start at multiples of 128 rows (``GROUP_ALIGN``): ``dsv3.model.moe`` pads each expert's rows with
+zero rows when the FP8 recipe is on, as DeepSeek-V3 does. Then no 128-row tile mixes two experts, a token-axis
+quantization tile never straddles two groups, and the tile -> expert map is a count of group ends.
+
+Precision as DeepSeek-V3 section 3.3.2: each 128-wide slice of the reduction is one tensor-core ``dot`` whose
+result is scaled and added into an fp32 accumulator (promotion every 128 elements, not at the end), so the
+numbers are those of ``dsv3.fp8.gemm``'s reference (dequantize, fp32 matmul) up to the tensor cores' own
+rounding inside a slice. ``tests/test_fp8_triton.py`` compares both on the GPU.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:  # Triton is an optional (gpu) extra
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - depends on the install
+    HAVE_TRITON = False
+
+__all__ = ["GROUP_ALIGN", "HAVE_TRITON", "grouped_fp8_nt", "grouped_fp8_wgrad"]
+
+GROUP_ALIGN = 128  # rows per group are padded to this; equals the quantization tile
+
+
+def _configs(names):
+    if not HAVE_TRITON:
+        return []
+    out = []
+    for bn in (128, 256):
+        for stages in (3, 4):
+            for warps in (4, 8):
+                out.append(triton.Config({names: bn}, num_stages=stages, num_warps=warps))
+    return out
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _grouped_nt_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ends_ptr,
+                           M, N, K, E,
+                           s_am, s_asm, s_be, s_bn, s_bse, s_bsn, s_cm,
+                           E_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        row0 = pid_m * BLOCK_M
+        # expert of this row tile = number of group ends at or before its first row
+        ge = tl.arange(0, E_P2)
+        ends = tl.load(ends_ptr + ge, mask=ge < E, other=2147483647)
+        g = tl.sum((ends <= row0).to(tl.int32), axis=0)
+        rm = row0 + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        c_ptrs = c_ptr + rm[:, None].to(tl.int64) * s_cm + rn[None, :]
+        c_mask = (rm[:, None] < M) & (rn[None, :] < N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if g < E:  # tiles past the last group's end hold padding only: write zeros
+            rk = tl.arange(0, BLOCK_K)
+            a_ptrs = a_ptr + rm[:, None].to(tl.int64) * s_am + rk[None, :]
+            b_base = b_ptr + g.to(tl.int64) * s_be
+            b_ptrs = b_base + rn[None, :].to(tl.int64) * s_bn + rk[:, None]
+            sa_ptrs = as_ptr + rm.to(tl.int64) * s_asm
+            sb_ptrs = bs_ptr + g.to(tl.int64) * s_bse + (rn // BLOCK_K) * s_bsn
+            m_ok = rm < M
+            n_ok = rn < N
+            for kt in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+                k_ok = rk < K - kt * BLOCK_K
+                a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                sa = tl.load(sa_ptrs + kt, mask=m_ok, other=0.0)
+                sb = tl.load(sb_ptrs + kt, mask=n_ok, other=0.0)
+                acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+                a_ptrs += BLOCK_K
+                b_ptrs += BLOCK_K
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+    @triton.jit
+    def _grouped_wgrad_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ends_ptr,
+                              N, K,
+                              s_an, s_asn, s_bk, s_bsk, s_ce, s_cn,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
+        pid = tl.program_id(0)
+        e = tl.program_id(1)
+        num_k = tl.cdiv(K, BLOCK_K)
+        pid_n = pid // num_k
+        pid_k = pid % num_k
+        start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
+        end = tl.load(ends_ptr + e)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        rt = tl.arange(0, BLOCK_T)
+        n_ok = rn < N
+        k_ok = rk < K
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for t0 in range(start, end, BLOCK_T):
+            t_ok = rt < end - t0
+            # A = dy^T [N, M]: rows n, token columns (contiguous); B = x^T [K, M] read as [tokens, K]
+            a = tl.load(a_ptr + rn[:, None].to(tl.int64) * s_an + (t0 + rt)[None, :],
+                        mask=n_ok[:, None] & t_ok[None, :], other=0.0)
+            b = tl.load(b_ptr + rk[None, :].to(tl.int64) * s_bk + (t0 + rt)[:, None],
+                        mask=t_ok[:, None] & k_ok[None, :], other=0.0)
+            tt = t0 // BLOCK_T
+            sa = tl.load(as_ptr + rn.to(tl.int64) * s_asn + tt, mask=n_ok, other=0.0)
+            sb = tl.load(bs_ptr + rk.to(tl.int64) * s_bsk + tt, mask=k_ok, other=0.0)
+            acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+        c_ptrs = c_ptr + e.to(tl.int64) * s_ce + rn[:, None].to(tl.int64) * s_cn + rk[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # The interpreter (numpy on the CPU, used to check these kernels without a GPU) cannot benchmark
+        # configs: run one fixed config.
+        _FIXED = {"BLOCK_N": 128}
+    else:
+        _grouped_nt_kernel = triton.autotune(configs=_configs("BLOCK_N"), key=["N", "K"])(_grouped_nt_kernel)
+        _grouped_wgrad_kernel = triton.autotune(configs=_configs("BLOCK_N"), key=["N", "K"])(_grouped_wgrad_kernel)
+        _FIXED = {}
+
+
+def _check_fp8(*ts: Tensor) -> None:
+    for t in ts:
+        if t.dtype != torch.float8_e4m3fn:
+            raise TypeError(f"expected float8_e4m3fn operands, got {t.dtype}")
+
+
+def grouped_fp8_nt(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, ends: Tensor,
+                   out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """``out[rows of e] = dequant(a)[rows of e] @ dequant(b[e])^T`` -> [M, N] in ``out_dtype``.
+
+    a [M, K] FP8 with tile scales [M, ceil(K/128)]; b [E, N, K] FP8 (K contiguous) with block scales
+    [E, ceil(N/128), ceil(K/128)]; ends int32 [E] cumulative group ends, each group starting at a multiple of
+    128 rows. Rows at or past ``ends[-1]`` come out zero.
+    """
+    _check_fp8(a, b)
+    m, k = a.shape
+    e, n, kb = b.shape
+    if kb != k:
+        raise ValueError(f"K mismatch: a {tuple(a.shape)} vs b {tuple(b.shape)}")
+    a, b = a.contiguous(), b.contiguous()
+    a_scale, b_scale = a_scale.float().contiguous(), b_scale.float().contiguous()
+    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if m == 0 or n == 0:
+        return out
+    block_m = GROUP_ALIGN
+
+    def grid(meta):
+        return (triton.cdiv(m, block_m), triton.cdiv(n, meta["BLOCK_N"]))
+
+    _grouped_nt_kernel[grid](a, a_scale, b, b_scale, out, ends.to(torch.int32).contiguous(),
+                             m, n, k, e,
+                             a.stride(0), a_scale.stride(0), b.stride(0), b.stride(1), b_scale.stride(0),
+                             b_scale.stride(1), out.stride(0),
+                             E_P2=triton.next_power_of_2(e), BLOCK_M=block_m, BLOCK_K=128, **_FIXED)
+    return out
+
+
+def grouped_fp8_wgrad(a_t: Tensor, a_scale: Tensor, b_t: Tensor, b_scale: Tensor, ends: Tensor,
+                      out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """``out[e] = dequant(a_t)[:, rows of e] @ dequant(b_t)[:, rows of e]^T`` -> [E, N, K].
+
+    a_t = dy^T [N, M] and b_t = x^T [K, M], FP8 with tile scales along the token axis ([N, ceil(M/128)] and
+    [K, ceil(M/128)]); ends int32 [E] as in ``grouped_fp8_nt``. Empty groups give zeros.
+    """
+    _check_fp8(a_t, b_t)
+    n, m = a_t.shape
+    k, mb = b_t.shape
+    if mb != m:
+        raise ValueError(f"token count mismatch: a_t {tuple(a_t.shape)} vs b_t {tuple(b_t.shape)}")
+    e = ends.numel()
+    a_t, b_t = a_t.contiguous(), b_t.contiguous()
+    a_scale, b_scale = a_scale.float().contiguous(), b_scale.float().contiguous()
+    out = torch.empty(e, n, k, dtype=out_dtype, device=a_t.device)
+    if e == 0 or n == 0 or k == 0:
+        return out
+    block_k = 128
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, block_k), e)
+
+    _grouped_wgrad_kernel[grid](a_t, a_scale, b_t, b_scale, out, ends.to(torch.int32).contiguous(),
+                                n, k,
+                                a_t.stride(0), a_scale.stride(0), b_t.stride(0), b_scale.stride(0),
+                                out.stride(0), out.stride(1),
+                                BLOCK_K=block_k, BLOCK_T=GROUP_ALIGN, **_FIXED)
+    return out

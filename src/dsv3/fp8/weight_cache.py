@@ -1,0 +1,77 @@
+"""Quantize each weight once per optimizer step, not once per micro-batch.
+
+A step with gradient accumulation runs every FP8 layer's forward (and, with recomputation, its forward
+again) once per micro-batch, and each call quantized the same unchanged weight to 128x128 blocks again: for
+the routed experts of the `small` preset that is 2.3B fp32 values read several times per micro-batch. Inside
+``reuse_quantized_weights()`` the first call stores the FP8 copy (and, when the input gradient needs it, the
+transposed copy) and later calls reuse it.
+
+Why a scope and not a version check: ``torch.optim.AdamW(fused=True)`` updates parameters in place without
+bumping their version counters (checked on torch 2.13), so a cache that outlives an optimizer step could
+serve stale weights. The trainer opens the scope around a step's forward/backward passes, where weights
+cannot change; outside it (evaluation, tests, user code) nothing is cached. Entries are also checked against
+the weight's storage pointer, version and shape, so an in-place change inside the scope is not missed either.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from torch import Tensor
+
+from dsv3.fp8.blocks import BLOCK, quantize_weight_blocks
+
+__all__ = ["reuse_quantized_weights", "weight_blocks", "weight_blocks_transposed", "cache_size"]
+
+_cache: dict[int, tuple] | None = None  # None: not inside reuse_quantized_weights()
+
+
+@contextmanager
+def reuse_quantized_weights():
+    """Within: each weight's FP8 blocks are computed once and reused. Nested scopes share the outer cache."""
+    global _cache
+    if _cache is not None:
+        yield
+        return
+    _cache = {}
+    try:
+        yield
+    finally:
+        _cache = None
+
+
+def _key(w: Tensor, pow2: bool, kind: str):
+    return (id(w), pow2, kind)
+
+
+def _valid(entry, w: Tensor) -> bool:
+    return entry[0] is w and entry[1] == (w._version, w.data_ptr(), tuple(w.shape), w.dtype)
+
+
+def _lookup(w: Tensor, pow2: bool, kind: str, make):
+    if _cache is None:
+        return make()
+    k = _key(w, pow2, kind)
+    entry = _cache.get(k)
+    if entry is not None and _valid(entry, w):
+        return entry[2]
+    val = make()
+    _cache[k] = (w, (w._version, w.data_ptr(), tuple(w.shape), w.dtype), val)
+    return val
+
+
+def weight_blocks(w: Tensor, pow2_scale: bool = False) -> tuple[Tensor, Tensor]:
+    """``quantize_weight_blocks(w)`` ([..., N, K] FP8 and [..., N/128, K/128] scales), cached in a scope."""
+    return _lookup(w, pow2_scale, "nk", lambda: quantize_weight_blocks(w.detach(), BLOCK, pow2_scale))
+
+
+def weight_blocks_transposed(w: Tensor, q: Tensor, s: Tensor, pow2_scale: bool = False) -> tuple[Tensor, Tensor]:
+    """``W^T`` in FP8 as contiguous [..., K, N] with scales [..., K/128, N/128], from ``(q, s) =
+    weight_blocks(w)``: the same bytes and block grid, transposed (a 128x128 grid is symmetric, so no second
+    rounding). Cached under ``w`` in a scope."""
+    return _lookup(w, pow2_scale, "kn",
+                   lambda: (q.transpose(-2, -1).contiguous(), s.transpose(-2, -1).contiguous()))
+
+
+def cache_size() -> int:
+    """Entries in the open scope (0 outside one); for tests."""
+    return 0 if _cache is None else len(_cache)
