@@ -183,8 +183,8 @@ def test_weight_cache_quantizes_once_per_scope(monkeypatch):
     from dsv3.fp8 import weight_cache
 
     calls = []
-    real = weight_cache.quantize_weight_blocks
-    monkeypatch.setattr(weight_cache, "quantize_weight_blocks", lambda *a: calls.append(1) or real(*a))
+    real = weight_cache.quantize_blocks
+    monkeypatch.setattr(weight_cache, "quantize_blocks", lambda *a: calls.append(1) or real(*a))
     w = torch.nn.Parameter(torch.randn(2, 128, 256))
     x = torch.randn(256, 256)
     ends = torch.tensor([128, 256], dtype=torch.int32)
@@ -228,3 +228,21 @@ def test_gpu_triton_grouped_matches_reference():
             assert e <= 4e-3, (name, e)
         tail = int(ends[-1])
         assert (outs["triton"][0][tail:] == 0).all()
+
+
+def test_joined_weights_equal_separate_gemms():
+    """fp8_grouped_mm(x, (w1, w2)) is the two grouped GEMMs side by side, gradients split back per weight."""
+    torch.manual_seed(6)
+    x, ends = _aligned_problem([200, 0, 90], 256)
+    x.requires_grad_(True)
+    w1 = torch.randn(3, 128, 256, requires_grad=True)
+    w2 = torch.randn(3, 256, 256, requires_grad=True)
+    gy = torch.randn(x.shape[0], 384)
+    y = fp8_grouped_mm(x, (w1, w2), ends, aligned=True)
+    ys = torch.cat([fp8_grouped_mm(x, w1, ends, aligned=True), fp8_grouped_mm(x, w2, ends, aligned=True)], 1)
+    got = (y, *torch.autograd.grad(y, (x, w1, w2), gy))
+    ref = (ys, *torch.autograd.grad(ys, (x, w1, w2), gy))
+    for a, b in zip(got, ref):
+        assert rel(a, b) < 1e-6
+    with pytest.raises(ValueError, match="multiples of 128"):
+        fp8_grouped_mm(x, (w1, torch.randn(3, 100, 256)), ends)

@@ -66,23 +66,31 @@ def quantize_tokens_grouped(
 
 
 class FP8GroupedMMFunction(torch.autograd.Function):
-    """Autograd for ``fp8_grouped_mm``. See the module docstring for the recipe."""
+    """Autograd for ``fp8_grouped_mm``. See the module docstring for the recipe.
+
+    ``ws``: one stacked weight [E, N, K], or several [E, N_i, K] run as their concatenation along N (one
+    quantization of x, one GEMM); their gradients come back split.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, offs: Tensor, pow2_scale: bool, backend: str, fast: bool):
+    def forward(ctx, x: Tensor, offs: Tensor, pow2_scale: bool, backend: str, fast: bool, *ws: Tensor):
         t, k = x.shape
-        e_count, n, k_w = w.shape
-        if k_w != k:
-            raise ValueError(f"x [T, {k}] does not match w [E, N, {k_w}]")
+        for w in ws:
+            if w.shape[-1] != k or w.shape[0] != ws[0].shape[0]:
+                raise ValueError(f"x [T, {k}] does not match w {tuple(w.shape)} (expected [E, N, {k}])")
+        e_count = ws[0].shape[0]
+        key = ws[0] if len(ws) == 1 else tuple(ws)
         xq, xs = quantize_tiles(x, pow2_scale, backend)
-        wq, ws = weight_blocks(w, pow2_scale)  # [E, N, K], [E, nb, kb]
+        wq, ws_ = weight_blocks(key, pow2_scale)  # [E, N, K], [E, nb, kb]
+        n = wq.shape[1]
+        wgrad = any(ctx.needs_input_grad[5:])
         ctx.fast = fast
         if fast:  # one Triton launch for all groups; the group ends stay on the device
             bounds = None
-            y = triton_grouped.grouped_fp8_nt(xq, xs, wq, ws, offs, out_dtype=x.dtype)
+            y = triton_grouped.grouped_fp8_nt(xq, xs, wq, ws_, offs, out_dtype=x.dtype)
             # x^T tiled along tokens over all rows at once: groups start at multiples of 128, so no tile
             # mixes two groups
-            saved = list(quantize_tiles(x.t(), pow2_scale, backend)) if ctx.needs_input_grad[1] else []
+            saved = list(quantize_tiles(x.t(), pow2_scale, backend)) if wgrad else []
         else:
             bounds = group_bounds(offs, e_count)
             if bounds and bounds[-1][1] > t:
@@ -90,52 +98,54 @@ class FP8GroupedMMFunction(torch.autograd.Function):
             y = x.new_zeros(t, n)
             for g, (s, e) in enumerate(bounds):
                 if e > s:
-                    y[s:e] = fp8_gemm_nt(xq[s:e], xs[s:e], "tile", wq[g], ws[g], "block",
+                    y[s:e] = fp8_gemm_nt(xq[s:e], xs[s:e], "tile", wq[g], ws_[g], "block",
                                          out_dtype=x.dtype, backend=backend)
             saved = []
-            if ctx.needs_input_grad[1]:
+            if wgrad:
                 for q, sc in quantize_tokens_grouped(x, bounds, pow2_scale, backend):
                     saved += [q, sc]
-        ctx.save_for_backward(wq, ws, offs, *saved)
-        ctx.w = w  # the cache key of the transposed copy (a reference, no data)
-        ctx.meta = (bounds, x.shape, x.dtype, w.dtype, pow2_scale, backend)
+        ctx.save_for_backward(wq, ws_, offs, *saved)
+        ctx.key = key  # the cache key of the transposed copy (references, no data)
+        ctx.meta = (bounds, x.shape, x.dtype, [w.dtype for w in ws], [w.shape[1] for w in ws], pow2_scale, backend)
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         wq, ws, offs, *xt = ctx.saved_tensors
-        bounds, x_shape, x_dtype, w_dtype, pow2_scale, backend = ctx.meta
+        bounds, x_shape, x_dtype, w_dtypes, w_rows, pow2_scale, backend = ctx.meta
         e_count, n, k = wq.shape
         dx = dw = None
+        wgrad = any(ctx.needs_input_grad[5:])
         if ctx.fast:
             if ctx.needs_input_grad[0]:
                 dyq, dys = quantize_tiles(dy, pow2_scale, backend)
-                wtq, wts = weight_blocks_transposed(ctx.w, wq, ws, pow2_scale)
+                wtq, wts = weight_blocks_transposed(ctx.key, wq, ws, pow2_scale)
                 dx = triton_grouped.grouped_fp8_nt(dyq, dys, wtq, wts, offs, out_dtype=x_dtype)
-            if ctx.needs_input_grad[1]:
+            if wgrad:
                 dytq, dyts = quantize_tiles(dy.t(), pow2_scale, backend)
-                dw = triton_grouped.grouped_fp8_wgrad(dytq, dyts, xt[0], xt[1], offs,
-                                                      out_dtype=torch.float32).to(w_dtype)
-            return dx, dw, None, None, None, None
-        if ctx.needs_input_grad[0]:
-            dyq, dys = quantize_tiles(dy, pow2_scale, backend)
-            dx = dy.new_zeros(x_shape, dtype=x_dtype)
-            for g, (s, e) in enumerate(bounds):
-                if e > s:
-                    # w[e]^T [K, N]: the forward's bytes and block grid, transposed.
-                    wtq, wts = wq[g].t().contiguous(), ws[g].t().contiguous()
-                    dx[s:e] = fp8_gemm_nt(dyq[s:e], dys[s:e], "tile", wtq, wts, "block",
-                                          out_dtype=x_dtype, backend=backend)
-        if ctx.needs_input_grad[1]:
-            dw = torch.zeros(e_count, n, k, dtype=torch.float32, device=dy.device)
-            for g, (s, e) in enumerate(bounds):
-                if e > s:
-                    dytq, dyts = quantize_tiles(dy[s:e].t(), pow2_scale, backend)
-                    xtq, xts = xt[2 * g], xt[2 * g + 1]
-                    dw[g] = fp8_gemm_nt(dytq, dyts, "tile", xtq, xts, "tile",
-                                        out_dtype=torch.float32, backend=backend)
-            dw = dw.to(w_dtype)
-        return dx, dw, None, None, None, None
+                dw = triton_grouped.grouped_fp8_wgrad(dytq, dyts, xt[0], xt[1], offs, out_dtype=torch.float32)
+        else:
+            if ctx.needs_input_grad[0]:
+                dyq, dys = quantize_tiles(dy, pow2_scale, backend)
+                dx = dy.new_zeros(x_shape, dtype=x_dtype)
+                for g, (s, e) in enumerate(bounds):
+                    if e > s:
+                        # w[e]^T [K, N]: the forward's bytes and block grid, transposed.
+                        wtq, wts = wq[g].t().contiguous(), ws[g].t().contiguous()
+                        dx[s:e] = fp8_gemm_nt(dyq[s:e], dys[s:e], "tile", wtq, wts, "block",
+                                              out_dtype=x_dtype, backend=backend)
+            if wgrad:
+                dw = torch.zeros(e_count, n, k, dtype=torch.float32, device=dy.device)
+                for g, (s, e) in enumerate(bounds):
+                    if e > s:
+                        dytq, dyts = quantize_tiles(dy[s:e].t(), pow2_scale, backend)
+                        xtq, xts = xt[2 * g], xt[2 * g + 1]
+                        dw[g] = fp8_gemm_nt(dytq, dyts, "tile", xtq, xts, "tile",
+                                            out_dtype=torch.float32, backend=backend)
+        dws = [None] * len(w_rows)
+        if dw is not None:
+            dws = [part.to(dt) for part, dt in zip(dw.split(w_rows, dim=1), w_dtypes)]
+        return (dx, None, None, None, None, *dws)
 
 
 def triton_path_available(x: Tensor, backend: str = "auto") -> bool:
@@ -145,20 +155,26 @@ def triton_path_available(x: Tensor, backend: str = "auto") -> bool:
 
 @torch.compiler.disable  # as dsv3.fp8.linear.fp8_linear: eager inside compiled blocks
 def fp8_grouped_mm(
-    x: Tensor, w: Tensor, offs: Tensor, pow2_scale: bool = False, backend: str = "auto",
+    x: Tensor, w: Tensor | tuple[Tensor, ...], offs: Tensor, pow2_scale: bool = False, backend: str = "auto",
     aligned: bool = False,
 ) -> Tensor:
     """FP8 grouped ``x @ w[e]^T``: ``x [T, K]`` sorted by expert, ``w [E, N, K]``, ``offs`` int32 [E] ends.
 
-    Returns ``[T, N]`` in ``x.dtype``. Differentiable in ``x`` and ``w``. ``aligned=True`` promises that every
-    group starts at a multiple of 128 rows (``triton_grouped.GROUP_ALIGN``); on CUDA with Triton that runs the
-    one-launch kernels (``backend="triton"`` or ``"auto"``), elsewhere the per-group path, same numbers.
-    Weights are quantized once per ``dsv3.fp8.weight_cache.reuse_quantized_weights()`` scope.
+    Returns ``[T, N]`` in ``x.dtype``. Differentiable in ``x`` and ``w``. ``w`` may be a tuple of weights
+    [E, N_i, K] with each N_i a multiple of 128: one GEMM against their concatenation, output [T, sum N_i]
+    (gate and up projections share one quantization of x). ``aligned=True`` promises that every group starts
+    at a multiple of 128 rows (``triton_grouped.GROUP_ALIGN``); on CUDA with Triton that runs the one-launch
+    kernels (``backend="triton"`` or ``"auto"``), elsewhere the per-group path, same numbers. Weights are
+    quantized once per ``dsv3.fp8.weight_cache.reuse_quantized_weights()`` scope.
     """
-    if x.dim() != 2 or w.dim() != 3:
-        raise ValueError(f"expected x [T, K] and w [E, N, K], got {tuple(x.shape)} and {tuple(w.shape)}")
+    ws = tuple(w) if isinstance(w, (tuple, list)) else (w,)
+    if x.dim() != 2 or any(t.dim() != 3 for t in ws):
+        raise ValueError(f"expected x [T, K] and w [E, N, K], got {tuple(x.shape)} and "
+                         f"{[tuple(t.shape) for t in ws]}")
+    if len(ws) > 1 and any(t.shape[1] % 128 for t in ws):
+        raise ValueError("weights joined along N need N multiples of 128 (whole 128x128 blocks)")
     if backend == "triton" and not (aligned and triton_path_available(x, backend)):
         raise ValueError("backend='triton' needs aligned=True, Triton and a CUDA input")
     fast = aligned and triton_path_available(x, backend)
     gemm_backend = "auto" if backend == "triton" else backend
-    return FP8GroupedMMFunction.apply(x, w, offs, pow2_scale, gemm_backend, fast)
+    return FP8GroupedMMFunction.apply(x, offs, pow2_scale, gemm_backend, fast, *ws)

@@ -38,15 +38,17 @@ __all__ = ["GROUP_ALIGN", "HAVE_TRITON", "grouped_fp8_nt", "grouped_fp8_wgrad"]
 GROUP_ALIGN = 128  # rows per group are padded to this; equals the quantization tile
 
 
-def _configs(names):
+def _configs(name: str, choices) -> list:
+    """Autotuning candidates: (tile width, pipeline stages, warps)."""
     if not HAVE_TRITON:
         return []
-    out = []
-    for bn in (128, 256):
-        for stages in (3, 4):
-            for warps in (4, 8):
-                out.append(triton.Config({names: bn}, num_stages=stages, num_warps=warps))
-    return out
+    return [triton.Config({name: bn}, num_stages=st, num_warps=wp) for bn, st, wp in choices]
+
+
+# measured on H200 (torch 2.11, triton 3.6) at the small preset's expert shapes: 128 x 128, 3-4 stages, 8 warps
+# wins the row-tiled GEMM; the token-reduction GEMM also tries narrower tiles
+_NT_CHOICES = [(128, 3, 8), (128, 4, 8), (256, 3, 8), (128, 3, 4)]
+_WGRAD_CHOICES = [(128, 3, 8), (128, 4, 8), (64, 4, 4), (256, 3, 8), (128, 3, 4)]
 
 
 if HAVE_TRITON:
@@ -99,25 +101,32 @@ if HAVE_TRITON:
         num_k = tl.cdiv(K, BLOCK_K)
         pid_n = pid // num_k
         pid_k = pid % num_k
-        start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
-        end = tl.load(ends_ptr + e)
+        # groups start and end at multiples of BLOCK_T: telling the compiler so lets it vectorize the loads
+        # (without the hint it cannot prove alignment of a loaded offset: ~50 TFLOP/s instead of ~500)
+        start = tl.multiple_of(tl.load(ends_ptr + e - 1, mask=e > 0, other=0), BLOCK_T)
+        end = tl.multiple_of(tl.load(ends_ptr + e), BLOCK_T)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         rt = tl.arange(0, BLOCK_T)
         n_ok = rn < N
         k_ok = rk < K
+        # A = dy^T [N, M]: rows n, token columns (contiguous); B = x^T [K, M] read as [tokens, K]. Every tile of
+        # a group is full (the group's length is a multiple of BLOCK_T): no token mask.
+        a_ptrs = a_ptr + rn[:, None].to(tl.int64) * s_an + (start + rt)[None, :]
+        b_ptrs = b_ptr + rk[None, :].to(tl.int64) * s_bk + (start + rt)[:, None]
+        sa_ptrs = as_ptr + rn.to(tl.int64) * s_asn + start // BLOCK_T
+        sb_ptrs = bs_ptr + rk.to(tl.int64) * s_bsk + start // BLOCK_T
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for t0 in range(start, end, BLOCK_T):
-            t_ok = rt < end - t0
-            # A = dy^T [N, M]: rows n, token columns (contiguous); B = x^T [K, M] read as [tokens, K]
-            a = tl.load(a_ptr + rn[:, None].to(tl.int64) * s_an + (t0 + rt)[None, :],
-                        mask=n_ok[:, None] & t_ok[None, :], other=0.0)
-            b = tl.load(b_ptr + rk[None, :].to(tl.int64) * s_bk + (t0 + rt)[:, None],
-                        mask=t_ok[:, None] & k_ok[None, :], other=0.0)
-            tt = t0 // BLOCK_T
-            sa = tl.load(as_ptr + rn.to(tl.int64) * s_asn + tt, mask=n_ok, other=0.0)
-            sb = tl.load(bs_ptr + rk.to(tl.int64) * s_bsk + tt, mask=k_ok, other=0.0)
+        for _ in range(start, end, BLOCK_T):
+            a = tl.load(a_ptrs, mask=n_ok[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[None, :], other=0.0)
+            sa = tl.load(sa_ptrs, mask=n_ok, other=0.0)
+            sb = tl.load(sb_ptrs, mask=k_ok, other=0.0)
             acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+            a_ptrs += BLOCK_T
+            b_ptrs += BLOCK_T
+            sa_ptrs += 1
+            sb_ptrs += 1
         c_ptrs = c_ptr + e.to(tl.int64) * s_ce + rn[:, None].to(tl.int64) * s_cn + rk[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
@@ -126,8 +135,10 @@ if HAVE_TRITON:
         # configs: run one fixed config.
         _FIXED = {"BLOCK_N": 128}
     else:
-        _grouped_nt_kernel = triton.autotune(configs=_configs("BLOCK_N"), key=["N", "K"])(_grouped_nt_kernel)
-        _grouped_wgrad_kernel = triton.autotune(configs=_configs("BLOCK_N"), key=["N", "K"])(_grouped_wgrad_kernel)
+        _grouped_nt_kernel = triton.autotune(configs=_configs("BLOCK_N", _NT_CHOICES), key=["N", "K"])(
+            _grouped_nt_kernel)
+        _grouped_wgrad_kernel = triton.autotune(configs=_configs("BLOCK_N", _WGRAD_CHOICES), key=["N", "K"])(
+            _grouped_wgrad_kernel)
         _FIXED = {}
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dsv3.fp8.blocks import FP8_DTYPE, TILE, quantize_activation_tiles
+from dsv3.fp8.blocks import BLOCK, FP8_DTYPE, TILE, quantize_activation_tiles, quantize_weight_blocks
 
 try:  # Triton is an optional (gpu) extra; the CPU never needs it.
     import triton
@@ -30,7 +30,8 @@ try:  # Triton is an optional (gpu) extra; the CPU never needs it.
 except ImportError:  # pragma: no cover - depends on the install
     HAVE_TRITON = False
 
-__all__ = ["quantize_tiles", "quantize_activation_tiles_triton", "HAVE_TRITON"]
+__all__ = ["quantize_tiles", "quantize_activation_tiles_triton", "quantize_blocks", "quantize_weight_blocks_triton",
+           "HAVE_TRITON"]
 
 
 if HAVE_TRITON:
@@ -61,6 +62,34 @@ if HAVE_TRITON:
         tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], q.to(tl.float8e4nv), mask=mask)
         tl.store(s_ptr + rm.to(tl.int64) * KT + pid_k, s, mask=rm < M)
 
+    @triton.jit
+    def _quant_blocks_kernel(w_ptr, q_ptr, s_ptr, M, N, MB, NB, s_we, s_wm, s_wn,
+                             BLOCK_SIDE: tl.constexpr, POW2: tl.constexpr):
+        # one program per 128 x 128 block of matrix e: the same arithmetic as _quant_tiles_kernel, one amax
+        e = tl.program_id(0)
+        i = tl.program_id(1)
+        j = tl.program_id(2)
+        rm = i * BLOCK_SIDE + tl.arange(0, BLOCK_SIDE)
+        rn = j * BLOCK_SIDE + tl.arange(0, BLOCK_SIDE)
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        base = e.to(tl.int64) * s_we
+        x = tl.load(w_ptr + base + rm[:, None].to(tl.int64) * s_wm + rn[None, :].to(tl.int64) * s_wn,
+                    mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+        s = amax * (1.0 / 448.0)
+        if POW2:
+            bits = s.to(tl.int32, bitcast=True)
+            up = (bits & 0x7F800000) + 0x00800000
+            bits = tl.where((bits & 0x007FFFFF) != 0, up, bits)
+            s = bits.to(tl.float32, bitcast=True)
+        s = tl.where(amax > 0, s, 1.0)
+        s = tl.maximum(s, 1.1754943508222875e-38)
+        q = tl.math.div_rn(x, s)
+        q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+        tl.store(q_ptr + e.to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + rn[None, :], q.to(tl.float8e4nv),
+                 mask=mask)
+        tl.store(s_ptr + (e * MB + i) * NB + j, s)
+
 
 def quantize_activation_tiles_triton(x: Tensor, pow2_scale: bool = False) -> tuple[Tensor, Tensor]:
     """Triton twin of ``blocks.quantize_activation_tiles`` for a 2-D CUDA tensor of any strides."""
@@ -84,3 +113,26 @@ def quantize_tiles(x: Tensor, pow2_scale: bool = False, backend: str = "auto") -
     if backend != "reference" and HAVE_TRITON and x.is_cuda and x.dim() == 2:
         return quantize_activation_tiles_triton(x, pow2_scale)
     return quantize_activation_tiles(x, TILE, pow2_scale)
+
+
+def quantize_weight_blocks_triton(w: Tensor, pow2_scale: bool = False) -> tuple[Tensor, Tensor]:
+    """Triton twin of ``blocks.quantize_weight_blocks`` (128x128) for a CUDA [..., M, N] tensor, bit-identical."""
+    if w.dim() < 2:
+        raise ValueError(f"quantize_weight_blocks expects a matrix, got shape {tuple(w.shape)}")
+    *lead, m, n = w.shape
+    w3 = w.reshape(-1, m, n)
+    e = w3.shape[0]
+    mb, nb = -(-m // BLOCK), -(-n // BLOCK)
+    q = torch.empty(e, m, n, dtype=FP8_DTYPE, device=w.device)
+    s = torch.empty(e, mb, nb, dtype=torch.float32, device=w.device)
+    if e and m and n:
+        _quant_blocks_kernel[(e, mb, nb)](w3, q, s, m, n, mb, nb, w3.stride(0), w3.stride(1), w3.stride(2),
+                                          BLOCK_SIDE=BLOCK, POW2=pow2_scale, num_warps=8)
+    return q.reshape(*lead, m, n), s.reshape(*lead, mb, nb)
+
+
+def quantize_blocks(w: Tensor, pow2_scale: bool = False, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """128x128 weight quantization: Triton on CUDA (unless backend is "reference"), else torch."""
+    if backend != "reference" and HAVE_TRITON and w.is_cuda:
+        return quantize_weight_blocks_triton(w, pow2_scale)
+    return quantize_weight_blocks(w, BLOCK, pow2_scale)

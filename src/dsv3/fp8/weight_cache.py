@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import torch
 from torch import Tensor
 
-from dsv3.fp8.blocks import BLOCK, quantize_weight_blocks
+from dsv3.fp8.triton_quant import quantize_blocks
 
 __all__ = ["reuse_quantized_weights", "weight_blocks", "weight_blocks_transposed", "cache_size"]
 
@@ -39,36 +40,45 @@ def reuse_quantized_weights():
         _cache = None
 
 
-def _key(w: Tensor, pow2: bool, kind: str):
-    return (id(w), pow2, kind)
+def _state(ws: tuple[Tensor, ...]):
+    return tuple((w._version, w.data_ptr(), tuple(w.shape), w.dtype) for w in ws)
 
 
-def _valid(entry, w: Tensor) -> bool:
-    return entry[0] is w and entry[1] == (w._version, w.data_ptr(), tuple(w.shape), w.dtype)
-
-
-def _lookup(w: Tensor, pow2: bool, kind: str, make):
+def _lookup(ws: tuple[Tensor, ...], pow2: bool, kind: str, make):
     if _cache is None:
         return make()
-    k = _key(w, pow2, kind)
-    entry = _cache.get(k)
-    if entry is not None and _valid(entry, w):
+    key = (tuple(id(w) for w in ws), pow2, kind)
+    entry = _cache.get(key)
+    if entry is not None and all(a is b for a, b in zip(entry[0], ws)) and entry[1] == _state(ws):
         return entry[2]
     val = make()
-    _cache[k] = (w, (w._version, w.data_ptr(), tuple(w.shape), w.dtype), val)
+    _cache[key] = (ws, _state(ws), val)
     return val
 
 
-def weight_blocks(w: Tensor, pow2_scale: bool = False) -> tuple[Tensor, Tensor]:
-    """``quantize_weight_blocks(w)`` ([..., N, K] FP8 and [..., N/128, K/128] scales), cached in a scope."""
-    return _lookup(w, pow2_scale, "nk", lambda: quantize_weight_blocks(w.detach(), BLOCK, pow2_scale))
+def weight_blocks(w: Tensor | tuple[Tensor, ...], pow2_scale: bool = False) -> tuple[Tensor, Tensor]:
+    """``quantize_weight_blocks(w)`` ([..., N, K] FP8 and [..., N/128, K/128] scales), cached in a scope.
+
+    A tuple of weights [..., N_i, K] (each N_i a multiple of 128) gives their concatenation along N, as one
+    weight: the experts' gate and up projections run as one GEMM.
+    """
+    ws = w if isinstance(w, tuple) else (w,)
+    if len(ws) == 1:
+        return _lookup(ws, pow2_scale, "nk", lambda: quantize_blocks(ws[0].detach(), pow2_scale))
+
+    def make():
+        parts = [weight_blocks(p, pow2_scale) for p in ws]
+        return torch.cat([q for q, _ in parts], dim=-2), torch.cat([sc for _, sc in parts], dim=-2)
+    return _lookup(ws, pow2_scale, "nk", make)
 
 
-def weight_blocks_transposed(w: Tensor, q: Tensor, s: Tensor, pow2_scale: bool = False) -> tuple[Tensor, Tensor]:
+def weight_blocks_transposed(w: Tensor | tuple[Tensor, ...], q: Tensor, s: Tensor,
+                             pow2_scale: bool = False) -> tuple[Tensor, Tensor]:
     """``W^T`` in FP8 as contiguous [..., K, N] with scales [..., K/128, N/128], from ``(q, s) =
     weight_blocks(w)``: the same bytes and block grid, transposed (a 128x128 grid is symmetric, so no second
     rounding). Cached under ``w`` in a scope."""
-    return _lookup(w, pow2_scale, "kn",
+    ws = w if isinstance(w, tuple) else (w,)
+    return _lookup(ws, pow2_scale, "kn",
                    lambda: (q.transpose(-2, -1).contiguous(), s.transpose(-2, -1).contiguous()))
 
 

@@ -99,8 +99,10 @@ class Experts(nn.Module):
         # Each expert's rows start at a multiple of 128 (zero rows between groups), as DeepSeek-V3 pads them:
         # one-launch grouped kernels, and no FP8 tile mixes two experts. FP8 quantizes the fp32 master weights
         # directly (no bf16 copy first).
+        # gate and up as one GEMM (one quantization of x, N = 2F) when F fills whole 128x128 blocks
+        fuse = self.gate_proj.shape[1] % 128 == 0
         return experts_forward_sorted(x_TD, routing, self.gate_proj, self.up_proj, self.down_proj, gemm=gemm,
-                                      align=GROUP_ALIGN, cast_weights=False)
+                                      align=GROUP_ALIGN, cast_weights=False, fuse_gate_up=fuse)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -178,14 +180,15 @@ class _GatherCopies(torch.autograd.Function):
 
 
 def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_EDF, gemm=None, align: int = 1,
-                           cast_weights: bool = True) -> torch.Tensor:
+                           cast_weights: bool = True, fuse_gate_up: bool = False) -> torch.Tensor:
     """Grouped path: sort token copies by expert, grouped GEMMs, un-permute, deterministic weighted sum.
 
     The weighted sum is a gather back to [T, K, D] then a reduction over K: no atomics, so results do not
     depend on scheduling (index_add_ on GPU would be non-deterministic). ``gemm(x, w, ends, counts)`` replaces
     the BF16 grouped GEMM (the FP8 recipe passes its block-scaled one). ``align`` > 1 starts every expert's
     rows at a multiple of ``align`` (zero rows in between; the buffer has a fixed size, T*K + E*(align-1)
-    rounded up, so nothing waits on the host); ``ends`` are then the padded group ends.
+    rounded up, so nothing waits on the host); ``ends`` are then the padded group ends. ``fuse_gate_up`` calls
+    ``gemm(x, (w_gate, w_up), ...)`` once for both projections ([M, 2F] out; the FP8 grouped GEMM takes tuples).
     """
     T, D = x_TD.shape
     K = routing.idx_TK.shape[1]
@@ -214,7 +217,11 @@ def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_
         copy_rows = inverse
         x_sorted = _GatherCopies.apply(x_TD, order, copy_rows, K)
     gemm = gemm or grouped_linear  # FP8 experts pass their own grouped GEMM
-    h = F.silu(gemm(x_sorted, w_gate_EFD, ends_E, counts_E)) * gemm(x_sorted, w_up_EFD, ends_E, counts_E)
+    if fuse_gate_up:
+        gate, up = gemm(x_sorted, (w_gate_EFD, w_up_EFD), ends_E, counts_E).split(w_gate_EFD.shape[1], dim=1)
+    else:
+        gate, up = gemm(x_sorted, w_gate_EFD, ends_E, counts_E), gemm(x_sorted, w_up_EFD, ends_E, counts_E)
+    h = F.silu(gate) * up
     y_sorted = gemm(h, w_down_EDF, ends_E, counts_E)
     if align > 1:
         # back to token order: a gather of each flat copy's row (its backward scatters to distinct rows)
