@@ -5,17 +5,62 @@ Rank r of an EP group of size ep holds experts [r*E/ep, (r+1)*E/ep). One MoE lay
 1. dispatch: sort the T*K token copies by destination expert (experts are numbered rank-major, so this also
    sorts by destination rank), exchange the per-rank-per-expert counts (an all-to-all of E/ep counts to each
    peer), then all-to-all the rows with those uneven splits;
-2. received rows arrive grouped by source rank, then expert: regroup them by local expert and run the
-   grouped GEMMs (``dsv3.model.moe.grouped_linear``, the single-device kernel);
+2. received rows arrive grouped by source rank, then expert: regroup them by local expert (a permutation
+   computed from the counts alone: no sort, no host sync) and run the grouped GEMMs
+   (``dsv3.model.moe.grouped_linear``, the single-device kernel);
 3. combine: undo the regrouping, all-to-all the outputs back (splits reversed), un-sort, and take the
    weighted sum over each token's K copies in fp32, weights applied after the expert, exactly as
    ``experts_forward_sorted`` does. Same arithmetic per row, so fp32 results match one process to rounding.
+
+Every permutation's backward is a gather by the inverse permutation (``_GatherCopies``, ``_PermuteRows``):
+no scatter-add (index_put with accumulate sorts its indices on CUDA, and its atomics are non-deterministic).
+The weighted sum saves the combine output in the compute dtype, not the fp32 copy the product is taken in.
+
+One host sync per layer (forward only): uneven all-to-alls need their splits on the host, so the counts are
+read back once (``.tolist()`` of the send and receive splits together). The backward reuses them.
+
+Overlap (``parallel.ep_chunks = C > 1``, ``_ChunkedRouted``). With C = 1 every transfer is synchronous on
+the compute stream and nothing hides it. With C > 1 the T tokens are split into C contiguous slices of
+ceil/floor(T/C) tokens, each with its own routing rows; one argsort by (chunk, expert) lays the copies out
+chunk after chunk, each chunk sorted by destination, and ONE counts all-to-all ([C, E/ep] per peer) plus
+ONE host read gives every chunk's splits. The chunks are independent all the way through (a token's K
+copies stay in its chunk, the experts are row-wise), so the pipeline only reorders work:
+
+    forward:  send D0, D1 | wait D0, experts(0), send C0, send D2 | wait D1, experts(1), send C1, send D3 | ...
+    backward: send RC0, RC1 | wait RC0, expert-bwd(0), send RD0, send RC2 | wait RC1, expert-bwd(1), ...
+
+(D dispatch, C combine, RC/RD their reverses carrying gradients). Each transfer is an
+``all_to_all_async``: on NCCL it runs on the communicator's stream, so while the experts of chunk i run,
+chunk i-1's combine and chunk i+1's dispatch move. The local gathers and the fp32 weighted sums run per
+chunk (after the last transfers are issued, so they too hide the tail). Results are those of C = 1 up to
+fp32 summation order: the weight gradients are sums of C per-chunk GEMMs (accumulated in fp32).
+
+Chunking fixes one autograd node per layer holding the expert weights; DualPipeV's split backward (B, then
+W from the nodes where weights join the activation path) would run that node's backward, transfers included,
+twice, so ``validate_layout`` rejects ep_chunks > 1 with schedule 'dualpipev' (1F1B runs full backwards).
+Inside compiled blocks the routed part runs eagerly (``torch.compiler.disable``): its splits are host ints
+that change every step, on which dynamo would guard and recompile.
+
+What chunking cannot hide:
+* the first dispatch and the last combine of each layer (and the first reverse combine and last reverse
+  dispatch in the backward): about 1/C of the transfer time stays exposed, plus per-chunk launch overhead;
+* the host sync per layer: ``.tolist()`` waits until the GPU has run everything queued up to this layer's
+  counts, so any CPU run-ahead ends there and the GPU idles until the CPU has launched the next kernels;
+  chunking keeps it at one per layer (not one per chunk) but cannot remove it (that needs device-side splits,
+  e.g. padded fixed-capacity transfers);
+* bandwidth: if a chunk's transfers take longer than its experts, the link sets the pace;
+* uneven loads: the rank with the most rows in a chunk sets that chunk's pace.
+Chunks of fewer than a few thousand rows make the GEMMs less efficient; pick C so a chunk still fills the GPU.
+Saved for the backward: per chunk the received rows (in expert order) and the two pre-activations (silu and
+the product are recomputed, elementwise), the combine output in the compute dtype, the weight casts; less
+than the C = 1 path, whose autograd also keeps silu(a) and h.
 
 FP8 dispatch (``fp8_dispatch=True``, V3's recipe): rows are quantized to E4M3 with one fp32 scale per 1x128
 tile (``quantize_activation_tiles``), payload and scales are sent, and the receiver dequantizes to the
 compute dtype. The combine is sent in BF16. Gradient path: the backward of the FP8 dispatch treats
 quantize->dequantize as the identity (straight-through) and sends the activation gradient back with a BF16
 all-to-all, the combine-style transfer; the backward of the BF16 combine is the reverse BF16 all-to-all.
+Tiles are per row, so chunking does not change what is sent: FP8 dispatch works with any ``ep_chunks``.
 
 Only the experts' execution changes: ``apply_expert_parallel`` swaps each MoE's ``experts`` module for an
 ``ExpertParallelExperts`` with the same parameter names (``...mlp.experts.gate_proj``) but [E/ep, ...]
@@ -29,7 +74,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.fp8.blocks import dequantize_activation_tiles, quantize_activation_tiles
-from dsv3.model.moe import Experts, Routing, compute_dtype, count_selections, grouped_linear
+from dsv3.model.moe import (Experts, Routing, _GatherCopies, _grouped_mm_ok, compute_dtype, count_selections,
+                            grouped_linear)
 from dsv3.parallel.transport import CollectiveTransport, LocalTransport, Transport, all_to_all
 
 EXPERT_PARAMS = ("gate_proj", "up_proj", "down_proj")
@@ -51,6 +97,16 @@ class TrafficMeter:
         for i, n in enumerate(splits):
             self.sent_bytes[i] += n * bytes_per_row
 
+    def add_layer(self, send_splits: list[int], recv_splits: list[int], D: int, elem: int, fp8: bool) -> None:
+        """One forward dispatch (send_splits rows out) and combine (recv_splits rows back) of D-wide rows."""
+        if fp8:  # 1 byte per value + one fp32 scale per 128 values; the combine in BF16
+            self.add(send_splits, D + 4 * -(-D // 128))
+            self.add(recv_splits, D * 2)
+        else:
+            self.add(send_splits, D * elem)
+            self.add(recv_splits, D * elem)
+        self.recv_rows += sum(recv_splits)
+
 
 class _FP8Dispatch(torch.autograd.Function):
     """E4M3 + 1x128 scales on the wire, dequantized on arrival; backward = BF16 reverse all-to-all."""
@@ -69,6 +125,56 @@ class _FP8Dispatch(torch.autograd.Function):
         return g.to(ctx.x_dtype), None, None, None, None
 
 
+class _PermuteRows(torch.autograd.Function):
+    """y = x[idx] for a permutation idx; the gradient is the gather by its inverse (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x, idx, inverse):
+        ctx.save_for_backward(inverse)
+        return x[idx]
+
+    @staticmethod
+    def backward(ctx, g):
+        (inverse,) = ctx.saved_tensors
+        return g[inverse], None, None
+
+
+class _WeightedSum(torch.autograd.Function):
+    """out[t] = sum_k w[t, k] * y[t, k] in fp32, returned in y's dtype: the arithmetic (and gradients) of
+    ``(y.float() * w[..., None]).sum(1).to(y.dtype)``, but saving y in its own dtype where autograd's mul would
+    save the fp32 copy (T*K*D*4 bytes per layer and micro-batch, 604 MB for ``small``)."""
+
+    @staticmethod
+    def forward(ctx, y_TKD, w_TK):
+        ctx.save_for_backward(y_TKD, w_TK)
+        return (y_TKD.float() * w_TK[..., None]).sum(dim=1).to(y_TKD.dtype)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        y_TKD, w_TK = ctx.saved_tensors
+        g = g_TD.float()[:, None, :]
+        return (g * w_TK[..., None]).to(y_TKD.dtype), (g * y_TKD.float()).sum(dim=-1)
+
+
+def block_permutation(counts_CAB: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows stored in blocks ordered (c, a, b), block (c, a, b) holding counts[c, a, b] rows -> the indices that
+    reorder them to blocks ordered (c, b, a) and back: ``x_cba = x_cab[to_cba]``, ``x_cab = x_cba[to_cab]``.
+    Rows keep their order inside a block (what a stable argsort by (c, b) gives), computed from the counts
+    alone: no sort, no host sync (``total`` = counts.sum(), which the caller has on the host)."""
+    C, A, B = counts_CAB.shape
+    dev = counts_CAB.device
+    n_cab = counts_CAB.reshape(-1)
+    n_cba = counts_CAB.transpose(1, 2).reshape(-1)
+    end_cab, end_cba = torch.cumsum(n_cab, 0), torch.cumsum(n_cba, 0)
+    start_cab, start_cba = end_cab - n_cab, end_cba - n_cba
+    src_block = torch.arange(C * A * B, device=dev).view(C, A, B).transpose(1, 2).reshape(-1)  # (c,b,a) -> (c,a,b)
+    pos = torch.arange(total, device=dev)
+    blk = torch.searchsorted(end_cba, pos, right=True)        # the (c, b, a) block holding target row pos
+    to_cba = start_cab[src_block[blk]] + (pos - start_cba[blk])
+    to_cab = torch.empty_like(to_cba).scatter_(0, to_cba, pos)
+    return to_cba, to_cab
+
+
 def _local_swiglu(x_MD, w_gate, w_up, w_down, counts_E: torch.Tensor) -> torch.Tensor:
     """Grouped SwiGLU over rows sorted by local expert. An empty input still touches the weights (so every
     rank produces a gradient for them, zero here) and avoids _grouped_mm's empty-input backward."""
@@ -79,9 +185,24 @@ def _local_swiglu(x_MD, w_gate, w_up, w_down, counts_E: torch.Tensor) -> torch.T
     return grouped_linear(h, w_down, ends, counts_E)
 
 
+def _read_splits(send_counts: torch.Tensor, recv_counts: torch.Tensor) -> tuple[list, list]:
+    """THE host sync of a layer: per-peer row counts [..., ep] to send and to receive, read back together."""
+    n = send_counts.numel()
+    host = torch.cat([send_counts.reshape(-1), recv_counts.reshape(-1)]).tolist()
+    ep = send_counts.shape[-1]
+    send, recv = host[:n], host[n:]
+    return [send[i:i + ep] for i in range(0, n, ep)], [recv[i:i + ep] for i in range(0, n, ep)]
+
+
 def ep_experts_forward(x_TD: torch.Tensor, routing: Routing, w_gate, w_up, w_down, transport: Transport,
-                       fp8_dispatch: bool = False, meter: TrafficMeter | None = None) -> torch.Tensor:
-    """Routed-expert output [T, D] with this rank's experts (w_* hold E/ep experts) and the peers' via all-to-all."""
+                       fp8_dispatch: bool = False, meter: TrafficMeter | None = None, chunks: int = 1
+                       ) -> torch.Tensor:
+    """Routed-expert output [T, D] with this rank's experts (w_* hold E/ep experts) and the peers' via all-to-all.
+
+    ``chunks`` > 1: the dispatch/combine pipelined over that many token chunks (``_ChunkedRouted``); every
+    rank of the EP group must pass the same value (the transfers are collectives issued per chunk)."""
+    if chunks > 1:
+        return _chunked_forward(x_TD, routing, w_gate, w_up, w_down, transport, fp8_dispatch, meter, chunks)
     T, D = x_TD.shape
     K = routing.idx_TK.shape[1]
     ep, E_local = transport.size, w_gate.shape[0]
@@ -91,47 +212,234 @@ def ep_experts_forward(x_TD: torch.Tensor, routing: Routing, w_gate, w_up, w_dow
 
     # Dispatch order: by global expert = by destination rank, then expert.
     order = torch.argsort(routing.idx_TK.reshape(-1), stable=True)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     counts_E = count_selections(routing.idx_TK, E)
     recv_counts = transport.all_to_all(counts_E, [E_local] * ep, [E_local] * ep).view(ep, E_local)
-    # One host sync per layer: uneven all-to-alls need their sizes on the host.
-    send_splits = counts_E.view(ep, E_local).sum(1).tolist()
-    recv_splits = recv_counts.sum(1).tolist()
-    x_sorted = x_TD[order // K]
+    (send_splits,), (recv_splits,) = _read_splits(counts_E.view(ep, E_local).sum(1), recv_counts.sum(1))
+    x_sorted = _GatherCopies.apply(x_TD, order, inverse, K)   # backward: gather + sum over K (no scatter-add)
     if fp8_dispatch:
         x_recv = _FP8Dispatch.apply(x_sorted, transport, send_splits, recv_splits, dtype)
     else:
         x_recv = all_to_all(x_sorted, transport, send_splits, recv_splits)
 
     # Received rows: grouped by source rank, then local expert -> regroup by local expert for the GEMMs.
-    local_expert = torch.arange(E_local, device=x_recv.device).repeat(ep).repeat_interleave(recv_counts.reshape(-1))
-    perm = torch.argsort(local_expert, stable=True)
-    y_local = _local_swiglu(x_recv[perm], w_gate, w_up, w_down, recv_counts.sum(0))
-    y_recv = torch.empty_like(y_local).index_copy_(0, perm, y_local)
+    to_expert, to_source = block_permutation(recv_counts.view(1, ep, E_local), sum(recv_splits))
+    y_local = _local_swiglu(_PermuteRows.apply(x_recv, to_expert, to_source), w_gate, w_up, w_down,
+                            recv_counts.sum(0))
+    y_recv = _PermuteRows.apply(y_local, to_source, to_expert)
 
     if fp8_dispatch:  # V3 combines in BF16
         y_sorted = all_to_all(y_recv.to(torch.bfloat16), transport, recv_splits, send_splits).to(dtype)
     else:
         y_sorted = all_to_all(y_recv, transport, recv_splits, send_splits)
     if meter is not None:
-        row = D * x_TD.element_size()
-        if fp8_dispatch:  # 1 byte per value + one fp32 scale per 128 values
-            meter.add(send_splits, D + 4 * -(-D // 128))
-            meter.add(recv_splits, D * 2)
-        else:
-            meter.add(send_splits, row)
-            meter.add(recv_splits, row)
-        meter.recv_rows += sum(recv_splits)
+        meter.add_layer(send_splits, recv_splits, D, x_TD.element_size(), fp8_dispatch)
 
     y_TKD = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(T, K, D)
-    out = (y_TKD.float() * routing.weight_TK[..., None]).sum(dim=1)
-    return out.to(dtype)
+    return _WeightedSum.apply(y_TKD, routing.weight_TK)
+
+
+# ------------------------------------------------------------------ chunked, overlapped dispatch/combine
+
+def _grouped_wgrad(g_MO: torch.Tensor, x_MI: torch.Tensor, ends_E: torch.Tensor, counts_E: torch.Tensor
+                   ) -> torch.Tensor:
+    """Per-expert g_e^T x_e -> [E, O, I] for rows sorted by expert: the weight gradient of ``grouped_linear``
+    (the call torch's own _grouped_mm backward makes: a 2D x 2D grouped GEMM split along the rows)."""
+    if _grouped_mm_ok(x_MI):
+        return torch._grouped_mm(g_MO.t(), x_MI, offs=ends_E)
+    out = x_MI.new_zeros(counts_E.numel(), g_MO.shape[1], x_MI.shape[1])
+    start = 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n:
+            out[e] = g_MO[start:start + n].t() @ x_MI[start:start + n]
+        start += n
+    return out
+
+
+def _swiglu_forward(x_MD, wg, wu, wd, ends, counts):
+    """-> (y, a, b): the grouped SwiGLU of ``_local_swiglu`` and the two pre-activations its backward needs."""
+    a = grouped_linear(x_MD, wg, ends, counts)
+    b = grouped_linear(x_MD, wu, ends, counts)
+    return grouped_linear(F.silu(a) * b, wd, ends, counts), a, b
+
+
+def _swiglu_backward(gy_MD, x_MD, a, b, wg, wu, wd, ends, counts):
+    """-> (dx, dWg, dWu, dWd) of ``_swiglu_forward`` (silu(a) and h recomputed: elementwise, cheap)."""
+    s = F.silu(a)
+    h = s * b
+    gh = grouped_linear(gy_MD, wd.transpose(1, 2), ends, counts)        # gy @ Wd[e]
+    dwd = _grouped_wgrad(gy_MD, h, ends, counts)
+    ga = torch.ops.aten.silu_backward(gh * b, a)
+    gb = gh * s
+    dx = grouped_linear(ga, wg.transpose(1, 2), ends, counts) + grouped_linear(gb, wu.transpose(1, 2), ends, counts)
+    return dx, _grouped_wgrad(ga, x_MD, ends, counts), _grouped_wgrad(gb, x_MD, ends, counts), dwd
+
+
+class _ChunkPlan:
+    """A layer's chunked routing, fixed in the forward and reused by the backward: host splits per chunk and
+    the index tensors (sort order, its inverse, the source<->expert regrouping of each chunk's received rows)."""
+
+    def __init__(self, transport, C, T, K, D, dtype, fp8, bounds, order, inverse, send_splits, recv_splits,
+                 to_expert, to_source, counts_local, ends_local):
+        self.transport, self.C, self.T, self.K, self.D, self.dtype, self.fp8 = transport, C, T, K, D, dtype, fp8
+        self.bounds = bounds                     # token bounds: chunk c = tokens [bounds[c], bounds[c+1])
+        self.src_token = order // K              # sorted copy -> its token (the forward's one gather)
+        # per chunk, chunk-local: sorted position -> token-major copy (order) and back (inverse); a chunk's
+        # copies occupy the same range [K*bounds[c], K*bounds[c+1]) in both layouts
+        self.order = [order[self.copies(c)] - K * bounds[c] for c in range(C)]
+        self.inverse = [inverse[self.copies(c)] - K * bounds[c] for c in range(C)]
+        self.send_splits, self.recv_splits = send_splits, recv_splits   # [C][ep] host ints
+        self.to_expert, self.to_source = to_expert, to_source           # [C] chunk-local permutations
+        self.counts_local, self.ends_local = counts_local, ends_local   # [C] x [E/ep] rows per local expert
+        self.wire = torch.bfloat16 if fp8 else dtype                     # combine and gradient transfers
+
+    def copies(self, c: int) -> slice:
+        """Chunk c's rows of the sorted copies (and of [T*K] token-major copies)."""
+        return slice(self.K * self.bounds[c], self.K * self.bounds[c + 1])
+
+
+class _ChunkedRouted(torch.autograd.Function):
+    """The routed part of one MoE layer with the transfers of chunk i+1 (and i-1) hidden behind chunk i's
+    experts, forward and backward. Inputs x [T, D] (compute dtype), routing weights [T, K] fp32, the three
+    local expert weights; output [T, D]. Gradients are those of the C = 1 path (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, weight_TK, w_gate, w_up, w_down, plan: _ChunkPlan):
+        p, t = plan, plan.transport
+        C, K, D, dtype = p.C, p.K, p.D, p.dtype
+        wg, wu, wd = (w.to(dtype) for w in (w_gate, w_up, w_down))
+        x_sorted = x_TD[p.src_token]                  # all chunks' send buffers, chunk after chunk
+        p.src_token = None                            # the backward needs only the chunk-local indices
+        if p.fp8:
+            q_sorted, s_sorted = quantize_activation_tiles(x_sorted)
+
+        def dispatch(c):
+            sl, a, b = p.copies(c), p.send_splits[c], p.recv_splits[c]
+            if p.fp8:
+                q, hq = t.all_to_all_async(q_sorted[sl], a, b)
+                s, hs = t.all_to_all_async(s_sorted[sl], a, b)
+                return (q, s), (hq, hs)
+            x, h = t.all_to_all_async(x_sorted[sl], a, b)
+            return x, (h,)
+
+        pending = {c: dispatch(c) for c in range(min(2, C))}
+        combines, saved_x, saved_a, saved_b = [], [], [], []
+        for c in range(C):
+            recv, handles = pending.pop(c)
+            for h in handles:
+                h.wait()
+            x_recv = dequantize_activation_tiles(*recv, dtype=dtype) if p.fp8 else recv
+            x_local = x_recv[p.to_expert[c]]
+            if x_local.shape[0]:
+                y_local, a, b = _swiglu_forward(x_local, wg, wu, wd, p.ends_local[c], p.counts_local[c])
+            else:
+                y_local, a, b = x_local, x_local.new_empty(0, wg.shape[1]), x_local.new_empty(0, wg.shape[1])
+            saved_x.append(x_local)
+            saved_a.append(a)
+            saved_b.append(b)
+            combines.append(t.all_to_all_async(y_local[p.to_source[c]].to(p.wire), p.recv_splits[c],
+                                               p.send_splits[c]))
+            if c + 2 < C:
+                pending[c + 2] = dispatch(c + 2)
+        del x_sorted
+        out = x_TD.new_empty(p.T, D)
+        y_sorted = []
+        for c, (y, h) in enumerate(combines):          # chunk c's sum overlaps the later combines
+            h.wait()
+            y = y.to(dtype)
+            y_sorted.append(y)
+            t0, t1 = p.bounds[c], p.bounds[c + 1]
+            y_TKD = y[p.inverse[c]].view(t1 - t0, K, D)
+            out[t0:t1] = (y_TKD.float() * weight_TK[t0:t1, :, None]).sum(dim=1)
+        ctx.plan, ctx.w_dtypes = p, [w.dtype for w in (w_gate, w_up, w_down)]
+        ctx.save_for_backward(weight_TK, wg, wu, wd, *saved_x, *saved_a, *saved_b, *y_sorted)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out):
+        p, t = ctx.plan, ctx.plan.transport
+        C, K, D, dtype = p.C, p.K, p.D, p.dtype
+        weight_TK, wg, wu, wd, *rest = ctx.saved_tensors
+        xs, as_, bs, ys = rest[:C], rest[C:2 * C], rest[2 * C:3 * C], rest[3 * C:]
+        g_weight = torch.empty_like(weight_TK)
+
+        def reverse_combine(c):   # d(out) of chunk c -> d(y) per copy, sent back to the experts that made it
+            t0, t1 = p.bounds[c], p.bounds[c + 1]
+            g = g_out[t0:t1].float()[:, None, :]
+            y_TKD = ys[c][p.inverse[c]].view(t1 - t0, K, D)
+            g_weight[t0:t1] = (g * y_TKD.float()).sum(dim=-1)
+            g_y = (g * weight_TK[t0:t1, :, None]).to(dtype).view(-1, D)[p.order[c]]
+            return t.all_to_all_async(g_y.to(p.wire), p.send_splits[c], p.recv_splits[c])
+
+        pending = {c: reverse_combine(c) for c in range(min(2, C))}
+        dw = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in (wg, wu, wd)]  # sum of chunks
+        dispatches = []
+        for c in range(C):
+            g_recv, h = pending.pop(c)
+            h.wait()
+            g_local = g_recv.to(dtype)[p.to_expert[c]]
+            if g_local.shape[0]:
+                g_x, *g_ws = _swiglu_backward(g_local, xs[c], as_[c], bs[c], wg, wu, wd, p.ends_local[c],
+                                              p.counts_local[c])
+                for acc, g in zip(dw, g_ws):
+                    acc += g
+            else:
+                g_x = g_local
+            dispatches.append(t.all_to_all_async(g_x[p.to_source[c]].to(p.wire), p.recv_splits[c],
+                                                 p.send_splits[c]))
+            if c + 2 < C:
+                pending[c + 2] = reverse_combine(c + 2)
+        g_in = torch.empty(p.T, D, dtype=dtype, device=g_out.device)
+        for c, (g, h) in enumerate(dispatches):
+            h.wait()
+            t0, t1 = p.bounds[c], p.bounds[c + 1]
+            g_in[t0:t1] = g.to(dtype)[p.inverse[c]].view(t1 - t0, K, D).sum(dim=1)
+        return (g_in, g_weight, *(g.to(wt) for g, wt in zip(dw, ctx.w_dtypes)), None)
+
+
+def _chunked_forward(x_TD, routing: Routing, w_gate, w_up, w_down, transport: Transport, fp8_dispatch: bool,
+                     meter: TrafficMeter | None, C: int) -> torch.Tensor:
+    """Plan the chunks (one counts all-to-all, one host read) and run ``_ChunkedRouted``."""
+    T, D = x_TD.shape
+    K = routing.idx_TK.shape[1]
+    ep, E_local = transport.size, w_gate.shape[0]
+    E = ep * E_local
+    dtype = compute_dtype(x_TD)
+    dev = x_TD.device
+    bounds = [-(-c * T // C) for c in range(C + 1)]       # ceil(c*T/C): sizes differ by at most one
+    # chunk of token t = floor(t*C/T) (the same bounds); sort the copies by (chunk, expert)
+    chunk_of_copy = torch.arange(T * K, device=dev) // K * C // max(T, 1)
+    key = chunk_of_copy * E + routing.idx_TK.reshape(-1)
+    order = torch.argsort(key, stable=True)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=dev))
+    counts_CE = torch.zeros(C * E, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    send_counts = counts_CE.view(C, ep, E_local).transpose(0, 1).contiguous()       # [peer, chunk, expert]
+    recv_counts = transport.all_to_all(send_counts.view(-1), [C * E_local] * ep, [C * E_local] * ep)
+    recv_counts = recv_counts.view(ep, C, E_local).transpose(0, 1)                  # [chunk, source, expert]
+    send_splits, recv_splits = _read_splits(send_counts.sum(-1).t(), recv_counts.sum(-1))
+    rows = [sum(r) for r in recv_splits]
+    to_expert_all, to_source_all = block_permutation(recv_counts, sum(rows))   # chunk c stays in its range
+    to_expert, to_source, start = [], [], 0
+    for n in rows:
+        to_expert.append(to_expert_all[start:start + n] - start)
+        to_source.append(to_source_all[start:start + n] - start)
+        start += n
+    counts_local = recv_counts.sum(1)                                               # [chunk, local expert]
+    ends_local = torch.cumsum(counts_local, 1).to(torch.int32)
+    plan = _ChunkPlan(transport, C, T, K, D, dtype, fp8_dispatch, bounds, order, inverse, send_splits,
+                      recv_splits, to_expert, to_source, list(counts_local), list(ends_local))
+    if meter is not None:
+        for c in range(C):
+            meter.add_layer(send_splits[c], recv_splits[c], D, dtype.itemsize, fp8_dispatch)
+    return _ChunkedRouted.apply(x_TD.to(dtype), routing.weight_TK, w_gate, w_up, w_down, plan)
 
 
 class ExpertParallelExperts(nn.Module):
     """Drop-in for ``Experts`` holding experts [first, first + E/ep) under the same parameter names."""
 
-    def __init__(self, experts: Experts, transport: Transport, fp8_dispatch: bool = False):
+    def __init__(self, experts: Experts, transport: Transport, fp8_dispatch: bool = False, chunks: int = 1):
         super().__init__()
+        self.chunks = chunks     # parallel.ep_chunks: dispatch/combine pipelined over this many token chunks
         ep, r = transport.size, transport.rank
         E = experts.num_experts
         self.num_experts = E
@@ -146,9 +454,13 @@ class ExpertParallelExperts(nn.Module):
             full = getattr(experts, name)
             setattr(self, name, nn.Parameter(full.detach()[sl].clone(), requires_grad=full.requires_grad))
 
+    # Eager even inside a compiled block: the host-side splits change every step (dynamo would guard on them
+    # and recompile until its cache limit), and tracing the collectives and the chunk loop buys nothing. The
+    # block compiles around it (one graph break before, one after).
+    @torch.compiler.disable
     def forward(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         return ep_experts_forward(x_TD, routing, self.gate_proj, self.up_proj, self.down_proj, self.transport,
-                                  self.fp8_dispatch, self.meter)
+                                  self.fp8_dispatch, self.meter, self.chunks)
 
 
 def _moe_layers(model: nn.Module):
@@ -157,13 +469,17 @@ def _moe_layers(model: nn.Module):
 
 
 def apply_expert_parallel(model: nn.Module, ep_group, *, fp8_dispatch: bool = False,
-                          transport: Transport | None = None) -> nn.Module:
+                          transport: Transport | None = None, chunks: int = 1) -> nn.Module:
     """Shard every MoE's routed experts over ``ep_group`` (in place; returns the model).
 
     Call after the weights are initialized or loaded (full [E, ...] tensors, identical on every rank) and
     BEFORE building the optimizer (the expert parameters are replaced by their [E/ep, ...] slices).
-    ``ep_group`` None (or of size 1) with no transport leaves the model unchanged.
+    ``ep_group`` None (or of size 1) with no transport leaves the model unchanged. ``chunks``
+    (``parallel.ep_chunks``) > 1 overlaps the all-to-alls with the experts (module docstring).
     """
+    if chunks < 1:
+        from dsv3.errors import UserError
+        raise UserError(f"parallel.ep_chunks = {chunks} is invalid: it must be >= 1 (1 = no chunking)")
     if transport is None:
         if ep_group is None or dist.get_world_size(ep_group) == 1:
             if not fp8_dispatch:
@@ -176,7 +492,7 @@ def apply_expert_parallel(model: nn.Module, ep_group, *, fp8_dispatch: bool = Fa
             from dsv3.errors import UserError
             raise UserError(f"model.n_routed_experts = {moe.config.n_routed_experts} is not divisible by ep = "
                             f"{transport.size}")
-        moe.experts = ExpertParallelExperts(moe.experts, transport, fp8_dispatch)
+        moe.experts = ExpertParallelExperts(moe.experts, transport, fp8_dispatch, chunks)
     return model
 
 

@@ -47,6 +47,7 @@ class ParallelConfig:
     backend: str = "auto"             # 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'
     node_limited_routing: bool = False  # routing groups = the experts of one EP rank (n_group = ep)
     fp8_dispatch: bool = False        # send dispatch payloads as E4M3 + 1x128 scales (combine stays BF16)
+    ep_chunks: int = 1                # MoE token chunks per layer: chunk i+1 moves while chunk i computes
     schedule: str = "1f1b"            # pipeline schedule when pp > 1: '1f1b' or 'dualpipev'
     microbatches: int = 0             # pipeline micro-batches per step; 0 = batch / micro_batch_size
     trace: bool = False               # write a per-rank Chrome trace of the pipeline schedule
@@ -86,6 +87,11 @@ def validate_layout(world_size: int, pc: ParallelConfig, model: ModelConfig | No
         raise UserError(f"parallel.schedule = {pc.schedule!r} is invalid: use '1f1b' or 'dualpipev'")
     if pc.microbatches < 0:
         raise UserError(f"parallel.microbatches = {pc.microbatches} is invalid: use 0 (derived) or a positive count")
+    if pc.ep_chunks < 1:
+        raise UserError(f"parallel.ep_chunks = {pc.ep_chunks} is invalid: it must be >= 1 (1 = no chunking)")
+    if pc.ep_chunks > 1 and pc.pp > 1 and pc.schedule == "dualpipev":
+        raise UserError("parallel.ep_chunks > 1 does not combine with parallel.schedule = 'dualpipev' (its split "
+                        "backward would run the chunked expert backward twice); set ep_chunks = 1 or use '1f1b'")
     if pc.bucket_mb <= 0 or pc.timeout_s <= 0:
         raise UserError("parallel.bucket_mb and parallel.timeout_s must be > 0")
     pp = pc.pp

@@ -6,6 +6,14 @@ it with ``torch.distributed.all_to_all_single`` over a process group: NCCL on GP
 (torch 2.13's gloo does uneven splits; tested in tests/test_parallel_ep.py). Neither moves float8 dtypes, so
 FP8 payloads travel as their raw bytes (a uint8 view) and are viewed back on arrival.
 
+``Transport.all_to_all_async(x, in_splits, out_splits) -> (out, handle)``: the same exchange, started and not
+waited for; ``out`` may be read only after ``handle.wait()``, and every handle must be waited on exactly once.
+On NCCL the transfer runs on the communicator's own stream, ordered after the work queued on the current
+stream when it was issued; ``wait()`` makes the current stream wait for it (the host does not block). On gloo
+a worker thread runs it and ``wait()`` blocks the host. Collectives start in issue order on every rank, so all
+ranks of a group must issue them in the same order (``expert_parallel`` does: its order depends only on the
+chunk count). ``LocalTransport`` returns its input and a handle that is already done.
+
 Autograd: the backward of an all-to-all with splits (in, out) is the all-to-all of the output gradient with
 splits (out, in): every row's gradient goes back to the rank the row came from.
 """
@@ -27,6 +35,32 @@ class Transport(Protocol):
 
     def all_to_all(self, x: torch.Tensor, in_splits: list[int], out_splits: list[int]) -> torch.Tensor: ...
 
+    def all_to_all_async(self, x: torch.Tensor, in_splits: list[int], out_splits: list[int]
+                         ) -> tuple[torch.Tensor, "Handle"]: ...
+
+
+class Handle(Protocol):
+    def wait(self) -> None: ...
+
+
+class _Done:
+    """The handle of a transfer that has already happened."""
+
+    def wait(self) -> None:
+        pass
+
+
+class _Pending:
+    """A started all_to_all_single: holds its buffers until ``wait()`` (the allocator must not reuse them early)."""
+
+    def __init__(self, work, *buffers):
+        self.work, self.buffers = work, buffers
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+            self.work, self.buffers = None, ()
+
 
 class CollectiveTransport:
     """all_to_all_single over a torch.distributed process group (NCCL or gloo)."""
@@ -43,6 +77,14 @@ class CollectiveTransport:
         dist.all_to_all_single(recv, send, out_splits, in_splits, group=self.group)
         return out
 
+    def all_to_all_async(self, x: torch.Tensor, in_splits: list[int], out_splits: list[int]
+                         ) -> tuple[torch.Tensor, _Pending]:
+        x = x.contiguous()
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        send, recv = (x.view(torch.uint8), out.view(torch.uint8)) if x.dtype in _FP8 else (x, out)
+        work = dist.all_to_all_single(recv, send, out_splits, in_splits, group=self.group, async_op=True)
+        return out, _Pending(work, send, recv)
+
 
 class LocalTransport:
     """A group of one: all_to_all is the identity (ep = 1, and single-process tests of the EP code path)."""
@@ -52,6 +94,10 @@ class LocalTransport:
 
     def all_to_all(self, x: torch.Tensor, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
         return x
+
+    def all_to_all_async(self, x: torch.Tensor, in_splits: list[int], out_splits: list[int]
+                         ) -> tuple[torch.Tensor, _Done]:
+        return x, _Done()
 
 
 class _AllToAll(torch.autograd.Function):
