@@ -7,6 +7,12 @@ and writes `<out>/distributed.json` with the issue's headline names.
 
     PYTHONPATH=src python3 benchmarks/distributed.py --out $OUT                       # 2 GPUs, small preset
     PYTHONPATH=src python3 benchmarks/distributed.py --out /tmp/d --device cpu --preset tiny --steps 6   # smoke test
+    PYTHONPATH=src python3 benchmarks/distributed.py --out $OUT --rates rates.json    # simulator on measured rates
+
+The simulator's predictions (``dsv3.plan.step`` with ``trainer_options``: what ``dsv3 train`` runs, same
+precision, recompute, micro-batch, accumulation and MTP as the measured runs) use the ``h100`` catalogue, or
+with ``--rates`` a JSON written by ``benchmarks/measure_rates.py`` on this machine on top of it:
+``sim_rel_err_1gpu`` (one GPU), ``sim_rel_err_dp2`` and ``sim_rel_err_2gpu`` (EP=2).
 
 Scaling = (2-process tokens/s) / (2 x 1-process tokens/s) at the same per-GPU batch. Tokens/s per step come from
 metrics.jsonl (median after warm-up). Exposed communication of the pipeline run is the host-measured receive
@@ -107,6 +113,67 @@ def plain_all_to_all(out: Path, nbytes: int, nproc: int) -> float:
     return float(next(line.split()[1] for line in r.stdout.splitlines() if line.startswith("A2A_SECONDS")))
 
 
+def layer_rank_imbalance(path: Path, ep: int) -> float | None:
+    """Mean over MoE layers of (busiest EP rank's routed copies / mean) from the last record of an
+    expert_load.jsonl (rank 0's counts; experts are split rank-major, E/ep per rank): the per-layer wait for
+    the slower rank that a whole-step aggregate like ep_recv_imbalance averages away."""
+    if not path.exists():
+        return None
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    if not lines:
+        return None
+    counts = json.loads(lines[-1])["counts"]
+    ratios = []
+    for c in counts:
+        per = len(c) // ep
+        loads = [sum(c[r * per:(r + 1) * per]) for r in range(ep)]
+        mean = sum(loads) / ep
+        if mean > 0:
+            ratios.append(max(loads) / mean)
+    return sum(ratios) / len(ratios) if ratios else None
+
+
+def simulate(res: dict, args, seq: int, one: dict, dp2: dict | None, ep2: dict | None, out: Path) -> None:
+    """The step-time simulator for the measured layouts, with the trainer's own costs (trainer_options)."""
+    from dsv3.config import preset
+    from dsv3.parallel.mesh import ParallelConfig
+    from dsv3.plan.rates import load_rates
+    from dsv3.plan.step import predict_step, trainer_options
+    from dsv3.train.config import TrainConfig
+
+    t = TrainConfig()  # distributed.py leaves recompute, bf16_moments and precision at the trainer defaults
+    pc = ParallelConfig()  # ... and fp8_dispatch, ep_chunks at the [parallel] defaults
+    cfg = preset(args.preset)
+    rates = load_rates("h100", args.rates)
+    res["sim_rates"] = rates.name
+    res["sim_options"] = {"precision": t.precision, "recompute": t.recompute, "bf16_moments": t.bf16_moments,
+                          "fp8_dispatch": pc.fp8_dispatch, "ep_chunks": pc.ep_chunks,
+                          "micro_batch": args.micro, "microbatches": args.accum, "seq": seq,
+                          "mtp_layers": cfg.num_nextn_predict_layers}
+
+    def pred(layout, ep, dp, **kw):
+        opts = trainer_options(t.precision, t.recompute, ep=ep, dp=dp, bf16_moments=t.bf16_moments,
+                               fp8_dispatch=pc.fp8_dispatch, ep_chunks=pc.ep_chunks, **kw)
+        return predict_step(cfg, layout, rates, micro_batch=args.micro, seq_len=seq, microbatches=args.accum,
+                            schedule="1f1b", options=opts)["step_s"]
+
+    res["sim_step_s_1gpu"] = pred("pp=1,ep=1,dp=1", 1, 1)
+    res["sim_rel_err_1gpu"] = (res["sim_step_s_1gpu"] - one["step_s"]) / one["step_s"]
+    if dp2:
+        res["sim_step_s_dp2"] = pred("pp=1,ep=1,dp=2", 1, 2)
+        res["sim_rel_err_dp2"] = (res["sim_step_s_dp2"] - dp2["step_s"]) / dp2["step_s"]
+    if ep2:
+        # the routed experts wait for the busier EP rank in every layer: the per-layer imbalance from the
+        # logged expert counts (step 10) when there is one, else the run's whole-step receive imbalance
+        per_layer = layer_rank_imbalance(out / "ep2" / "expert_load.jsonl", 2) or \
+            layer_rank_imbalance(out / "one" / "expert_load.jsonl", 2)
+        imb = max(1.0, per_layer or ep2.get("ep_recv_imbalance", 1.0))
+        res["sim_expert_imbalance"] = imb
+        res["sim_expert_imbalance_source"] = "per-layer, expert_load.jsonl" if per_layer else "ep_recv_imbalance"
+        res["sim_step_s_ep2"] = pred("pp=1,ep=2,dp=2", 2, 2, expert_imbalance=imb)
+        res["sim_rel_err_2gpu"] = (res["sim_step_s_ep2"] - ep2["step_s"]) / ep2["step_s"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -117,6 +184,8 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=2, help="per-GPU micro-batch (sequences)")
     ap.add_argument("--accum", type=int, default=4, help="micro-batches per GPU per step (PP uses 2x this)")
     ap.add_argument("--data", default=None, help="a prepared data directory (default: prepare a stdlib corpus)")
+    ap.add_argument("--rates", default=None, help="rates JSON from benchmarks/measure_rates.py (on top of the h100 "
+                    "catalogue) for the simulator's predictions; default: the catalogue alone")
     ap.add_argument("--runs", default="one,dp2,ep2,pp2_dualpipev",
                     help="which runs to make now; the others are read from OUT/NAME/result.json of an earlier call "
                          "(e.g. the one-GPU baseline on a free GPU while another job runs)")
@@ -145,6 +214,9 @@ def main() -> None:
     res["torch"] = torch.__version__
     one = train("one", out, data, 1, common, ["--set", f"train.batch_size={per_gpu}"])
     if RUNS == {"one"}:
+        if args.device == "cuda":
+            simulate(res, args, seq, one, None, None, out)
+            print({k: round(res[k], 4) for k in ("sim_step_s_1gpu", "sim_rel_err_1gpu")}, flush=True)
         return
     dp2 = train("dp2", out, data, 2, common, ["--set", f"train.batch_size={2 * per_gpu}"])
     ep2 = train("ep2", out, data, 2, common, ["--set", f"train.batch_size={2 * per_gpu}", "--set", "parallel.ep=2"])
@@ -175,13 +247,9 @@ def main() -> None:
     try:
         from dsv3.config import preset
         from dsv3.plan.rates import load_rates
-        from dsv3.plan.step import Options, predict_step
+        from dsv3.plan.step import predict_step
         if args.device == "cuda":
-            pred = predict_step(preset(args.preset), "pp=1,ep=2,dp=2", load_rates("h100"), micro_batch=args.micro,
-                                seq_len=seq, microbatches=args.accum, schedule="1f1b",
-                                options=Options(precision="bf16", recompute="none", dispatch_bytes=2.0))
-            res["sim_step_s_ep2"] = pred["step_s"]
-            res["sim_rel_err_2gpu"] = (pred["step_s"] - ep2["step_s"]) / ep2["step_s"]
+            simulate(res, args, seq, one, dp2, ep2, out)
         table4 = predict_step(preset("v3"), "pp=16,ep=64,dp=128", load_rates("h800"), micro_batch=1, seq_len=4096,
                               microbatches=120, schedule="dualpipe")
         res["sim_rel_err_table4"] = (table4["step_s"] - 19.926) / 19.926
@@ -189,7 +257,7 @@ def main() -> None:
         res["sim_error"] = repr(e)[:300]
     (out / "distributed.json").write_text(json.dumps(res, indent=2) + "\n")
     keys = ["dp_scaling", "ep_scaling", "a2a_fraction_of_nccl", "exposed_comm_fraction", "bubble_fraction",
-            "sim_rel_err_2gpu", "sim_rel_err_table4"]
+            "sim_rel_err_1gpu", "sim_rel_err_dp2", "sim_rel_err_2gpu", "sim_rel_err_table4"]
     print({k: (round(res[k], 4) if isinstance(res.get(k), float) else res.get(k)) for k in keys}, flush=True)
 
 

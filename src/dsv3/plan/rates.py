@@ -23,7 +23,16 @@ Profiles:
   multi-plane fat tree). 20 of the 132 SMs run the all-to-all while computation overlaps it (V3 report
   3.2.2). IB latency 2.8 us (Insights paper, IB end-to-end latency), NVLink 1 us (assumed).
 
+The trainer's own costs (``dsv3.plan.step.trainer_options``) need five more rates: the fp32 GEMM of the router,
+the fused AdamW's achieved bytes/s, torch's top-k routing per token, the GPU idle time of one host
+synchronisation, and the all-reduce bus bandwidth of the DP gradient reduction. The catalogue values come
+from the one-GPU kernel profile of the small preset (``benchmarks/results/raw/profile-small.txt``), except
+``host_sync_us`` (assumed).
+
 ``--rates FILE.json`` overrides any field by name on top of ``--device`` (the keys of ``Rates``).
+``benchmarks/measure_rates.py`` writes such a file: every rate it can measure on the machine it runs on, at
+the shapes of a model preset (GEMMs at the model's linear and expert shapes, attention at its head dims, the
+all-to-all at its EP message size).
 """
 from __future__ import annotations
 
@@ -53,6 +62,14 @@ class Rates:
     gpus_per_node: int = 8
     sms: int = 132
     comm_sms: int = 20                   # SMs running the EP all-to-all while compute overlaps it
+    # Rates of what this project's trainer runs besides the model's GEMMs and attention (priced only when
+    # ``dsv3.plan.step.Options`` asks for them, see ``trainer_options``; ``optimizer_gbps`` always):
+    gemm_fp32_tflops: float = 33.0       # fp32 GEMM, no TF32 (the trainer's router: fp32 logits, Options.router_fp32)
+    optimizer_gbps: float = 2250.0       # fused AdamW: bytes moved per second (bytes per parameter: Options)
+    routing_ns_per_token: float = 26.0   # torch top-k routing + dispatch sort, per token per MoE layer (forward)
+    host_sync_us: float = 50.0           # GPU idle per host synchronisation (queue drained, CPU relaunches)
+    nvlink_allreduce_gbps: float = 0.0   # all-reduce bus bandwidth inside a node (DP); 0 = nvlink_gbps
+    misc_kernels_ns_per_token: float = 0.0  # kernels no other term names, per token per decoder block (fwd + bwd)
     sources: dict = field(default_factory=dict, compare=False)
 
     def check(self) -> "Rates":
@@ -60,7 +77,8 @@ class Rates:
             v = getattr(self, f.name)
             if f.name in ("name", "sources"):
                 continue
-            if f.name in ("nvlink_latency_us", "ib_latency_us", "comm_sms"):
+            if f.name in ("nvlink_latency_us", "ib_latency_us", "comm_sms", "routing_ns_per_token", "host_sync_us",
+                          "nvlink_allreduce_gbps", "misc_kernels_ns_per_token"):
                 if v < 0:
                     raise ValueError(f"rate {f.name} = {v} must be >= 0")
             elif not v > 0:
@@ -90,13 +108,30 @@ _HOPPER_MEASURED = {
     "hbm_gbps": "H100 measured ~3.0 TB/s (3.35 nominal)",
     "comm_sms": "V3 report 3.2.2: 20 of 132 SMs for communication",
     "peak_bf16_tflops": "data sheet dense BF16 (the MFU denominator of the papers)",
+    # from benchmarks/results/raw/profile-small.txt (2 steps of the small preset without MTP, bf16 weights,
+    # 4 x 4096 tokens, compiled blocks, fused AdamW; H100, torch 2.11):
+    "gemm_fp32_tflops": "H100 profile: the fp32 router GEMMs (sgemm / xmma f32, 16384x1536x64, forward + 2 "
+                        "backward) 8.67 ms per 2 steps x 15 layers -> 33.4 TFLOP/s",
+    "optimizer_gbps": "H100 profile: fused AdamW (multi_tensor kernels) 15.65 ms per step over 2.511e9 bf16 "
+                      "parameters x 14 bytes (read p, g, m, v; write p, m, v) -> 2,246 GB/s",
+    "routing_ns_per_token": "H100 profile: torch.topk (gatherTopK) + bitonicSort 0.425 ms per MoE layer per 16,384 "
+                            "tokens (64 experts, 8 groups) -> 25.9 ns/token; the dispatch argsort is below the "
+                            "profile's top 40, so this is a lower bound",
+    "host_sync_us": "assumed (not measured): a .tolist() round trip ~10 us plus the CPU relaunching eager ops "
+                    "before the GPU has work again; benchmarks/measure_rates.py measures it",
 }
 
 PROFILES: dict[str, Rates] = {
     "h100": Rates(
-        name="h100", nvlink_gbps=330.0, ib_gbps=40.0,
+        name="h100", nvlink_gbps=330.0, ib_gbps=40.0, nvlink_allreduce_gbps=330.0, misc_kernels_ns_per_token=62.0,
         sources={**_HOPPER_MEASURED,
-                 "nvlink_gbps": "H100 x2 NVLink all-reduce bus bandwidth ~330 GB/s (measured)",
+                 "misc_kernels_ns_per_token": "H100 profile: the kernels below its top 40 (each < 2 ms per 2 steps: "
+                                              "small reductions, copies, fills; the named terms price the top 40) "
+                                              "take 32.7 ms per 2 steps of 16,384 tokens x 16 blocks -> 62 ns; "
+                                              "not measurable without profiling the compiled model",
+                 "nvlink_gbps": "H100 x2 NVLink all-reduce bus bandwidth ~330 GB/s (measured), used for the EP "
+                                "all-to-all too (its own rate was not measured)",
+                 "nvlink_allreduce_gbps": "H100 x2 NVLink all-reduce bus bandwidth ~330 GB/s (measured)",
                  "ib_gbps": "not measured (no IB on the lent machines): the H800 cluster's 40 GB/s"}),
     "h800": Rates(
         name="h800", nvlink_gbps=160.0, ib_gbps=40.0,

@@ -19,7 +19,20 @@ What it times, per pipeline chunk and micro-batch (``chunk_work``):
 * ZeRO-1 data parallelism: reduce-scatter of the gradients (``grad_bytes``) and all-gather of the BF16
   weights, non-expert parameters over DP, expert parameters over DP/EP (ring volumes, IB when the group
   spans nodes); the reduce-scatter of a chunk starts when the rank's last backward op of that chunk ends
-  (hidden under the rest of the step as far as it goes); the optimizer (AdamW on the local shard) at HBM rate.
+  (hidden under the rest of the step as far as it goes); the optimizer (AdamW on the local shard) at the fused
+  AdamW's achieved bytes/s (``Rates.optimizer_gbps``).
+
+What this project's trainer pays on top (``trainer_options``; off in the V3 defaults, each term's derivation
+in its docstring and at the code): fp32 master weights cast to BF16 every micro-batch and their gradients
+cast back and accumulated in fp32 (``cast_work``), an fp32 residual stream, the fp32 router, torch top-k
+routing (``Rates.routing_ns_per_token``), the sort-based permutation of the token copies and, with EP, the
+receiver's regrouping, a host sync per MoE layer and micro-batch with EP and a few per step
+(``Rates.host_sync_us``), the fused fp32 AdamW (``Options.optimizer_bytes`` at ``Rates.optimizer_gbps``),
+gradient clipping, and data parallelism as the trainer runs it (fp32 all-reduce of gradient buckets plus the
+buckets' copies, ZeRO-1 broadcast of fp32 parameters). ``ep_chunks`` > 1 hides all but one chunk of each
+layer's all-to-alls under the routed experts. Checked against benchmarks/results/raw/profile-small.txt (one
+step of the small preset on an H100, per kernel) and the one-GPU / DP=2 steps of
+benchmarks/results/2026-11-25-distributed.json (tests/test_plan_step_trainer.py).
 
 The schedule (``dsv3.parallel.pipeline.schedules``: 1F1B, or DualPipeV: DeepSeek's DualPipe folded to a V,
 the same Table-2 bubble for the same number of stages) is simulated event by event: every rank runs its op
@@ -47,7 +60,7 @@ from dsv3.plan.rates import Rates
 
 SCHEDULES = ("1f1b", "dualpipev", "dualpipe")  # "dualpipe" is simulated as DualPipeV (see ``_schedule_name``)
 PRECISIONS = ("fp8", "bf16")
-RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE = ("none", "selective", "full", "attention")
 
 # Insights paper (arXiv 2505.09343) Table 4, MPFT column: DeepSeek-V3 on 2,048 H800 GPUs. The per-phase rows
 # (s, one rank) add up to 19.90 s, the step time within 0.13%.
@@ -111,6 +124,7 @@ class Work:
     kf: float = 0.0       # forward EP all-to-all (dispatch + combine of every MoE layer)
     kb: float = 0.0       # backward EP all-to-all
     parts: dict = field(default_factory=dict)  # forward compute by kind, for the report
+    b_parts: dict = field(default_factory=dict)  # backward terms priced on their own (not as GEMM replays)
 
     def add(self, other: "Work") -> None:
         self.f += other.f
@@ -120,14 +134,22 @@ class Work:
         self.kb += other.kb
         for k, v in other.parts.items():
             self.parts[k] = self.parts.get(k, 0.0) + v
+        for k, v in other.b_parts.items():
+            self.b_parts[k] = self.b_parts.get(k, 0.0) + v
 
 
 @dataclass(frozen=True)
 class Options:
-    """What else shapes the cost besides the rates."""
+    """What else shapes the cost besides the rates.
+
+    The defaults describe DeepSeek-V3's training stack (the Table 4 golden check). The fields after
+    ``overlap_dp`` price what this project's trainer pays on top of the model's kernels; they are off (zero)
+    by default and ``trainer_options`` sets them as ``dsv3 train`` runs (each value's derivation is there).
+    """
 
     precision: str = "fp8"          # GEMM inputs of Linear layers (V3: FP8; head, router, attention stay BF16)
-    recompute: str = "selective"    # V3: RMSNorms and MLA up-projections recomputed, SwiGLU from FP8 inputs
+    recompute: str = "selective"    # V3: RMSNorms and MLA up-projections recomputed, SwiGLU from FP8 inputs;
+    #                                 "attention": the attention sub-block replayed (the trainer's "selective")
     node_limit: int | None = None   # nodes a token may reach (default: the model's topk_group)
     dispatch_bytes: float = 1.0     # FP8 dispatch
     combine_bytes: float = 2.0      # BF16 combine
@@ -135,6 +157,24 @@ class Options:
     weight_bytes: float = 2.0       # BF16 weights all-gathered after the optimizer
     expert_imbalance: float = 1.0   # busiest EP rank's expert tokens / mean (1.0 = perfectly balanced)
     overlap_dp: bool = True         # start a chunk's gradient reduce-scatter when its last backward ends
+    # ---- the trainer's own costs (see trainer_options)
+    optimizer_bytes: float | None = None  # HBM bytes per parameter of the AdamW update (None: V3's
+    #                                 grad_bytes + 8 fp32 master read/write + 8 BF16 moments read/write + weight_bytes)
+    residual_bytes: float = 2.0     # bytes per value of the residual stream (4: fp32 under autocast)
+    autocast_casts: bool = False    # fp32 master weights cast to BF16 every micro-batch, BF16 weight gradients
+    #                                 cast back and accumulated into fp32 .grad
+    router_fp32: bool = False       # router GEMMs in fp32 (Rates.gemm_fp32_tflops), its input cast to fp32
+    torch_routing: bool = False     # top-k routing and the dispatch sort as torch kernels (Rates.routing_ns_per_token)
+    moe_permute: bool = False       # sort-based gather of the K copies and the un-permute (V3: inside DeepEP)
+    ep_regroup: bool = False        # EP receiver regroups rows by local expert and back (two row permutations)
+    ep_host_syncs: int = 0          # host syncs per MoE layer and micro-batch (forward) when ep > 1
+    ep_chunks: int = 1              # MoE token chunks per layer whose all-to-alls overlap the other chunks' experts
+    host_syncs_per_microbatch: int = 0
+    step_host_syncs: int = 0        # host syncs per optimizer step outside the micro-batches
+    clip_bytes: float = 0.0         # HBM bytes per parameter of global-norm gradient clipping
+    dp_allreduce: bool = False      # gradients all-reduced (twice a reduce-scatter's volume), not reduce-scattered
+    dp_bucket_bytes: float = 0.0    # HBM bytes per parameter of bucket flatten / pre-divide / copy-back when dp > 1
+    misc_kernels: bool = False      # the small kernels no term names (Rates.misc_kernels_ns_per_token per block)
 
     def check(self) -> "Options":
         if self.precision not in PRECISIONS:
@@ -145,7 +185,70 @@ class Options:
             raise ValueError("expert_imbalance is max/mean load and cannot be below 1")
         if self.node_limit is not None and self.node_limit < 1:
             raise ValueError("node_limit must be >= 1")
+        if self.ep_chunks < 1:
+            raise ValueError("ep_chunks must be >= 1")
+        for name in ("residual_bytes", "clip_bytes", "dp_bucket_bytes", "ep_host_syncs", "host_syncs_per_microbatch",
+                     "step_host_syncs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if self.optimizer_bytes is not None and self.optimizer_bytes < 0:
+            raise ValueError("optimizer_bytes must be >= 0")
         return self
+
+    @property
+    def adamw_bytes(self) -> float:
+        """HBM bytes per parameter of one AdamW update."""
+        if self.optimizer_bytes is not None:
+            return self.optimizer_bytes
+        return self.grad_bytes + 8 + 8 + self.weight_bytes
+
+
+def trainer_options(precision: str = "bf16", recompute: str = "none", *, ep: int = 1, dp: int = 1,
+                    bf16_moments: bool = False, fp8_dispatch: bool = False, ep_chunks: int = 1,
+                    ep_host_syncs: int = 1, expert_imbalance: float = 1.0) -> Options:
+    """Options for a step of ``dsv3 train`` (dsv3.train.trainer) on CUDA: ``precision`` 'bf16' (autocast) or
+    'fp8', ``recompute`` as train.recompute ('selective' replays the attention sub-block), the layout's ``ep``
+    and ``dp``, train.bf16_moments, parallel.fp8_dispatch / ep_chunks, and the measured EP receive imbalance.
+
+    Where each value comes from (bytes per parameter or per value; one read + one write per kernel):
+
+    * fp32 parameters under autocast: every Linear / grouped weight is cast to BF16 in each micro-batch's
+      forward (read 4 + write 2) and its BF16 gradient cast back (read 2 + write 4); micro-batches after the
+      first add into the fp32 ``.grad`` (read 4 + 4, write 4). The embedding lookup is not autocast, so the
+      residual stream is fp32: ``residual_bytes = 4``.
+    * the router runs fp32 (``MoE.gate``: ``F.linear(x.float(), weight.float())`` with autocast off; torch
+      leaves TF32 off), top-k routing and the dispatch argsort are torch kernels, and the K copies of each
+      token are gathered into expert order and un-permuted with index kernels (``experts_forward_sorted``).
+    * optimizer: torch's fused AdamW over fp32 parameters, gradients and moments reads p, g, m, v and writes
+      p, m, v: 28 bytes. ``bf16_moments`` runs ``AdamWLowPrecisionMoments``, a per-parameter eager loop: m and
+      v upcast (6 + 6), their mul_/add_/addcmul_ (8 + 12, 8 + 16), written back rounded (6 + 6), the decay
+      mul_ (8), sqrt, divide, add eps (8 x 3), m / denom (12) and the update add_ (12): 124 bytes.
+    * clipping: one process calls torch's foreach ``clip_grad_norm_`` (norms read 4, scale read+write 8: 12);
+      with dp or ep > 1 ``dsv3.parallel.data_parallel.clip_grad_norm_`` runs per parameter pow(2) (8), sum
+      (4) and mul_ (8): 20.
+    * dp > 1: ``GradReducer`` flattens each bucket (cat: 8), pre-divides it (mul_: 8) and copies the result
+      back into ``.grad`` (8): 24 bytes for every local parameter (expert buckets too, even with no peer);
+      the gradients are all-reduced in fp32, and ZeRO-1 (ZeroRedundancyOptimizer) broadcasts the updated fp32
+      parameters from their owners (``weight_bytes = 4``).
+    * host syncs: one per micro-batch (its target-token count is read with ``int()``), four per step (the
+      global target count, the loss, the gradient norm, the closing ``torch.cuda.synchronize``), and with EP
+      ``ep_host_syncs`` per MoE layer and micro-batch (the split sizes read back: 1 in the current
+      ``ep_experts_forward``; the version that measured 0.787 s on EP=2 also synced in ``repeat_interleave``: 2).
+    * with EP the receiver regroups rows by local expert and back (``ep_regroup``); the dispatch goes in BF16
+      (2 bytes) unless ``fp8_dispatch`` (1 byte + a 4-byte scale per 128 values); the combine in BF16.
+    """
+    if recompute not in ("none", "selective", "full"):
+        raise ValueError(f"recompute {recompute!r}: the trainer takes none, selective or full")
+    return Options(
+        precision=precision, recompute="attention" if recompute == "selective" else recompute,
+        dispatch_bytes=(1.0 + 4.0 / 128) if fp8_dispatch else 2.0, combine_bytes=2.0,
+        grad_bytes=4.0, weight_bytes=4.0, expert_imbalance=expert_imbalance,
+        optimizer_bytes=124.0 if bf16_moments else 28.0, residual_bytes=4.0, autocast_casts=True,
+        router_fp32=True, torch_routing=True, moe_permute=True, ep_regroup=ep > 1,
+        ep_host_syncs=ep_host_syncs if ep > 1 else 0, ep_chunks=ep_chunks if ep > 1 else 1,
+        host_syncs_per_microbatch=1, step_host_syncs=4, misc_kernels=True,
+        clip_bytes=12.0 if (ep == 1 and dp == 1) else 20.0,
+        dp_allreduce=True, dp_bucket_bytes=24.0 if dp > 1 else 0.0).check()
 
 
 def _gemm(params: float, tokens: float, tflops: float) -> float:
@@ -177,11 +280,16 @@ def ep_seconds(cfg: ModelConfig, layout: Layout, rates: Rates, opts: Options, to
     return out[0], out[1]
 
 
+_GEMM_PARTS = ("attention projections", "router", "shared experts", "routed experts", "dense FFN")
+
+
 def layer_work(cfg: ModelConfig, moe: bool, layout: Layout, rates: Rates, opts: Options, tokens: float,
                seq_len: int) -> Work:
     """One decoder layer (``moe`` or dense) for ``tokens`` tokens of sequences of ``seq_len``."""
     d, h = cfg.hidden_size, cfg.num_attention_heads
     fp8 = opts.precision == "fp8"
+    q8 = 1 if fp8 else 0  # the FP8 copy a quantizing kernel writes next to its BF16 output
+    r = opts.residual_bytes
     dense_rate = rates.gemm_fp8_tflops if fp8 else rates.gemm_bf16_tflops
     group_rate = rates.grouped_fp8_tflops if fp8 else rates.grouped_bf16_tflops
     hbm = rates.hbm_gbps * 1e9
@@ -197,36 +305,85 @@ def layer_work(cfg: ModelConfig, moe: bool, layout: Layout, rates: Rates, opts: 
     core = 2.0 * h * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len / 2 * T
     parts["attention core"] = core / (rates.attention_fwd_tflops * 1e12)
     core_b = 2 * core / (rates.attention_bwd_tflops * 1e12)
+    # Memory-bound bytes per token (one read of each input and one write of each output per fused kernel).
+    # Attention sub-block: input RMSNorm (read the residual, write BF16 + FP8 copy), q_a/kv_a norms, RoPE on
+    # q_pe/k_pe, o_proj input quantization (FP8 only), the residual add (read residual + branch, write).
+    norm = (r + 2 + q8) * d
+    add = (2 * r + 2) * d
+    attn_ew = norm + (4 + q8) * inner + 8 * h * cfg.qk_rope_head_dim + 3 * q8 * h * cfg.v_head_dim + add
     # FFN
     e = expert_params(cfg)
+    f_extra = b_extra = 0.0    # memory-bound seconds priced explicitly (not as 2 x forward in backward)
+    routed = 0.0
     if moe:
         K, S, f = cfg.num_experts_per_tok, cfg.n_shared_experts, cfg.moe_intermediate_size
-        parts["router"] = _gemm(cfg.n_routed_experts * d, T, rates.gemm_bf16_tflops)
+        router_rate = rates.gemm_fp32_tflops if opts.router_fp32 else rates.gemm_bf16_tflops
+        parts["router"] = _gemm(cfg.n_routed_experts * d, T, router_rate)
         parts["shared experts"] = _gemm(S * e, T, dense_rate)
-        parts["routed experts"] = _gemm(K * e, T, group_rate) * opts.expert_imbalance
+        routed = _gemm(K * e, T, group_rate) * opts.expert_imbalance
+        parts["routed experts"] = routed
         width = (K + S) * f
-        # norms (in/out + FP8 copy), 2 residual adds, RoPE, o_proj input quantization, SwiGLU (read gate/up,
-        # write the product + its FP8 copy), weighted combine of K expert outputs, routing scores
-        ew = (2 * 5 * d + 5 * inner + 2 * 6 * d + 8 * h * cfg.qk_rope_head_dim + 3 * h * cfg.v_head_dim
-              + 7 * width + 2 * d * (K + 1) + 16 * cfg.n_routed_experts)
+        # post-attention norm, residual add, SwiGLU (read gate/up, write the product + FP8 copy), weighted
+        # combine of K expert outputs, routing scores (fp32 over the experts); the fp32 router's input copy
+        ew = (attn_ew + norm + add + (6 + q8) * width + 2 * d * (K + 1) + 16 * cfg.n_routed_experts
+              + (6 * d if opts.router_fp32 else 0))
+        if opts.torch_routing:  # torch.topk / sort kernels: latency-bound, priced per token (measured)
+            parts["routing"] = T * rates.routing_ns_per_token * 1e-9
+        if opts.moe_permute:
+            # forward: gather the K copies into expert order (read + write 2 bytes x K x d) and the index_copy_
+            # back to token order (the same): 8Kd. Backward: the un-permute's gradient gathered (4Kd), the
+            # copies' gradient gathered back by the inverse permutation (4Kd) and summed over K (read 2Kd).
+            # Check (benchmarks/results/raw/profile-small.txt): these index kernels take ~1.27 ms per MoE
+            # layer per 16,384 tokens on an H100; 18Kd bytes/token at 3 TB/s = 1.2 ms.
+            f_extra += 8 * K * d * T / hbm
+            b_extra += 10 * K * d * T / hbm
+        if opts.ep_regroup and layout.ep > 1:
+            # EP receiver: rows regrouped by local expert and back (two gathers, 8Kd) and in backward the two
+            # inverse gathers (8Kd), for the rows this rank's experts receive (x the imbalance)
+            f_extra += 8 * K * d * T * opts.expert_imbalance / hbm
+            b_extra += 8 * K * d * T * opts.expert_imbalance / hbm
+        if f_extra or b_extra:
+            parts["MoE permutation"] = f_extra
+        if opts.ep_host_syncs and layout.ep > 1:
+            # GPU idle while the host reads the split sizes back, plus the counts all-to-all (one latency)
+            parts["EP host syncs"] = opts.ep_host_syncs * rates.host_sync_us * 1e-6 + rates.nvlink_latency_us * 1e-6
     else:
         width = cfg.intermediate_size
         parts["dense FFN"] = _gemm(3 * d * width, T, dense_rate)
-        ew = 2 * 5 * d + 5 * inner + 2 * 6 * d + 8 * h * cfg.qk_rope_head_dim + 3 * h * cfg.v_head_dim + 7 * width
+        ew = attn_ew + norm + add + (6 + q8) * width
     parts["memory-bound"] = ew * T / hbm
-    gemm_f = sum(v for k, v in parts.items() if k not in ("attention core", "memory-bound"))
+    b_parts = {"MoE permutation": b_extra} if b_extra else {}
+    if opts.misc_kernels and rates.misc_kernels_ns_per_token:
+        # the profile's kernels below its top 40, per token per block: a third forward, two thirds backward
+        # (the memory-bound work's split)
+        misc = T * rates.misc_kernels_ns_per_token * 1e-9
+        parts["other kernels"] = misc / 3
+        b_parts["other kernels"] = 2 * misc / 3
+    gemm_f = sum(v for k, v in parts.items() if k in _GEMM_PARTS)
     fwd = sum(parts.values())
     if opts.recompute == "full":
         recomp = fwd
     elif opts.recompute == "selective":
         # norms and the MLA up-projections again; SwiGLU recomputed from its cached FP8 inputs
         recomp = _gemm(up_p, T, dense_rate) + (2 * 5 * d + 5 * inner + 7 * width) * T / hbm
+    elif opts.recompute == "attention":
+        # the trainer's "selective": the attention sub-block (norms, projections, RoPE, core) replayed
+        recomp = parts["attention projections"] + parts["attention core"] + attn_ew * T / hbm
     else:
         recomp = 0.0
-    w = Work(f=fwd, b=gemm_f + core_b + 2 * parts["memory-bound"] + recomp, w=gemm_f, parts=parts)
+    w = Work(f=fwd, b=gemm_f + core_b + 2 * parts["memory-bound"] + sum(b_parts.values()) + recomp, w=gemm_f,
+             parts=parts, b_parts=b_parts)
     if moe:
         disp, comb = ep_seconds(cfg, layout, rates, opts, T)
         w.kf = w.kb = disp + comb
+        if opts.ep_chunks > 1 and w.kf > 0:
+            # C token chunks: chunk i+1's dispatch and chunk i-1's combine move while chunk i's experts run.
+            # Exposed: the first dispatch and the last combine (1/C of the transfers) plus whatever of the rest
+            # the experts of that direction (forward: routed; backward: dgrad + wgrad = 2 x routed) cannot hide.
+            C = opts.ep_chunks
+            k = disp + comb
+            w.kf = k / C + max(0.0, k * (C - 1) / C - routed)
+            w.kb = k / C + max(0.0, k * (C - 1) / C - 2 * routed)
     return w
 
 
@@ -256,17 +413,52 @@ def head_work(cfg: ModelConfig, layout: Layout, rates: Rates, opts: Options, tok
 
 
 def chunk_work(cfg: ModelConfig, layers: range, first: bool, last: bool, layout: Layout, rates: Rates,
-               opts: Options, tokens: float, seq_len: int) -> Work:
-    """Everything one pipeline chunk does for one micro-batch of ``tokens`` tokens."""
+               opts: Options, tokens: float, seq_len: int, microbatches: int = 1) -> Work:
+    """Everything one pipeline chunk does for one micro-batch of ``tokens`` tokens (``microbatches`` per step:
+    the fp32 gradient accumulation of ``Options.autocast_casts`` is spread over them)."""
     w = Work()
     for l in layers:
         w.add(layer_work(cfg, cfg.is_moe_layer(l), layout, rates, opts, tokens, seq_len))
     if first:
-        emb = 3 * cfg.hidden_size * 2 * tokens / (rates.hbm_gbps * 1e9)  # gather; scatter-add in backward
+        # gather; scatter-add in backward (values of the residual stream's dtype)
+        emb = 3 * cfg.hidden_size * opts.residual_bytes * tokens / (rates.hbm_gbps * 1e9)
         w.add(Work(f=emb, b=0.0, w=2 * emb, parts={"embedding": emb}))
     if last:
         w.add(head_work(cfg, layout, rates, opts, tokens, seq_len))
+    if opts.autocast_casts:
+        w.add(cast_work(cfg, layers, first, last, layout, rates, microbatches))
     return w
+
+
+def cast_params(cfg: ModelConfig, layers: range, first: bool, last: bool, ep: int) -> float:
+    """Weights one GPU holds for a chunk that autocast casts to BF16 every micro-batch: every Linear and the
+    local routed experts; not the norms, the fp32 router, nor the embedding (a lookup, not autocast)."""
+    d = cfg.hidden_size
+    inner = (cfg.q_lora_rank or 0) + cfg.kv_lora_rank
+    attn = mla_attention_params(cfg) - inner
+    e_local = cfg.n_routed_experts // ep if cfg.n_routed_experts else 0
+    moe = (cfg.n_shared_experts + e_local) * expert_params(cfg)
+    n = 0.0
+    for l in layers:
+        n += attn + (moe if cfg.is_moe_layer(l) else 3 * d * cfg.intermediate_size)
+    if last:
+        D = cfg.num_nextn_predict_layers
+        n += cfg.vocab_size * d + D * (2 * d * d + attn + moe)
+    return n
+
+
+def cast_work(cfg: ModelConfig, layers: range, first: bool, last: bool, layout: Layout, rates: Rates,
+              microbatches: int) -> Work:
+    """fp32 master weights under autocast, per micro-batch of a chunk: forward casts each cast weight to BF16
+    (read 4 + write 2 bytes); backward casts its BF16 gradient to fp32 (read 2 + write 4) and, for every
+    micro-batch after the first, AccumulateGrad adds it into the fp32 ``.grad`` of every parameter (read 4 + 4,
+    write 4), spread evenly over the step's micro-batches."""
+    hbm = rates.hbm_gbps * 1e9
+    cast = cast_params(cfg, layers, first, last, layout.ep)
+    dense, exp = chunk_params(cfg, layers, first, last, layout.ep)
+    f = 6 * cast / hbm
+    acc = 12 * (dense + exp) * (microbatches - 1) / microbatches / hbm
+    return Work(f=f, b=0.0, w=6 * cast / hbm + acc, parts={"autocast weight casts": f})
 
 
 # --------------------------------------------------------------------------------------------- schedule
@@ -596,7 +788,8 @@ def predict_step(model_cfg: ModelConfig, layout: Layout | str, rates: Rates, mic
 
     ``microbatches`` per pipeline (DP replica) per step, each of ``micro_batch`` sequences of ``seq_len``.
     Keys: step_s, pipeline_s, bubble_s, bubble_fraction, exposed_comm_s (EP + DP exposed on the critical
-    rank), exposed_ep_comm_s, exposed_dp_s, hidden_comm_s, optimizer_s, tokens_per_step,
+    rank), exposed_ep_comm_s, exposed_dp_s, hidden_comm_s, optimizer_s, clip_s, dp_bucket_s, host_sync_s
+    (the step's syncs outside the MoE layers), tokens_per_step,
     tokens_per_s_per_gpu, mfu_causal, mfu_noncausal (of rates.peak_bf16_tflops), mfu_causal_measured_peak
     (of the dense GEMM rate of the precision), phase times of the critical rank (f_s, b_s, w_s, pairs_s), and
     per-chunk costs (chunks).
@@ -615,7 +808,8 @@ def predict_step(model_cfg: ModelConfig, layout: Layout | str, rates: Rates, mic
     one = [layer_work(cfg, cfg.is_moe_layer(l), layout, rates, opts, T, seq_len) for l in range(cfg.num_hidden_layers)]
     head = head_work(cfg, layout, rates, opts, T, seq_len)
     stages = partition_stages([x.f + x.b + x.w for x in one], 0.0, head.f + head.b + head.w, s, layout.pp)
-    works = [chunk_work(cfg, stages[g], g == 0, g == n - 1, layout, rates, opts, T, seq_len) for g in range(n)]
+    works = [chunk_work(cfg, stages[g], g == 0, g == n - 1, layout, rates, opts, T, seq_len, microbatches)
+             for g in range(n)]
 
     # pipeline P2P of one micro-batch's activation (BF16); neighbours are dp ranks apart in the rank order
     act = T * cfg.hidden_size * 2
@@ -630,32 +824,45 @@ def predict_step(model_cfg: ModelConfig, layout: Layout | str, rates: Rates, mic
 
     # ZeRO-1 data parallelism per rank: reduce-scatter after the rank's last backward of each chunk, then
     # the optimizer on the local shard, then the all-gather of the updated weights.
+    # Inside a node the gradient reduction runs at the all-reduce bus bandwidth when one is given.
+    nvl_dp = rates.nvlink_allreduce_gbps or rates.nvlink_gbps
     dp_group_on_ib = layout.dp > rates.gpus_per_node
-    dp_bw = rates.ib_gbps if dp_group_on_ib else rates.nvlink_gbps
+    dp_bw = rates.ib_gbps if dp_group_on_ib else nvl_dp
     dp_lat = rates.ib_latency_us if dp_group_on_ib else rates.nvlink_latency_us
     exp_group = layout.dp // layout.ep
     exp_on_ib = layout.ep * exp_group > rates.gpus_per_node and exp_group > 1
-    exp_bw = rates.ib_gbps if exp_on_ib else rates.nvlink_gbps
+    exp_bw = rates.ib_gbps if exp_on_ib else nvl_dp
     exp_lat = rates.ib_latency_us if exp_on_ib else rates.nvlink_latency_us
+    # an all-reduce moves a reduce-scatter's volume and then an all-gather's: twice the ring time
+    red = 2.0 if opts.dp_allreduce else 1.0
+    hbm = rates.hbm_gbps * 1e9
+    # GPU idle at the host syncs of the step: per micro-batch and per step
+    sync_s = (opts.host_syncs_per_microbatch * microbatches + opts.step_host_syncs) * rates.host_sync_us * 1e-6
     results = []
     for r, rt in enumerate(ranks):
         link_free = 0.0
-        ag = opt_s = 0.0
+        ag = opt_s = clip_s = bucket_s = 0.0
         for g in sorted(rank_stages(s, layout.pp, r), key=lambda c: rt.grad_ready.get(c, rt.end)):
             dense, exp = chunk_params(cfg, stages[g], g == 0, g == n - 1, layout.ep)
-            rs = _dp_seconds(dense, layout.dp, opts.grad_bytes, dp_bw, dp_lat) + \
-                _dp_seconds(exp, exp_group, opts.grad_bytes, exp_bw, exp_lat)
+            rs = red * (_dp_seconds(dense, layout.dp, opts.grad_bytes, dp_bw, dp_lat) +
+                        _dp_seconds(exp, exp_group, opts.grad_bytes, exp_bw, exp_lat))
             ag += _dp_seconds(dense, layout.dp, opts.weight_bytes, dp_bw, dp_lat) + \
                 _dp_seconds(exp, exp_group, opts.weight_bytes, exp_bw, exp_lat)
             start = rt.grad_ready.get(g, rt.end) if opts.overlap_dp else rt.end
             link_free = max(link_free, start) + rs
             shard = dense / layout.dp + exp / exp_group
-            # AdamW: read grad (fp32), read+write master (fp32) and two BF16 moments, write BF16 weights
-            opt_s += shard * (opts.grad_bytes + 8 + 8 + opts.weight_bytes) / (rates.hbm_gbps * 1e9)
+            # AdamW on the local shard: Options.adamw_bytes per parameter at the optimizer's achieved rate
+            # (V3: read grad fp32, read+write master fp32 and two BF16 moments, write BF16 weights)
+            opt_s += shard * opts.adamw_bytes / (rates.optimizer_gbps * 1e9)
+            # clipping reads (and scales) every local gradient; the DP buckets copy them when dp > 1
+            clip_s += (dense + exp) * opts.clip_bytes / hbm
+            if layout.dp > 1:
+                bucket_s += (dense + exp) * opts.dp_bucket_bytes / hbm
         rs_exposed = max(0.0, link_free - rt.end)
-        results.append((rt.end + rs_exposed + opt_s + ag, rs_exposed, opt_s, ag))
+        results.append((rt.end + rs_exposed + opt_s + ag + clip_s + bucket_s + sync_s, rs_exposed, opt_s, ag,
+                        clip_s, bucket_s))
     crit = max(range(layout.pp), key=lambda r: results[r][0])
-    step, rs_exposed, opt_s, ag = results[crit]
+    step, rs_exposed, opt_s, ag, clip_s, bucket_s = results[crit]
     rt = ranks[crit]
     bubble = span - rt.busy
     worst_bubble = max(span - x.busy for x in ranks)
@@ -673,7 +880,8 @@ def predict_step(model_cfg: ModelConfig, layout: Layout | str, rates: Rates, mic
         "worst_rank_bubble_s": worst_bubble, "bubble_fraction": worst_bubble / span if span else 0.0,
         "exposed_ep_comm_s": rt.exposed_comm, "hidden_ep_comm_s": rt.hidden_comm, "sm_share_overhead_s": rt.sm_overhead,
         "p2p_s": p2p, "exposed_dp_s": rs_exposed + ag, "dp_reduce_scatter_exposed_s": rs_exposed,
-        "dp_all_gather_s": ag, "optimizer_s": opt_s, "exposed_comm_s": rt.exposed_comm + rs_exposed + ag,
+        "dp_all_gather_s": ag, "optimizer_s": opt_s, "clip_s": clip_s, "dp_bucket_s": bucket_s,
+        "host_sync_s": sync_s, "exposed_comm_s": rt.exposed_comm + rs_exposed + ag,
         "tokens_per_s_per_gpu": tps, "flops_per_token_causal": fc, "flops_per_token_noncausal": fn,
         "tflops_causal": tps * fc / 1e12, "mfu_causal": tps * fc / (rates.peak_bf16_tflops * 1e12),
         "mfu_noncausal": tps * fn / (rates.peak_bf16_tflops * 1e12),
@@ -682,6 +890,7 @@ def predict_step(model_cfg: ModelConfig, layout: Layout | str, rates: Rates, mic
         "chunks": [{"layers": f"{stages[g].start}-{stages[g].stop - 1}",
                     "ranks": [r for r in range(layout.pp) if g in rank_stages(s, layout.pp, r)],
                     "F_ms": works[g].f * 1e3, "B_ms": works[g].b * 1e3, "W_ms": works[g].w * 1e3,
+                    "F_parts_ms": {k: v * 1e3 for k, v in works[g].parts.items()},
                     "EP_comm_F_ms": works[g].kf * 1e3, "EP_comm_B_ms": works[g].kb * 1e3} for g in range(n)],
     }
 
@@ -714,8 +923,17 @@ def add_parser(sub) -> None:
                    "(e.g. {\"grouped_fp8_tflops\": 900, \"ib_gbps\": 45})")
     p.add_argument("--ib-gbps", type=POS_FLOAT, help="IB GB/s per GPU (override)")
     p.add_argument("--nvlink-gbps", type=POS_FLOAT, help="NVLink GB/s per GPU (override)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp8", help="Linear GEMM precision (default fp8)")
-    p.add_argument("--recompute", choices=RECOMPUTE, default="selective", help="default selective (V3)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="Linear GEMM precision (default fp8; bf16 with --trainer)")
+    p.add_argument("--recompute", choices=RECOMPUTE, default=None,
+                   help="default selective (V3's); with --trainer: none, selective (the trainer's: the attention "
+                        "sub-block replayed) or full, default none")
+    p.add_argument("--trainer", action="store_true",
+                   help="price what `dsv3 train` pays on top of the kernels: fp32 master weights cast per "
+                        "micro-batch, fp32 gradient accumulation, fused fp32 AdamW, clipping, fp32 router, torch "
+                        "routing and permutations, EP host syncs, DP gradient all-reduce (see trainer_options)")
+    p.add_argument("--bf16-moments", action="store_true", help="with --trainer: train.bf16_moments")
+    p.add_argument("--ep-chunks", type=POS_INT, default=1, help="with --trainer: parallel.ep_chunks (default 1)")
     p.add_argument("--node-limit", type=POS_INT, help="nodes a token may reach (default the model's topk_group)")
     p.add_argument("--expert-imbalance", type=POS_FLOAT, default=1.0,
                    help="busiest EP rank's routed tokens / mean (default 1.0)")
@@ -739,8 +957,16 @@ def _run_step(args) -> list:
         if args.global_batch % per:
             raise ValueError(f"--global-batch {args.global_batch} is not a multiple of dp x micro-batch = {per}")
         m = args.global_batch // per
-    opts = Options(precision=args.precision, recompute=args.recompute, node_limit=args.node_limit,
-                   expert_imbalance=args.expert_imbalance, overlap_dp=not args.no_overlap_dp)
+    if args.trainer:
+        import dataclasses
+        opts = trainer_options(args.precision or "bf16", args.recompute or "none", ep=layout.ep, dp=layout.dp,
+                               bf16_moments=args.bf16_moments, ep_chunks=args.ep_chunks,
+                               expert_imbalance=args.expert_imbalance)
+        opts = dataclasses.replace(opts, node_limit=args.node_limit, overlap_dp=not args.no_overlap_dp).check()
+    else:
+        opts = Options(precision=args.precision or "fp8", recompute=args.recompute or "selective",
+                       node_limit=args.node_limit, expert_imbalance=args.expert_imbalance,
+                       overlap_dp=not args.no_overlap_dp)
     r = predict_step(cfg, layout, rates, args.micro_batch, args.seq_len, m, args.schedule, opts)
     head = [("layout", f"{layout.gpus} GPUs = PP {layout.pp} x DP {layout.dp}; EP {layout.ep}"),
             ("schedule", r["schedule"]), ("micro-batches per pipeline", m),
@@ -757,7 +983,9 @@ def _run_step(args) -> list:
             ("exposed EP all-to-all s", r["exposed_ep_comm_s"]), ("hidden EP all-to-all s", r["hidden_ep_comm_s"]),
             ("compute slowed by comm SMs s", r["sm_share_overhead_s"]), ("pipeline P2P per hop ms", r["p2p_s"] * 1e3),
             ("DP reduce-scatter exposed s", r["dp_reduce_scatter_exposed_s"]),
-            ("DP all-gather s", r["dp_all_gather_s"]), ("optimizer s", r["optimizer_s"])]
+            ("DP all-gather s", r["dp_all_gather_s"]), ("optimizer s", r["optimizer_s"]),
+            ("gradient clipping s", r["clip_s"]), ("DP bucket copies s", r["dp_bucket_s"]),
+            ("host syncs (step, micro-batches) s", r["host_sync_s"])]
     stages = [(f"stage {i} layers {c['layers']} (ranks {c['ranks']})",
                f"F {c['F_ms']:.1f} / B {c['B_ms']:.1f} / W {c['W_ms']:.1f} ms; EP comm {c['EP_comm_F_ms']:.1f} "
                f"/ {c['EP_comm_B_ms']:.1f} ms") for i, c in enumerate(r["chunks"])]
