@@ -45,3 +45,13 @@ def test_unknown_key_and_preset_are_user_errors():
         ModelConfig.from_dict({"hiden_size": 3})
     with pytest.raises(UserError, match="unknown model preset 'v4'.*tiny"):
         preset("v4")
+
+
+@pytest.mark.parametrize("override, field", [('train.fp8_modules="experts,router"', "fp8_modules"),
+                                             ('train.fp8_modules=""', "fp8_modules"),
+                                             ('train.fp8_backend="cublas"', "fp8_backend")])
+def test_fp8_options_are_validated(override, field):
+    from dsv3.train.config import apply_overrides, resolve
+
+    with pytest.raises(UserError, match=field):
+        resolve(apply_overrides({}, [override]))

@@ -93,9 +93,10 @@ class Experts(nn.Module):
         from dsv3.fp8.grouped import fp8_grouped_mm
         from dsv3.fp8.triton_grouped import GROUP_ALIGN
         pow2 = bool(getattr(self.fp8_recipe, "pow2_scale", False))
+        backend = getattr(self.fp8_recipe, "backend", "auto")
 
         def gemm(x_MD, w_EOD, ends_E, counts_E):
-            return fp8_grouped_mm(x_MD, w_EOD, ends_E, pow2_scale=pow2, aligned=True)
+            return fp8_grouped_mm(x_MD, w_EOD, ends_E, pow2_scale=pow2, backend=backend, aligned=True)
         # Each expert's rows start at a multiple of 128 (zero rows between groups), as DeepSeek-V3 pads them:
         # one-launch grouped kernels, and no FP8 tile mixes two experts. FP8 quantizes the fp32 master weights
         # directly (no bf16 copy first).

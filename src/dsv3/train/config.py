@@ -18,6 +18,7 @@ from typing import Any
 from dsv3.config import ModelConfig, preset
 from dsv3.errors import UserError
 
+FP8_FAMILIES = {"attention", "mlp", "experts"}
 PRECISIONS = ("bf16", "fp32", "fp8")
 DEVICES_HINT = "'auto', 'cpu', 'cuda' or 'cuda:N'"
 SECTIONS = ("model", "train", "data", "parallel")
@@ -54,6 +55,8 @@ class TrainConfig:
     bias_gamma_off: float = 0.95          # fraction of steps after which the bias is frozen (gamma = 0)
     balance_alpha: float = 1e-4           # sequence-wise balance loss weight; 0 = off
     precision: str = "bf16"               # 'bf16' (autocast on CUDA; fp32 on CPU), 'fp32', or 'fp8' (V3's block-scaled FP8 GEMMs, bf16 elsewhere)
+    fp8_modules: str = "attention,mlp,experts"  # with precision 'fp8': which GEMM families run in FP8 (comma-separated)
+    fp8_backend: str = "auto"             # FP8 GEMM kernels: 'auto' (fastest available), 'reference' (dequantize + fp32 matmul, for checking)
     device: str = "auto"                  # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'
     compile: bool = False                 # torch.compile each transformer block
     recompute: str = "none"               # activation recomputation: 'none', 'selective', 'full'
@@ -144,6 +147,12 @@ class RunConfig:
             hint = ""
             raise UserError(f"train.precision = {t.precision!r} is invalid{hint}: use one of "
                             f"{', '.join(repr(p) for p in PRECISIONS)}")
+        fams = [f.strip() for f in t.fp8_modules.split(",") if f.strip()]
+        if not fams or set(fams) - FP8_FAMILIES:
+            raise UserError(f"train.fp8_modules = {t.fp8_modules!r} is invalid: use a comma-separated subset of "
+                            f"{', '.join(sorted(FP8_FAMILIES))}")
+        if t.fp8_backend not in ("auto", "reference"):
+            raise UserError(f"train.fp8_backend = {t.fp8_backend!r} is invalid: use 'auto' or 'reference'")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
             raise UserError(f"train.device = {t.device!r} is invalid: use {DEVICES_HINT}")
         if t.recompute not in ("none", "selective", "full"):

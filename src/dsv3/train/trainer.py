@@ -85,7 +85,9 @@ class Trainer:
         self.model.set_recompute(t.recompute)
         if t.precision == "fp8":  # FP8 GEMMs for attention projections, MLPs and experts; the rest stays bf16/fp32
             from dsv3.fp8.recipe import FP8Recipe, convert_to_fp8
-            convert_to_fp8(self.model, FP8Recipe())
+            fams = {f.strip() for f in t.fp8_modules.split(",")}
+            convert_to_fp8(self.model, FP8Recipe(attention="attention" in fams, mlp="mlp" in fams,
+                                                 experts="experts" in fams, backend=t.fp8_backend))
         self.layout.wrap(self.model)          # experts sharded over EP ranks, gradient reducer installed
         self.all_reduce = all_reduce or self.layout.count_all_reduce  # exists only after wrap()
         if t.compile:
