@@ -434,7 +434,7 @@ def measure(args) -> tuple[dict, dict]:
     from dsv3.plan.rates import Rates, load_rates
 
     cfg = preset(args.preset)
-    dev = torch.device(args.device)
+    dev = torch.device("cuda", 0) if args.device == "cuda" else torch.device(args.device)
     cuda = dev.type == "cuda"
     if cuda:
         torch.cuda.set_device(dev)

@@ -76,9 +76,15 @@ class WeightGrad:
     """The deferred W of one backward: call ``run()`` once to accumulate the weight gradients."""
 
     def __init__(self, groups: list[tuple[list[Node], list, list[torch.nn.Parameter]]],
-                 direct: tuple[list, list, list[torch.nn.Parameter]] | None):
+                 direct: tuple[list, list, list[torch.nn.Parameter]] | None, keep: list | None = None):
         self.groups = groups    # (join nodes, recorded grads per node, params)
         self.direct = direct    # (outputs, grad_outputs, params) differentiated from the outputs
+        # The graph must outlive B even when the caller drops the stage outputs. The join nodes alone do not
+        # hold it: a custom autograd.Function's node is reachable from Python only through its ctx, which
+        # holds the C++ node weakly, so on torch 2.11 (CUDA, DualPipeV) a join node inside an FP8/MoE
+        # Function died once the outputs were freed ("Attribute 'register_prehook' is invalid for this
+        # instance of _C._FunctionBase"). ``keep`` holds built-in nodes above the outputs, which own it all.
+        self.keep = keep or []
 
     def run(self) -> None:
         for nodes, recorded, params in self.groups:
@@ -108,7 +114,7 @@ class WeightGrad:
             outs, gouts, params = self.direct
             dws = torch.autograd.grad(outs, params, grad_outputs=gouts, retain_graph=True, allow_unused=True)
             _accumulate(params, dws)
-        self.groups, self.direct = [], None   # drop the graph
+        self.groups, self.direct, self.keep = [], None, []   # drop the graph
 
 
 def _accumulate(params, grads) -> None:
@@ -192,7 +198,10 @@ def backward_input(outputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch
     if d_inp is None:
         d_inp = torch.zeros_like(inp)
     direct = (outs, gouts, direct_params) if direct_params else None
-    return d_inp, WeightGrad(groups, direct)
+    # Strong owners of the graph: a view's backward node holds its base's grad_fn (built-in or custom) through
+    # a C++ edge, whatever the caller later does to the output tensors (free them, detach them in place).
+    keep = [o.view_as(o).grad_fn for o in outs if o.grad_fn is not None]
+    return d_inp, WeightGrad(groups, direct, keep)
 
 
 def backward_full(outputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor | None],
