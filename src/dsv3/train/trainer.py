@@ -91,6 +91,12 @@ class Trainer:
         self.layout.wrap(self.model)          # experts sharded over EP ranks, gradient reducer installed
         self.all_reduce = all_reduce or self.layout.count_all_reduce  # exists only after wrap()
         if t.compile:
+            if self.layout.pp > 1:
+                # Pipeline backward passes keep the graph (retain_graph=True: DualPipeV's input-gradient pass
+                # runs before the deferred weight-gradient pass), which compiled backward functions refuse
+                # when they donate their saved buffers.
+                import torch._functorch.config as functorch_config
+                functorch_config.donated_buffer = False
             for layer in list(self.model.layers) + list(self.model.mtp):
                 layer.compile()
         self.optimizer = self.layout.build_optimizer(self.model, t)
