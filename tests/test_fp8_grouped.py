@@ -245,3 +245,17 @@ def test_joined_weights_equal_separate_gemms():
         assert rel(a, b) < 1e-6
     with pytest.raises(ValueError, match="multiples of 128"):
         fp8_grouped_mm(x, (w1, torch.randn(3, 100, 256)), ends)
+
+
+def test_autocast_does_not_reach_inside_the_recipe():
+    """Under autocast the FP8 functions compute exactly what they compute without it (the recipe fixes every
+    precision; CPU autocast used to fail on the float8 concatenation of joined weights)."""
+    torch.manual_seed(7)
+    x, ends = _aligned_problem([150, 40], 256)
+    w1, w2 = torch.randn(2, 128, 256), torch.randn(2, 128, 256)
+    plain = fp8_grouped_mm(x, (w1, w2), ends, aligned=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = fp8_grouped_mm(x, (w1, w2), ends, aligned=True)
+        lin = fp8_linear(x, w1[0])
+    assert torch.equal(plain, auto)
+    assert torch.equal(lin, fp8_linear(x, w1[0]))

@@ -177,4 +177,5 @@ def fp8_grouped_mm(
         raise ValueError("backend='triton' needs aligned=True, Triton and a CUDA input")
     fast = aligned and triton_path_available(x, backend)
     gemm_backend = "auto" if backend == "triton" else backend
-    return FP8GroupedMMFunction.apply(x, offs, pow2_scale, gemm_backend, fast, *ws)
+    with torch.autocast(x.device.type, enabled=False):  # as fp8_linear: the recipe sets every precision
+        return FP8GroupedMMFunction.apply(x, offs, pow2_scale, gemm_backend, fast, *ws)

@@ -102,7 +102,10 @@ def fp8_linear(
     ``backend`` picks the GEMM (``"auto"``, ``"reference"``, ``"scaled_mm"``;
     see ``dsv3.fp8.gemm.fp8_gemm_nt``).
     """
-    return FP8LinearFunction.apply(x, weight, bias, pow2_scale, backend)
+    # autocast off inside: the recipe fixes every precision itself (the reference GEMM must stay fp32, and
+    # CPU autocast cannot even concatenate float8 tensors)
+    with torch.autocast(x.device.type, enabled=False):
+        return FP8LinearFunction.apply(x, weight, bias, pow2_scale, backend)
 
 
 class FP8Linear(nn.Linear):
