@@ -239,7 +239,8 @@ def main() -> None:
         res["a2a_plain_gbps"] = per_call / t_plain / 1e9
         # the EP run's extra time over DP2 is attributed to dispatch/combine (both do the same math otherwise)
         extra = max(ep2["step_s"] - dp2["step_s"], 1e-9)
-        res["a2a_ep_gbps"] = ep2["ep_bytes_sent"] / extra / 1e9
+        # ep_bytes_sent counts forward transfers; the backward moves the same rows back inside the same step
+        res["a2a_ep_gbps"] = 2 * ep2["ep_bytes_sent"] / extra / 1e9
         res["a2a_fraction_of_nccl"] = min(res["a2a_ep_gbps"] / res["a2a_plain_gbps"], 10.0)
     res["bubble_fraction"] = pp2.get("pp_bubble_fraction")
     if "pp_recv_wait_s" in pp2 and pp2.get("pp_step_s"):
