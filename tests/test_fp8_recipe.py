@@ -123,3 +123,23 @@ def test_converted_model_runs_forward_backward():
     assert all(p.grad is not None for p in mlp.parameters())
     # idempotent
     assert convert_to_fp8(mlp)["converted"] == []
+
+
+def test_fp8_probe_benchmark_runs_on_cpu(tmp_path):
+    """benchmarks/fp8_probe.py (the GPU diagnosis of the FP8 accuracy gap) in its CPU smoke mode: the reference
+    and 'auto' kernels are the same code on the CPU, so their losses must agree exactly."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fp8_probe.py"
+    spec = importlib.util.spec_from_file_location("fp8_probe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "p.json"
+    assert mod.main(["--device", "cpu", "--preset", "tiny", "--seq", "32", "--batch", "2", "--steps", "2",
+                     "--variants", "bf16,fp8,fp8-ref", "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert runs["fp8"]["losses"] == runs["fp8-ref"]["losses"]
+    assert runs["bf16"]["drop"] > 0 and abs(runs["fp8"]["first"] - runs["bf16"]["first"]) < 1e-2
+    assert mod.main(["--device", "cpu", "--variants", "fp16", "--out", str(out)]) == 2
