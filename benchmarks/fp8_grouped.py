@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -29,26 +30,18 @@ from dsv3.fp8.triton_quant import quantize_tiles
 from dsv3.fp8.weight_cache import reuse_quantized_weights, weight_blocks, weight_blocks_transposed
 from dsv3.model.moe import grouped_linear
 
+sys.path.insert(0, os.path.dirname(__file__))
+from fp8_linear import bench as bench_ms  # noqa: E402  (median ms, CUDA events)
+
+
+def bench(fn, iters: int) -> float:
+    """Median seconds of fn() (fp8_linear.bench, which times in ms)."""
+    return bench_ms(fn, iters, warmup=3) / 1e3
+
 # (name, E, N, K, M token copies): small preset's gate/up and down projections (16384 tokens x top-6 over
 # 64 experts), and DeepSeek-V3's at EP=8 (32 local experts, 8192 tokens x top-8 / 8 ranks x 8 ... = 65536 copies)
 SHAPES = [("small gate/up", 64, 512, 1536, 98304), ("small down", 64, 1536, 512, 98304),
           ("v3 gate/up ep8", 32, 2048, 7168, 65536), ("v3 down ep8", 32, 7168, 2048, 65536)]
-
-
-def bench(fn, iters: int, warmup: int = 3) -> float:
-    """Median seconds of fn() over iters CUDA-event-timed calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def layouts(E: int, M: int, gen: torch.Generator):

@@ -37,6 +37,20 @@ __all__ = ["quantize_tiles", "quantize_activation_tiles_triton", "quantize_block
 if HAVE_TRITON:
 
     @triton.jit
+    def _scale_inv(amax, POW2: tl.constexpr):
+        """blocks.compute_scale_inv, bit for bit: amax * fp32(1/448), optionally rounded up to 2^e."""
+        s = amax * (1.0 / 448.0)
+        if POW2:
+            # Next power of two >= s from the fp32 bits: keep the exponent, and
+            # bump it by one when any mantissa bit is set.
+            bits = s.to(tl.int32, bitcast=True)
+            up = (bits & 0x7F800000) + 0x00800000
+            bits = tl.where((bits & 0x007FFFFF) != 0, up, bits)
+            s = bits.to(tl.float32, bitcast=True)
+        s = tl.where(amax > 0, s, 1.0)
+        return tl.maximum(s, 1.1754943508222875e-38)  # fp32 tiny, as the reference
+
+    @triton.jit
     def _quant_tiles_kernel(x_ptr, q_ptr, s_ptr, M, K, sxm, sxk, KT,
                             BLOCK_M: tl.constexpr, TILE_K: tl.constexpr, POW2: tl.constexpr):
         pid_m = tl.program_id(0)
@@ -47,16 +61,7 @@ if HAVE_TRITON:
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :].to(tl.int64) * sxk,
                     mask=mask, other=0.0).to(tl.float32)
         amax = tl.max(tl.abs(x), axis=1)
-        s = amax * (1.0 / 448.0)
-        if POW2:
-            # Next power of two >= s from the fp32 bits: keep the exponent, and
-            # bump it by one when any mantissa bit is set.
-            bits = s.to(tl.int32, bitcast=True)
-            up = (bits & 0x7F800000) + 0x00800000
-            bits = tl.where((bits & 0x007FFFFF) != 0, up, bits)
-            s = bits.to(tl.float32, bitcast=True)
-        s = tl.where(amax > 0, s, 1.0)
-        s = tl.maximum(s, 1.1754943508222875e-38)  # fp32 tiny, as the reference
+        s = _scale_inv(amax, POW2)
         q = tl.math.div_rn(x, s[:, None])
         q = tl.minimum(tl.maximum(q, -448.0), 448.0)
         tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], q.to(tl.float8e4nv), mask=mask)
@@ -76,14 +81,7 @@ if HAVE_TRITON:
         x = tl.load(w_ptr + base + rm[:, None].to(tl.int64) * s_wm + rn[None, :].to(tl.int64) * s_wn,
                     mask=mask, other=0.0).to(tl.float32)
         amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-        s = amax * (1.0 / 448.0)
-        if POW2:
-            bits = s.to(tl.int32, bitcast=True)
-            up = (bits & 0x7F800000) + 0x00800000
-            bits = tl.where((bits & 0x007FFFFF) != 0, up, bits)
-            s = bits.to(tl.float32, bitcast=True)
-        s = tl.where(amax > 0, s, 1.0)
-        s = tl.maximum(s, 1.1754943508222875e-38)
+        s = _scale_inv(amax, POW2)
         q = tl.math.div_rn(x, s)
         q = tl.minimum(tl.maximum(q, -448.0), 448.0)
         tl.store(q_ptr + e.to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + rn[None, :], q.to(tl.float8e4nv),
