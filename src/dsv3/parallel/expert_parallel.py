@@ -62,6 +62,17 @@ quantize->dequantize as the identity (straight-through) and sends the activation
 all-to-all, the combine-style transfer; the backward of the BF16 combine is the reverse BF16 all-to-all.
 Tiles are per row, so chunking does not change what is sent: FP8 dispatch works with any ``ep_chunks``.
 
+FP8 experts (``train.precision = "fp8"``: ``convert_to_fp8`` set ``fp8_recipe`` on the ``Experts`` module
+before the EP wrap, and ``ExpertParallelExperts`` keeps it): the local GEMMs run the single-device FP8 recipe
+(``dsv3.fp8.grouped.fp8_grouped_mm`` with ``aligned=True``, ``_fp8_local_swiglu``). The received rows are
+scattered into a buffer where each local expert's rows start at a multiple of ``GROUP_ALIGN`` = 128 (zero rows
+between groups), built from host ints: with a recipe the layer's one host read also returns the per-(source,
+local expert) counts, so no extra sync. Gate and up run as one GEMM when F % 128 == 0; the fp32 master weights
+are quantized directly (no BF16 copy). Under EP a group's rows are ordered by source rank, then by token
+within the source, so the wgrad's token tiles (1x128 along tokens inside each group) can cover other tokens
+than on one process: gradients agree to FP8 rounding, not bit for bit. ``ep_chunks > 1`` with FP8 experts is
+not implemented (``UserError`` at construction). The BF16 path is unchanged when the recipe is None.
+
 Only the experts' execution changes: ``apply_expert_parallel`` swaps each MoE's ``experts`` module for an
 ``ExpertParallelExperts`` with the same parameter names (``...mlp.experts.gate_proj``) but [E/ep, ...]
 shapes. Router, shared experts, counts and balance stay in the untouched single-device MoE.
@@ -73,12 +84,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3.errors import UserError
 from dsv3.fp8.blocks import dequantize_activation_tiles, quantize_activation_tiles
 from dsv3.model.moe import (Experts, Routing, _GatherCopies, _grouped_mm_ok, compute_dtype, count_selections,
                             grouped_linear)
 from dsv3.parallel.transport import CollectiveTransport, LocalTransport, Transport, all_to_all
 
 EXPERT_PARAMS = ("gate_proj", "up_proj", "down_proj")
+FP8_CHUNKS_ERROR = ("parallel.ep_chunks > 1 does not support train.precision = 'fp8' yet; "
+                    "set parallel.ep_chunks = 1")
 
 
 class TrafficMeter:
@@ -185,6 +199,71 @@ def _local_swiglu(x_MD, w_gate, w_up, w_down, counts_E: torch.Tensor) -> torch.T
     return grouped_linear(h, w_down, ends, counts_E)
 
 
+class _ScatterRows(torch.autograd.Function):
+    """out = zeros(rows, D) with out[row_of[i]] = x[i] (distinct rows); the gradient is the gather g[row_of]."""
+
+    @staticmethod
+    def forward(ctx, x, row_of, rows):
+        ctx.save_for_backward(row_of)
+        return x.new_zeros(rows, x.shape[1]).index_copy_(0, row_of, x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (row_of,) = ctx.saved_tensors
+        return g[row_of], None, None
+
+
+class _GatherRows(torch.autograd.Function):
+    """y[row_of] for distinct rows; the gradient is a copy into a zeroed buffer (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, y, row_of):
+        ctx.save_for_backward(row_of)
+        ctx.rows = y.shape[0]
+        return y[row_of]
+
+    @staticmethod
+    def backward(ctx, g):
+        (row_of,) = ctx.saved_tensors
+        return g.new_zeros(ctx.rows, g.shape[1]).index_copy_(0, row_of, g), None
+
+
+def _fp8_local_swiglu(x_recv, to_source, counts_dev, counts_host: list[int], w_gate, w_up, w_down, recipe
+                      ) -> torch.Tensor:
+    """The FP8 grouped SwiGLU of ``Experts.forward`` on the received rows (source-major): rows scattered so
+    local expert e's rows start at a multiple of GROUP_ALIGN (zero rows between groups), ``fp8_grouped_mm``
+    with ``aligned=True`` on the fp32 master weights, outputs gathered back to the received order.
+    ``to_source`` maps expert-sorted rows to received rows; ``counts_dev`` / ``counts_host`` are the rows per
+    local expert on the device and on the host (the padded layout is planned from the host ints)."""
+    from dsv3.fp8.grouped import fp8_grouped_mm
+    from dsv3.fp8.triton_grouped import GROUP_ALIGN
+    M, dev = x_recv.shape[0], x_recv.device
+    shifts, padded_ends, start, pstart = [], [], 0, 0
+    for n in counts_host:
+        shifts.append(pstart - start)
+        start += n
+        pstart += -(-n // GROUP_ALIGN) * GROUP_ALIGN
+        padded_ends.append(pstart)
+    rows = max(pstart, GROUP_ALIGN)          # never empty: every rank still produces (zero) weight gradients
+    shift = torch.tensor(shifts, dtype=torch.int64, device=dev)
+    dest = torch.arange(M, device=dev) + torch.repeat_interleave(shift, counts_dev, output_size=M)
+    row_of = dest[to_source]                 # received row -> its row in the padded, expert-sorted buffer
+    ends = torch.tensor(padded_ends, dtype=torch.int32, device=dev)
+    pow2 = bool(getattr(recipe, "pow2_scale", False))
+    backend = getattr(recipe, "backend", "auto")
+
+    def gemm(x, w):
+        return fp8_grouped_mm(x, w, ends, pow2_scale=pow2, backend=backend, aligned=True)
+
+    x_pad = _ScatterRows.apply(x_recv, row_of, rows)
+    F_ = w_gate.shape[1]
+    if F_ % 128 == 0:   # gate and up as one GEMM (one quantization of x, N = 2F), as Experts.forward
+        gate, up = gemm(x_pad, (w_gate, w_up)).split(F_, dim=1)
+    else:
+        gate, up = gemm(x_pad, w_gate), gemm(x_pad, w_up)
+    return _GatherRows.apply(gemm(F.silu(gate) * up, w_down), row_of)
+
+
 def _read_splits(send_counts: torch.Tensor, recv_counts: torch.Tensor) -> tuple[list, list]:
     """THE host sync of a layer: per-peer row counts [..., ep] to send and to receive, read back together."""
     n = send_counts.numel()
@@ -195,27 +274,39 @@ def _read_splits(send_counts: torch.Tensor, recv_counts: torch.Tensor) -> tuple[
 
 
 def ep_experts_forward(x_TD: torch.Tensor, routing: Routing, w_gate, w_up, w_down, transport: Transport,
-                       fp8_dispatch: bool = False, meter: TrafficMeter | None = None, chunks: int = 1
-                       ) -> torch.Tensor:
+                       fp8_dispatch: bool = False, meter: TrafficMeter | None = None, chunks: int = 1,
+                       fp8_recipe=None) -> torch.Tensor:
     """Routed-expert output [T, D] with this rank's experts (w_* hold E/ep experts) and the peers' via all-to-all.
 
     ``chunks`` > 1: the dispatch/combine pipelined over that many token chunks (``_ChunkedRouted``); every
-    rank of the EP group must pass the same value (the transfers are collectives issued per chunk)."""
+    rank of the EP group must pass the same value (the transfers are collectives issued per chunk).
+    ``fp8_recipe`` (``dsv3.fp8.recipe.FP8Recipe``): the local expert GEMMs in FP8 (``_fp8_local_swiglu``)."""
     if chunks > 1:
+        if fp8_recipe is not None:
+            raise UserError(FP8_CHUNKS_ERROR)
         return _chunked_forward(x_TD, routing, w_gate, w_up, w_down, transport, fp8_dispatch, meter, chunks)
     T, D = x_TD.shape
     K = routing.idx_TK.shape[1]
     ep, E_local = transport.size, w_gate.shape[0]
     E = ep * E_local
     dtype = compute_dtype(x_TD)
-    x_TD, w_gate, w_up, w_down = (t.to(dtype) for t in (x_TD, w_gate, w_up, w_down))
+    if fp8_recipe is None:
+        x_TD, w_gate, w_up, w_down = (t.to(dtype) for t in (x_TD, w_gate, w_up, w_down))
+    else:                     # FP8 quantizes the fp32 master weights directly
+        x_TD = x_TD.to(dtype)
 
     # Dispatch order: by global expert = by destination rank, then expert.
     order = torch.argsort(routing.idx_TK.reshape(-1), stable=True)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     counts_E = count_selections(routing.idx_TK, E)
     recv_counts = transport.all_to_all(counts_E, [E_local] * ep, [E_local] * ep).view(ep, E_local)
-    (send_splits,), (recv_splits,) = _read_splits(counts_E.view(ep, E_local).sum(1), recv_counts.sum(1))
+    if fp8_recipe is None:
+        (send_splits,), (recv_splits,) = _read_splits(counts_E.view(ep, E_local).sum(1), recv_counts.sum(1))
+    else:   # the same one host read, with the [source, local expert] counts the padded layout is planned from
+        host = torch.cat([counts_E.view(ep, E_local).sum(1), recv_counts.reshape(-1)]).tolist()
+        send_splits, recv_host = host[:ep], host[ep:]
+        recv_splits = [sum(recv_host[s * E_local:(s + 1) * E_local]) for s in range(ep)]
+        local_host = [sum(recv_host[s * E_local + e] for s in range(ep)) for e in range(E_local)]
     x_sorted = _GatherCopies.apply(x_TD, order, inverse, K)   # backward: gather + sum over K (no scatter-add)
     if fp8_dispatch:
         x_recv = _FP8Dispatch.apply(x_sorted, transport, send_splits, recv_splits, dtype)
@@ -224,9 +315,13 @@ def ep_experts_forward(x_TD: torch.Tensor, routing: Routing, w_gate, w_up, w_dow
 
     # Received rows: grouped by source rank, then local expert -> regroup by local expert for the GEMMs.
     to_expert, to_source = block_permutation(recv_counts.view(1, ep, E_local), sum(recv_splits))
-    y_local = _local_swiglu(_PermuteRows.apply(x_recv, to_expert, to_source), w_gate, w_up, w_down,
-                            recv_counts.sum(0))
-    y_recv = _PermuteRows.apply(y_local, to_source, to_expert)
+    if fp8_recipe is not None:
+        y_recv = _fp8_local_swiglu(x_recv, to_source, recv_counts.sum(0), local_host, w_gate, w_up, w_down,
+                                   fp8_recipe)
+    else:
+        y_local = _local_swiglu(_PermuteRows.apply(x_recv, to_expert, to_source), w_gate, w_up, w_down,
+                                recv_counts.sum(0))
+        y_recv = _PermuteRows.apply(y_local, to_source, to_expert)
 
     if fp8_dispatch:  # V3 combines in BF16
         y_sorted = all_to_all(y_recv.to(torch.bfloat16), transport, recv_splits, send_splits).to(dtype)
@@ -448,6 +543,10 @@ class ExpertParallelExperts(nn.Module):
         self.transport = transport
         self.fp8_dispatch = fp8_dispatch
         self.use_loop_reference = False
+        # train.precision = "fp8": convert_to_fp8 marked the Experts before the wrap; the local GEMMs follow it
+        self.fp8_recipe = getattr(experts, "fp8_recipe", None)
+        if self.fp8_recipe is not None and chunks > 1:
+            raise UserError(FP8_CHUNKS_ERROR)
         self.meter = TrafficMeter(ep)
         sl = slice(self.first, self.first + self.num_local)
         for name in EXPERT_PARAMS:
@@ -460,7 +559,7 @@ class ExpertParallelExperts(nn.Module):
     @torch.compiler.disable
     def forward(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         return ep_experts_forward(x_TD, routing, self.gate_proj, self.up_proj, self.down_proj, self.transport,
-                                  self.fp8_dispatch, self.meter, self.chunks)
+                                  self.fp8_dispatch, self.meter, self.chunks, self.fp8_recipe)
 
 
 def _moe_layers(model: nn.Module):
