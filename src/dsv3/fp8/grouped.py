@@ -127,12 +127,11 @@ class FP8GroupedMMFunction(torch.autograd.Function):
         else:
             if ctx.needs_input_grad[0]:
                 dyq, dys = quantize_tiles(dy, pow2_scale, backend)
+                wtq, wts = weight_blocks_transposed(ctx.key, wq, ws, pow2_scale)  # as the fast path
                 dx = dy.new_zeros(x_shape, dtype=x_dtype)
                 for g, (s, e) in enumerate(bounds):
                     if e > s:
-                        # w[e]^T [K, N]: the forward's bytes and block grid, transposed.
-                        wtq, wts = wq[g].t().contiguous(), ws[g].t().contiguous()
-                        dx[s:e] = fp8_gemm_nt(dyq[s:e], dys[s:e], "tile", wtq, wts, "block",
+                        dx[s:e] = fp8_gemm_nt(dyq[s:e], dys[s:e], "tile", wtq[g], wts[g], "block",
                                               out_dtype=x_dtype, backend=backend)
             if wgrad:
                 dw = torch.zeros(e_count, n, k, dtype=torch.float32, device=dy.device)

@@ -265,12 +265,13 @@ def _fp8_local_swiglu(x_recv, to_source, counts_dev, counts_host: list[int], w_g
 
 
 def _read_splits(send_counts: torch.Tensor, recv_counts: torch.Tensor) -> tuple[list, list]:
-    """THE host sync of a layer: per-peer row counts [..., ep] to send and to receive, read back together."""
+    """THE host sync of a layer: per-peer row counts [..., ep] to send and to receive, read back together
+    (as lists of ep-long rows; the two may have different leading shapes)."""
     n = send_counts.numel()
     host = torch.cat([send_counts.reshape(-1), recv_counts.reshape(-1)]).tolist()
     ep = send_counts.shape[-1]
     send, recv = host[:n], host[n:]
-    return [send[i:i + ep] for i in range(0, n, ep)], [recv[i:i + ep] for i in range(0, n, ep)]
+    return [send[i:i + ep] for i in range(0, n, ep)], [recv[i:i + ep] for i in range(0, len(recv), ep)]
 
 
 def ep_experts_forward(x_TD: torch.Tensor, routing: Routing, w_gate, w_up, w_down, transport: Transport,
@@ -302,11 +303,10 @@ def ep_experts_forward(x_TD: torch.Tensor, routing: Routing, w_gate, w_up, w_dow
     recv_counts = transport.all_to_all(counts_E, [E_local] * ep, [E_local] * ep).view(ep, E_local)
     if fp8_recipe is None:
         (send_splits,), (recv_splits,) = _read_splits(counts_E.view(ep, E_local).sum(1), recv_counts.sum(1))
-    else:   # the same one host read, with the [source, local expert] counts the padded layout is planned from
-        host = torch.cat([counts_E.view(ep, E_local).sum(1), recv_counts.reshape(-1)]).tolist()
-        send_splits, recv_host = host[:ep], host[ep:]
-        recv_splits = [sum(recv_host[s * E_local:(s + 1) * E_local]) for s in range(ep)]
-        local_host = [sum(recv_host[s * E_local + e] for s in range(ep)) for e in range(E_local)]
+    else:   # the same one host read, with the [local expert, source] counts the padded layout is planned from
+        (send_splits,), recv_es = _read_splits(counts_E.view(ep, E_local).sum(1), recv_counts.t())
+        recv_splits = [sum(col) for col in zip(*recv_es)]
+        local_host = [sum(row) for row in recv_es]
     x_sorted = _GatherCopies.apply(x_TD, order, inverse, K)   # backward: gather + sum over K (no scatter-add)
     if fp8_dispatch:
         x_recv = _FP8Dispatch.apply(x_sorted, transport, send_splits, recv_splits, dtype)

@@ -75,6 +75,10 @@ class TrainConfig:
     tensorboard: bool = True              # write TensorBoard events to RUN_DIR/tb (if installed)
     sample_tokens: int = 64               # tokens of the greedy sample printed at the end; 0 = none
 
+    def fp8_families(self) -> set[str]:
+        """The GEMM families ``fp8_modules`` names (validated in ``RunConfig.check``)."""
+        return {f.strip() for f in self.fp8_modules.split(",") if f.strip()}
+
 
 @dataclass
 class DataConfig:
@@ -147,8 +151,8 @@ class RunConfig:
             hint = ""
             raise UserError(f"train.precision = {t.precision!r} is invalid{hint}: use one of "
                             f"{', '.join(repr(p) for p in PRECISIONS)}")
-        fams = [f.strip() for f in t.fp8_modules.split(",") if f.strip()]
-        if not fams or set(fams) - FP8_FAMILIES:
+        fams = t.fp8_families()
+        if not fams or fams - FP8_FAMILIES:
             raise UserError(f"train.fp8_modules = {t.fp8_modules!r} is invalid: use a comma-separated subset of "
                             f"{', '.join(sorted(FP8_FAMILIES))}")
         if t.fp8_backend not in ("auto", "reference"):

@@ -24,9 +24,9 @@ import torch
 
 from dsv3.data.loader import IGNORE_INDEX, PackedLoader
 from dsv3.errors import UserError
+from dsv3.fp8.weight_cache import reuse_quantized_weights
 from dsv3.model import DeepseekV3
 from dsv3.train import balance, checkpoint, metrics, schedules
-from dsv3.fp8.weight_cache import reuse_quantized_weights
 from dsv3.train.config import RunConfig
 from dsv3.train.distributed import Layout
 from dsv3.train.evaluate import evaluate
@@ -85,7 +85,7 @@ class Trainer:
         self.model.set_recompute(t.recompute)
         if t.precision == "fp8":  # FP8 GEMMs for attention projections, MLPs and experts; the rest stays bf16/fp32
             from dsv3.fp8.recipe import FP8Recipe, convert_to_fp8
-            fams = {f.strip() for f in t.fp8_modules.split(",")}
+            fams = t.fp8_families()
             convert_to_fp8(self.model, FP8Recipe(attention="attention" in fams, mlp="mlp" in fams,
                                                  experts="experts" in fams, backend=t.fp8_backend))
         self.layout.wrap(self.model)          # experts sharded over EP ranks, gradient reducer installed
