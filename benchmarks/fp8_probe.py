@@ -10,6 +10,8 @@ and batch; the table prints the loss drop and its ratio to the BF16 (or fp32 on 
   without our GPU kernels: a gap between ``fp8`` and ``fp8-ref`` is a kernel defect, a gap between
   ``fp8-ref`` and ``bf16`` is the recipe;
 * ``fp8-experts`` / ``fp8-experts-ref``, ``fp8-dense`` (attention + MLPs): which GEMM family carries it;
+* ``fp8-nocache``: ``fp8`` without the trainer's per-step ``reuse_quantized_weights()`` scope (every other
+  variant runs each step inside it, as the trainer does): a gap here is the weight cache;
 * ``--compile`` runs every variant with compiled blocks too.
 
     PYTHONPATH=src python3 benchmarks/fp8_probe.py --out probe.json                   # small preset, CUDA
@@ -21,11 +23,13 @@ import argparse
 import json
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 
 from dsv3.config import preset
 from dsv3.fp8.recipe import FP8Recipe, convert_to_fp8
+from dsv3.fp8.weight_cache import reuse_quantized_weights
 from dsv3.model import DeepseekV3
 
 VARIANTS = {  # name -> (families, backend)
@@ -35,6 +39,7 @@ VARIANTS = {  # name -> (families, backend)
     "fp8-experts": (("experts",), "auto"),
     "fp8-experts-ref": (("experts",), "reference"),
     "fp8-dense": (("attention", "mlp"), "auto"),
+    "fp8-nocache": (("attention", "mlp", "experts"), "auto"),
 }
 
 
@@ -54,9 +59,11 @@ def run_variant(name: str, cfg, batch: torch.Tensor, steps: int, lr: float, devi
     losses = []
     t = time.perf_counter()
     for _ in range(steps):
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=use_autocast):
-            out = model(batch, batch)
-        out.loss.backward()
+        scope = nullcontext() if fams is None or name == "fp8-nocache" else reuse_quantized_weights()
+        with scope:
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=use_autocast):
+                out = model(batch, batch)
+            out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(float(out.loss.detach()))

@@ -19,8 +19,8 @@ case "${1:-}" in
   fp8)
     nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
     timeout 150 python3 -m pytest -q -s tests/test_fp8_triton.py tests/test_fp8_grouped.py 2>&1 | tail -15
-    timeout 400 python3 benchmarks/fp8_probe.py --out "$OUT/fp8_probe.json" --compile \
-        --variants bf16,fp8,fp8-ref,fp8-experts,fp8-experts-ref 2>&1 | grep -v Warning ;;
+    timeout 420 python3 benchmarks/fp8_probe.py --out "$OUT/fp8_probe.json" --compile \
+        --variants bf16,fp8,fp8-ref,fp8-nocache,fp8-experts,fp8-experts-ref 2>&1 | grep -v Warning ;;
   dist)
     std=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
     python3 -m dsv3 prepare "$std/json" "$std/email" --vocab-size 512 --out /tmp/sd --no-progress > /dev/null
