@@ -8,7 +8,8 @@
 #   benchmarks/fp8_accuracy.sh status RUNS         # last logged step of each, and whether it still runs
 #   benchmarks/fp8_accuracy.sh compare RUNS PREFIX # PREFIX.png / PREFIX.json / markdown table (compare_runs.py)
 #
-# MIN (default 30) caps each run's minutes (train.time_limit_min); SETS adds `--set k=v` overrides to both.
+# MIN (default 30) caps each run's minutes (train.time_limit_min); SETS adds `--set k=v` overrides to both;
+# PRECS="fp8" launches one of them (e.g. to rerun FP8 against a committed BF16 run of the same config and data).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -20,7 +21,7 @@ case "$what" in
   launch)
     data=$2; runs=$3; mkdir -p "$runs"
     read -r -a more <<< "${SETS:-}"
-    for prec in bf16 fp8; do
+    for prec in ${PRECS:-bf16 fp8}; do
       setsid python3 -m dsv3 train --config configs/fp8_accuracy.toml --data "$data" --out "$runs/$prec" --force \
           --set "train.precision=\"$prec\"" --set "train.time_limit_min=${MIN:-30}" --set train.sample_tokens=0 \
           "${more[@]}" > "$runs/$prec.log" 2>&1 < /dev/null &

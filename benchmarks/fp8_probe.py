@@ -43,7 +43,8 @@ VARIANTS = {  # name -> (families, backend)
 }
 
 
-def run_variant(name: str, cfg, batch: torch.Tensor, steps: int, lr: float, device: str, compile_blocks: bool):
+def run_variant(name: str, cfg, batch: torch.Tensor, steps: int, lr: float, device: str, compile_blocks: bool,
+                use_autocast: bool):
     fams, backend = VARIANTS[name]
     torch.manual_seed(0)
     model = DeepseekV3(cfg).to(device)
@@ -55,7 +56,6 @@ def run_variant(name: str, cfg, batch: torch.Tensor, steps: int, lr: float, devi
         for layer in model.layers:
             layer.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    use_autocast = device == "cuda"
     losses = []
     t = time.perf_counter()
     for _ in range(steps):
@@ -82,6 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--compile", action="store_true", help="also run each variant with compiled blocks")
+    p.add_argument("--autocast", choices=["auto", "on", "off"], default="auto",
+                   help="bf16 autocast (auto: on for CUDA, off for CPU)")
     args = p.parse_args(argv)
     names = args.variants.split(",")
     unknown = set(names) - set(VARIANTS)
@@ -97,7 +99,8 @@ def main(argv=None) -> int:
     for compiled in ([False, True] if args.compile else [False]):
         for name in names:
             label = name + (" compiled" if compiled else "")
-            r = run_variant(name, cfg, batch, args.steps, args.lr, args.device, compiled)
+            r = run_variant(name, cfg, batch, args.steps, args.lr, args.device, compiled,
+                            args.autocast == "on" or (args.autocast == "auto" and args.device == "cuda"))
             res["runs"][label] = r
             base = res["runs"].get("bf16" + (" compiled" if compiled else ""))
             ratio = r["drop"] / base["drop"] if base and base["drop"] else float("nan")

@@ -146,15 +146,17 @@ def grouped_linear(x_MD: torch.Tensor, w_EOD: torch.Tensor, ends_E: torch.Tensor
     """Rows of x sorted by expert; rows [ends[e-1], ends[e]) go through w[e]: y = x w[e]^T -> [M, O].
 
     torch._grouped_mm where the build supports it (one kernel, no host sync); otherwise a loop over the
-    segments (needs the counts on the host, fine on CPU).
+    segments (needs the group ends on the host, fine on CPU).
     """
     if _grouped_mm_ok(x_MD):
         return torch._grouped_mm(x_MD, w_EOD.transpose(-2, -1), offs=ends_E)
+    # segments by their ends, as _grouped_mm reads them: with padded groups (``align`` > 1) a group holds its
+    # rows and then zero rows up to its end, so the counts alone would misplace every later group
     outs = []
     start = 0
-    for e, n in enumerate(counts_E.tolist()):
-        outs.append(F.linear(x_MD[start:start + n], w_EOD[e]))
-        start += n
+    for e, end in enumerate(ends_E.tolist()):
+        outs.append(F.linear(x_MD[start:end], w_EOD[e]))
+        start = end
     return torch.cat(outs, dim=0) if outs else x_MD.new_zeros(0, w_EOD.shape[1])
 
 
@@ -171,7 +173,11 @@ class _GatherCopies(torch.autograd.Function):
         x_sorted = x_TD[order // K]
         if dest is None:
             return x_sorted
-        return x_sorted.new_zeros(rows, x_TD.shape[1]).index_copy_(0, dest, x_sorted)
+        # Out of place on purpose: on torch 2.11 CUDA, a compiled autograd.Function whose forward returns the
+        # result of an in-place op on a fresh tensor (new_zeros().index_copy_()) gets no backward at all; the
+        # input gradient came back as zeros (found 2026-11-26: it cost FP8 experts their whole dx under
+        # compile). torch 2.13 on the CPU is fine, so the CUDA test in tests/test_moe_compile.py guards it.
+        return x_sorted.new_zeros(rows, x_TD.shape[1]).index_copy(0, dest, x_sorted)
 
     @staticmethod
     def backward(ctx, g_MD):

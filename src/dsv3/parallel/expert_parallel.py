@@ -205,7 +205,8 @@ class _ScatterRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, row_of, rows):
         ctx.save_for_backward(row_of)
-        return x.new_zeros(rows, x.shape[1]).index_copy_(0, row_of, x)
+        # out of place: see moe._GatherCopies (an in-place result loses its backward under compile, torch 2.11)
+        return x.new_zeros(rows, x.shape[1]).index_copy(0, row_of, x)
 
     @staticmethod
     def backward(ctx, g):
@@ -225,7 +226,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (row_of,) = ctx.saved_tensors
-        return g.new_zeros(ctx.rows, g.shape[1]).index_copy_(0, row_of, g), None
+        return g.new_zeros(ctx.rows, g.shape[1]).index_copy(0, row_of, g), None
 
 
 def _fp8_local_swiglu(x_recv, to_source, counts_dev, counts_host: list[int], w_gate, w_up, w_down, recipe
