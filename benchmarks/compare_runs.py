@@ -102,9 +102,10 @@ def main() -> None:
     a1.set_title(args.title)
     a1.legend()
     a1.grid(alpha=0.3)
-    for label, entry in rows[1:]:
+    colors = [line.get_color() for line in a1.lines[1::2]]  # each run's smoothed curve, in run order
+    for (label, entry), color in zip(rows[1:], colors[1:]):
         t, rel = entry.pop("_curve")
-        a2.plot(np.array(t) / 1e6, 100 * np.array(rel), label=f"{label} vs {labels[0]}")
+        a2.plot(np.array(t) / 1e6, 100 * np.array(rel), label=f"{label} vs {labels[0]}", color=color)
     a2.axhline(0, color="k", lw=0.6)
     a2.set_xlabel("tokens (millions)")
     a2.set_ylabel("relative diff (%)")
