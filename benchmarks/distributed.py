@@ -203,6 +203,9 @@ def main() -> None:
               "--set", f"train.steps={args.steps}", "--set", f"train.seq_len={seq}",
               "--set", f"train.micro_batch_size={args.micro}", "--set", "train.eval_every=0",
               "--set", "train.eval_batches=1", "--set", "train.sample_tokens=0", "--set", "train.save_every=100000",
+              # no end-of-run checkpoint: for `small` it is ~30 GB of writing after the timed steps, and it ran a
+              # two-GPU call out of time twice (2026-11-25 and 11-26)
+              "--set", "train.save_final=false",
               "--set", "train.batch_ramp_start=0", "--set", "train.warmup_steps=2",
               # configs/small.toml's peak LR: the trainer default (2e-3, sized for tiny) diverged on small
               "--set", f"train.lr={4.2e-4 if args.preset == 'small' else 2e-3}",

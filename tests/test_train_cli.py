@@ -211,3 +211,17 @@ def test_sample_after_compiled_training_runs_eager(tmp_path, train_data):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "greedy sample:" in r.stdout
     assert "recompil" not in r.stderr.lower(), r.stderr[-2000:]
+
+
+def test_save_final_false_skips_only_a_completed_runs_checkpoint(tmp_path, train_data):
+    # completed: no checkpoint at all (save_every beyond the run); stopped early by stop_at: it still saves
+    done = tmp_path / "done"
+    assert main(["train", "--data", str(train_data), "--out", str(done), "--quiet"]
+                + _args("train.save_every=100", "train.save_final=false", "train.sample_tokens=0")) == 0
+    assert (done / "metrics.jsonl").exists()
+    assert not list((done / "checkpoints").glob("step_*")) if (done / "checkpoints").exists() else True
+    stopped = tmp_path / "stopped"
+    assert main(["train", "--data", str(train_data), "--out", str(stopped), "--quiet"]
+                + _args("train.save_every=100", "train.save_final=false", "train.sample_tokens=0",
+                        "train.stop_at=2")) == 0
+    assert [p.name for p in (stopped / "checkpoints").glob("step_*")] == ["step_000002"]

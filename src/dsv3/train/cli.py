@@ -191,7 +191,8 @@ def _train_and_report(trainer, cfg: RunConfig, run_dir: Path, data: Path, ckpt, 
               if isinstance(r.get("loss_main"), float)]
     train_loss = sum(recent) / len(recent) if recent else float("nan")
     entropy = unigram_entropy(data, "train")
-    print(f"done: {trainer.step} steps, {trainer.tokens:,} tokens in {wall:.0f}s; saved {trainer.last_checkpoint}")
+    saved = f"saved {trainer.last_checkpoint}" if trainer.last_checkpoint else "no checkpoint (train.save_final = false)"
+    print(f"done: {trainer.step} steps, {trainer.tokens:,} tokens in {wall:.0f}s; {saved}")
     eval_txt = f", validation loss {result['loss']:.3f} (ppl {result['ppl']:.1f})" if result.get("tokens") else ""
     print(f"train loss {train_loss:.3f} nats/token (main, last 10 steps){eval_txt}; corpus unigram entropy "
           f"{entropy:.3f} nats/token")

@@ -66,6 +66,7 @@ class TrainConfig:
     eval_every: int = 0                   # evaluate every N steps; 0 = only at the end
     eval_batches: int = 8                 # validation batches per evaluation
     save_every: int = 100                 # checkpoint every N steps (and always at the end)
+    save_final: bool = True               # checkpoint a run that completed train.steps (false: benchmarks that need no checkpoint; a stopped run still saves)
     keep_checkpoints: int = 2             # keep the last N checkpoints
     expert_load_every: int = 10           # log per-layer expert counts to expert_load.jsonl every N steps
     max_nan_skips: int = 5                # stop after this many non-finite losses in a row
