@@ -1,0 +1,60 @@
+"""No custom autograd.Function returns the result of an in-place op from forward or backward.
+
+On torch 2.11 + CUDA, a compiled block whose autograd.Function forward ended in
+``return x.new_zeros(n, d).index_copy_(0, idx, x)`` lost that Function's backward: the input gradient came
+back as zeros (the FP8 experts' 4% loss gap of 2026-11-26). torch 2.13 on the CPU, which CI runs, computes it
+correctly, so a numerical test here cannot catch a relapse; this scan of the source can. Write the op out of
+place (``index_copy``, ``scatter``, ...) instead.
+"""
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "dsv3"
+
+
+def _is_function_subclass(node: ast.ClassDef) -> bool:
+    return any(ast.unparse(b).endswith("autograd.Function") for b in node.bases)
+
+
+def _inplace_returns(fn: ast.FunctionDef) -> list[str]:
+    """Return statements whose value (or a tuple element of it) is a call of a trailing-underscore method."""
+    bad = []
+    for node in ast.walk(fn):
+        if not isinstance(node, ast.Return) or node.value is None:
+            continue
+        values = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
+        for v in values:
+            if (isinstance(v, ast.Call) and isinstance(v.func, ast.Attribute) and v.func.attr.endswith("_")
+                    and not v.func.attr.startswith("__")):
+                bad.append(f"line {node.lineno}: {ast.unparse(v)[:80]}")
+    return bad
+
+
+def scan(root: Path) -> list[str]:
+    problems = []
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and _is_function_subclass(n)):
+            for fn in (n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name in ("forward", "backward")):
+                problems += [f"{path.relative_to(root.parent)} {cls.name}.{fn.name} {p}" for p in _inplace_returns(fn)]
+    return problems
+
+
+def test_no_autograd_function_returns_an_in_place_result():
+    assert scan(SRC) == []
+
+
+def test_the_scan_finds_the_pattern(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "m.py").write_text(
+        "import torch\n"
+        "class F(torch.autograd.Function):\n"
+        "    @staticmethod\n"
+        "    def forward(ctx, x, idx, rows):\n"
+        "        return x.new_zeros(rows, x.shape[1]).index_copy_(0, idx, x)\n"
+        "    @staticmethod\n"
+        "    def backward(ctx, g):\n"
+        "        return g.clone(), None, None\n")
+    found = scan(pkg)
+    assert len(found) == 1 and "F.forward" in found[0] and "index_copy_" in found[0], found
