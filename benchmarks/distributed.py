@@ -186,6 +186,9 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="a prepared data directory (default: prepare a stdlib corpus)")
     ap.add_argument("--rates", default=None, help="rates JSON from benchmarks/measure_rates.py (on top of the h100 "
                     "catalogue) for the simulator's predictions; default: the catalogue alone")
+    ap.add_argument("--profile-step", type=int, default=6,
+                    help="the step each run profiles (kernel tables in OUT/NAME/profile/); 0 = none. Tokens/s are "
+                         "medians over steps 4+, so one slower profiled step does not move them")
     ap.add_argument("--runs", default="one,dp2,ep2,pp2_dualpipev",
                     help="which runs to make now; the others are read from OUT/NAME/result.json of an earlier call "
                          "(e.g. the one-GPU baseline on a free GPU while another job runs)")
@@ -206,6 +209,8 @@ def main() -> None:
               # no end-of-run checkpoint: for `small` it is ~30 GB of writing after the timed steps, and it ran a
               # two-GPU call out of time twice (2026-11-25 and 11-26)
               "--set", "train.save_final=false",
+              # one profiled step per run (RUN/profile/rank{r}.txt): where EP=2's extra time goes
+              "--set", f"train.profile_step={args.profile_step}",
               "--set", "train.batch_ramp_start=0", "--set", "train.warmup_steps=2",
               # configs/small.toml's peak LR: the trainer default (2e-3, sized for tiny) diverged on small
               "--set", f"train.lr={4.2e-4 if args.preset == 'small' else 2e-3}",

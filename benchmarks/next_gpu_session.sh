@@ -33,7 +33,8 @@ case "${1:-}" in
     bg=$!
     save() { for r in one dp2 ep2 pp2_dualpipev; do [ -d $D/$r ] || continue; mkdir -p $OUT/dist/$r
       cp $D/$r/result.json $D/$r/metrics.jsonl $D/$r/expert_load.jsonl $OUT/dist/$r/ 2>/dev/null
-      [ -d $D/$r/traces ] && cp -r $D/$r/traces $OUT/dist/$r/; done
+      [ -d $D/$r/traces ] && cp -r $D/$r/traces $OUT/dist/$r/
+      cp $D/$r/profile/*.txt $OUT/dist/$r/ 2>/dev/null; done
       cp $D/distributed.json $OUT/ 2>/dev/null; }
     while kill -0 $bg 2>/dev/null; do sleep 10; save; done
     save; tail -15 $OUT/distributed.log ;;

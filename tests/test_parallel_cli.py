@@ -55,7 +55,11 @@ PP_DUALPIPEV = ["--set", "parallel.pp=2", "--set", 'parallel.schedule="dualpipev
 PP_1F1B = ["--set", "parallel.pp=2", "--set", 'parallel.schedule="1f1b"', "--set", "train.micro_batch_size=4"]
 
 
-@pytest.mark.parametrize("layout", [["--set", "parallel.ep=2"], ["--set", "parallel.ep=1"], PP_DUALPIPEV, PP_1F1B],
+# EP=2 also profiles a step (train.profile_step): every rank writes its table and trace, losses unchanged
+EP2_PROFILED = ["--set", "train.profile_step=3", "--set", "parallel.ep=2"]
+
+
+@pytest.mark.parametrize("layout", [EP2_PROFILED, ["--set", "parallel.ep=1"], PP_DUALPIPEV, PP_1F1B],
                          ids=["ep2", "dp2", "pp2-dualpipev", "pp2-1f1b"])
 def test_torchrun_two_processes_reproduce_single_process_losses(data_dir, single, tmp_path, layout):
     run = tmp_path / "run"
@@ -72,6 +76,10 @@ def test_torchrun_two_processes_reproduce_single_process_losses(data_dir, single
         assert abs(ev_a - ev_b) / ev_a <= 1e-4, (ev_a, ev_b)
     if layout[-1] == "parallel.ep=2":
         assert rec["ep_bytes_sent"] > 0 and rec["ep_recv_imbalance"] >= 1.0
+    if layout is EP2_PROFILED:
+        assert sorted(p.name for p in (run / "profile").iterdir()) == ["rank0.json", "rank0.txt", "rank1.json",
+                                                                       "rank1.txt"]
+        assert "aten::" in (run / "profile" / "rank1.txt").read_text()
     if layout is PP_DUALPIPEV:
         assert 0 <= rec["pp_bubble_fraction"] < 1
         traces = sorted(p.name for p in (run / "traces").iterdir())

@@ -225,3 +225,16 @@ def test_save_final_false_skips_only_a_completed_runs_checkpoint(tmp_path, train
                 + _args("train.save_every=100", "train.save_final=false", "train.sample_tokens=0",
                         "train.stop_at=2")) == 0
     assert [p.name for p in (stopped / "checkpoints").glob("step_*")] == ["step_000002"]
+
+
+def test_profile_step_writes_a_kernel_table_and_a_trace(tmp_path, train_data):
+    run = tmp_path / "prof"
+    assert main(["train", "--data", str(train_data), "--out", str(run), "--quiet"]
+                + _args("train.profile_step=2", "train.sample_tokens=0")) == 0
+    table = (run / "profile" / "rank0.txt").read_text()
+    assert "Self CPU" in table and "aten::" in table, table[:500]
+    trace = json.loads((run / "profile" / "rank0.json").read_text())
+    assert trace["traceEvents"], "empty Chrome trace"
+    # the profiled step is an ordinary step: it is logged like the others
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

@@ -74,6 +74,7 @@ class TrainConfig:
     time_limit_min: float = 0.0           # end this invocation after the step that passes N minutes of training, with a checkpoint (0 = none)
     peak_tflops: float = 0.0              # MFU denominator; 0 = measure a GEMM at start
     tensorboard: bool = True              # write TensorBoard events to RUN_DIR/tb (if installed)
+    profile_step: int = 0                 # run this step under torch.profiler on every rank: RUN_DIR/profile/rank{r}.txt (top kernels) and .json (Chrome trace); 0 = off
     sample_tokens: int = 64               # tokens of the greedy sample printed at the end; 0 = none
 
     def fp8_families(self) -> set[str]:
@@ -120,7 +121,8 @@ class RunConfig:
             if getattr(t, name) < 1:
                 raise UserError(f"train.{name} = {getattr(t, name)} is invalid: it must be >= 1")
         for name in ("micro_batch_size", "batch_ramp_start", "batch_ramp_steps", "batch_ramp_tokens",
-                     "warmup_steps", "eval_every", "eval_batches", "expert_load_every", "sample_tokens"):
+                     "warmup_steps", "eval_every", "eval_batches", "expert_load_every", "sample_tokens",
+                     "profile_step"):
             if getattr(t, name) < 0:
                 raise UserError(f"train.{name} = {getattr(t, name)} is invalid: it must be >= 0")
         for name in ("log_every", "save_every", "keep_checkpoints", "max_nan_skips"):
