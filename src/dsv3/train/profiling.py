@@ -30,7 +30,7 @@ def profile_one_step(run_dir: Path, device: torch.device, rows: int = 40):
         yield
         if cuda:
             torch.cuda.synchronize(device)  # the step's kernels inside the window
-    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"  # device: torch >= 2.4 naming
     table = prof.key_averages().table(sort_by=key, row_limit=rows)
     (out / f"rank{rank}.txt").write_text(table + "\n")
     prof.export_chrome_trace(str(out / f"rank{rank}.json"))
