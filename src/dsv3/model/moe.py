@@ -90,20 +90,40 @@ class Experts(nn.Module):
             return experts_forward_loop(x_TD, routing, self.gate_proj, self.up_proj, self.down_proj)
         if self.fp8_recipe is None:
             return experts_forward_sorted(x_TD, routing, self.gate_proj, self.up_proj, self.down_proj)
-        from dsv3.fp8.grouped import fp8_grouped_mm
         from dsv3.fp8.triton_grouped import GROUP_ALIGN
-        pow2 = bool(getattr(self.fp8_recipe, "pow2_scale", False))
-        backend = getattr(self.fp8_recipe, "backend", "auto")
-
-        def gemm(x_MD, w_EOD, ends_E, counts_E):
-            return fp8_grouped_mm(x_MD, w_EOD, ends_E, pow2_scale=pow2, backend=backend, aligned=True)
         # Each expert's rows start at a multiple of 128 (zero rows between groups), as DeepSeek-V3 pads them:
         # one-launch grouped kernels, and no FP8 tile mixes two experts. FP8 quantizes the fp32 master weights
         # directly (no bf16 copy first).
-        # gate and up as one GEMM (one quantization of x, N = 2F) when F fills whole 128x128 blocks
-        fuse = self.gate_proj.shape[1] % 128 == 0
-        return experts_forward_sorted(x_TD, routing, self.gate_proj, self.up_proj, self.down_proj, gemm=gemm,
-                                      align=GROUP_ALIGN, cast_weights=False, fuse_gate_up=fuse)
+        return experts_forward_sorted(x_TD, routing, self.gate_proj, self.up_proj, self.down_proj,
+                                      gemm=fp8_expert_gemm(self.fp8_recipe), align=GROUP_ALIGN, cast_weights=False,
+                                      fuse_gate_up=fusable_gate_up(self.gate_proj))
+
+
+def fp8_expert_gemm(recipe):
+    """The FP8 recipe's grouped GEMM as ``gemm(x, w, ends, counts)`` (the signature of ``grouped_linear``) on
+    128-aligned groups; ``w`` may be a (gate, up) tuple. Shared by ``Experts`` and expert parallelism."""
+    from dsv3.fp8.grouped import fp8_grouped_mm
+    pow2 = bool(getattr(recipe, "pow2_scale", False))
+    backend = getattr(recipe, "backend", "auto")
+
+    def gemm(x_MD, w_EOD, ends_E, counts_E=None):
+        return fp8_grouped_mm(x_MD, w_EOD, ends_E, pow2_scale=pow2, backend=backend, aligned=True)
+    return gemm
+
+
+def fusable_gate_up(w_gate_EFD: torch.Tensor) -> bool:
+    """Whether gate and up can run as one FP8 GEMM (one quantization of x, N = 2F): F fills whole 128x128 blocks."""
+    return w_gate_EFD.shape[1] % 128 == 0
+
+
+def grouped_swiglu(x_MD, w_gate_EFD, w_up_EFD, w_down_EDF, gemm, ends_E, counts_E, fuse_gate_up: bool = False):
+    """Each expert's SwiGLU on its rows (sorted by expert, groups ending at ``ends_E``) with ``gemm(x, w, ends,
+    counts)``; ``fuse_gate_up`` makes one call against ``(w_gate, w_up)`` ([M, 2F] out, split)."""
+    if fuse_gate_up:
+        gate, up = gemm(x_MD, (w_gate_EFD, w_up_EFD), ends_E, counts_E).split(w_gate_EFD.shape[1], dim=1)
+    else:
+        gate, up = gemm(x_MD, w_gate_EFD, ends_E, counts_E), gemm(x_MD, w_up_EFD, ends_E, counts_E)
+    return gemm(F.silu(gate) * up, w_down_EDF, ends_E, counts_E)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -223,13 +243,9 @@ def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_
         ends_E = torch.cumsum(counts_E, 0).to(torch.int32)
         copy_rows = inverse
         x_sorted = _GatherCopies.apply(x_TD, order, copy_rows, K)
-    gemm = gemm or grouped_linear  # FP8 experts pass their own grouped GEMM
-    if fuse_gate_up:
-        gate, up = gemm(x_sorted, (w_gate_EFD, w_up_EFD), ends_E, counts_E).split(w_gate_EFD.shape[1], dim=1)
-    else:
-        gate, up = gemm(x_sorted, w_gate_EFD, ends_E, counts_E), gemm(x_sorted, w_up_EFD, ends_E, counts_E)
-    h = F.silu(gate) * up
-    y_sorted = gemm(h, w_down_EDF, ends_E, counts_E)
+    # FP8 experts pass their own grouped GEMM
+    y_sorted = grouped_swiglu(x_sorted, w_gate_EFD, w_up_EFD, w_down_EDF, gemm or grouped_linear, ends_E, counts_E,
+                              fuse_gate_up)
     if align > 1:
         # back to token order: a gather of each flat copy's row (its backward scatters to distinct rows)
         y_TKD = y_sorted.index_select(0, copy_rows).view(T, K, D)

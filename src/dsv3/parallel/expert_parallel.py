@@ -87,7 +87,7 @@ from torch import nn
 from dsv3.errors import UserError
 from dsv3.fp8.blocks import dequantize_activation_tiles, quantize_activation_tiles
 from dsv3.model.moe import (Experts, Routing, _GatherCopies, _grouped_mm_ok, compute_dtype, count_selections,
-                            grouped_linear)
+                            fp8_expert_gemm, fusable_gate_up, grouped_linear, grouped_swiglu)
 from dsv3.parallel.transport import CollectiveTransport, LocalTransport, Transport, all_to_all
 
 EXPERT_PARAMS = ("gate_proj", "up_proj", "down_proj")
@@ -195,8 +195,7 @@ def _local_swiglu(x_MD, w_gate, w_up, w_down, counts_E: torch.Tensor) -> torch.T
     if x_MD.shape[0] == 0:
         return F.linear(F.linear(x_MD, w_gate[0]) * F.linear(x_MD, w_up[0]), w_down[0])
     ends = torch.cumsum(counts_E, 0).to(torch.int32)
-    h = F.silu(grouped_linear(x_MD, w_gate, ends, counts_E)) * grouped_linear(x_MD, w_up, ends, counts_E)
-    return grouped_linear(h, w_down, ends, counts_E)
+    return grouped_swiglu(x_MD, w_gate, w_up, w_down, grouped_linear, ends, counts_E)
 
 
 class _ScatterRows(torch.autograd.Function):
@@ -236,7 +235,6 @@ def _fp8_local_swiglu(x_recv, to_source, counts_dev, counts_host: list[int], w_g
     with ``aligned=True`` on the fp32 master weights, outputs gathered back to the received order.
     ``to_source`` maps expert-sorted rows to received rows; ``counts_dev`` / ``counts_host`` are the rows per
     local expert on the device and on the host (the padded layout is planned from the host ints)."""
-    from dsv3.fp8.grouped import fp8_grouped_mm
     from dsv3.fp8.triton_grouped import GROUP_ALIGN
     M, dev = x_recv.shape[0], x_recv.device
     shifts, padded_ends, start, pstart = [], [], 0, 0
@@ -250,19 +248,10 @@ def _fp8_local_swiglu(x_recv, to_source, counts_dev, counts_host: list[int], w_g
     dest = torch.arange(M, device=dev) + torch.repeat_interleave(shift, counts_dev, output_size=M)
     row_of = dest[to_source]                 # received row -> its row in the padded, expert-sorted buffer
     ends = torch.tensor(padded_ends, dtype=torch.int32, device=dev)
-    pow2 = bool(getattr(recipe, "pow2_scale", False))
-    backend = getattr(recipe, "backend", "auto")
-
-    def gemm(x, w):
-        return fp8_grouped_mm(x, w, ends, pow2_scale=pow2, backend=backend, aligned=True)
-
     x_pad = _ScatterRows.apply(x_recv, row_of, rows)
-    F_ = w_gate.shape[1]
-    if F_ % 128 == 0:   # gate and up as one GEMM (one quantization of x, N = 2F), as Experts.forward
-        gate, up = gemm(x_pad, (w_gate, w_up)).split(F_, dim=1)
-    else:
-        gate, up = gemm(x_pad, w_gate), gemm(x_pad, w_up)
-    return _GatherRows.apply(gemm(F.silu(gate) * up, w_down), row_of)
+    y_pad = grouped_swiglu(x_pad, w_gate, w_up, w_down, fp8_expert_gemm(recipe), ends, None,
+                           fusable_gate_up(w_gate))   # as Experts.forward
+    return _GatherRows.apply(y_pad, row_of)
 
 
 def _read_splits(send_counts: torch.Tensor, recv_counts: torch.Tensor) -> tuple[list, list]:
