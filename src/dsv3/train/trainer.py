@@ -25,12 +25,12 @@ import torch
 from dsv3.data.loader import IGNORE_INDEX, PackedLoader
 from dsv3.errors import UserError
 from dsv3.fp8.weight_cache import reuse_quantized_weights
-from dsv3.train.profiling import profile_one_step
 from dsv3.model import DeepseekV3
 from dsv3.train import balance, checkpoint, metrics, schedules
 from dsv3.train.config import RunConfig
 from dsv3.train.distributed import Layout
 from dsv3.train.evaluate import evaluate
+from dsv3.train.profiling import profile_one_step
 
 
 def pick_device(name: str) -> torch.device:
@@ -343,10 +343,8 @@ class Trainer:
         loop_start, first_step = time.perf_counter(), self.step
         try:
             while self.step < end:
-                if t.profile_step and self.step + 1 == t.profile_step:
-                    with profile_one_step(self.run_dir, self.device):
-                        record = self.train_step()
-                else:
+                profiled = t.profile_step and self.step + 1 == t.profile_step
+                with profile_one_step(self.run_dir, self.device) if profiled else nullcontext():
                     record = self.train_step()
                 self.metrics_log.write({k: v for k, v in record.items()})
                 self.tb.scalars("train", {k: v for k, v in record.items() if k != "maxvio_layers"}, self.step)
