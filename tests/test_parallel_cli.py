@@ -87,12 +87,14 @@ def test_torchrun_two_processes_reproduce_single_process_losses(data_dir, single
         assert json.loads((run / "traces" / "pp_rank0.json").read_text())
 
 
-def test_compiled_dualpipev_matches_single_process(data_dir, single, tmp_path):
-    """Compiled blocks under DualPipeV's split backward (retain_graph=True): compiled backward functions must not
-    donate their buffers (they did, and every rank failed at the first backward)."""
+@pytest.mark.parametrize("layout", [PP_DUALPIPEV[:6], ["--set", "parallel.ep=2"]], ids=["pp2-dualpipev", "ep2"])
+def test_compiled_layout_matches_single_process(data_dir, single, tmp_path, layout):
+    """Compiled blocks. DualPipeV's split backward (retain_graph=True): compiled backward functions must not
+    donate their buffers (they did, and every rank failed at the first backward). EP: the block traces the
+    sort/gather before the dispatch and the un-sort/weighted sum after the combine, around the eager exchange."""
     run = tmp_path / "run"
     r = _run([*COMMON, "--data", str(data_dir), "--out", str(run), "--set", "train.steps=2",
-              "--set", "model.vocab_size=512", "--set", "train.compile=true", *PP_DUALPIPEV[:6]], 2)
+              "--set", "model.vocab_size=512", "--set", "train.compile=true", *layout], 2)
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _losses(single)[:2], _losses(run)
     assert len(b) == 2

@@ -38,8 +38,11 @@ fp32 summation order: the weight gradients are sums of C per-chunk GEMMs (accumu
 Chunking fixes one autograd node per layer holding the expert weights; DualPipeV's split backward (B, then
 W from the nodes where weights join the activation path) would run that node's backward, transfers included,
 twice, so ``validate_layout`` rejects ep_chunks > 1 with schedule 'dualpipev' (1F1B runs full backwards).
-Inside compiled blocks the routed part runs eagerly (``torch.compiler.disable``): its splits are host ints
-that change every step, on which dynamo would guard and recompile.
+Inside compiled blocks, only what depends on the host splits runs eagerly (``torch.compiler.disable``): they
+change every step, and dynamo would guard on them and recompile. With C = 1 that is ``_exchange`` (counts,
+splits, transfers, local experts); the sort and gather before it and the un-sort and fp32 weighted sum after
+it have fixed shapes and compile with the block (until 2026-11-26 they ran eagerly too: unfused passes over
+the T*K*D copies). The chunked path runs eagerly as a whole.
 
 What chunking cannot hide:
 * the first dispatch and the last combine of each layer (and the first reverse combine and last reverse
@@ -271,25 +274,44 @@ def ep_experts_forward(x_TD: torch.Tensor, routing: Routing, w_gate, w_up, w_dow
 
     ``chunks`` > 1: the dispatch/combine pipelined over that many token chunks (``_ChunkedRouted``); every
     rank of the EP group must pass the same value (the transfers are collectives issued per chunk).
-    ``fp8_recipe`` (``dsv3.fp8.recipe.FP8Recipe``): the local expert GEMMs in FP8 (``_fp8_local_swiglu``)."""
+    ``fp8_recipe`` (``dsv3.fp8.recipe.FP8Recipe``): the local expert GEMMs in FP8 (``_fp8_local_swiglu``).
+
+    Three stages, so that a compiled block keeps what it can (C = 1). Before the dispatch and after the
+    combine every tensor has a fixed shape ([T*K, D]: every copy is sent somewhere, this rank included), so
+    the sort, the gather of the copies, the un-sort and the fp32 weighted sum trace into the block's graph
+    and fuse there. Only the middle (``_exchange``: counts, the host read of the splits, the transfers and the
+    local experts, whose row counts change every step) runs eagerly."""
     if chunks > 1:
         if fp8_recipe is not None:
             raise UserError(FP8_CHUNKS_ERROR)
-        return _chunked_forward(x_TD, routing, w_gate, w_up, w_down, transport, fp8_dispatch, meter, chunks)
+        return _chunked_forward_eager(x_TD, routing, w_gate, w_up, w_down, transport, fp8_dispatch, meter, chunks)
     T, D = x_TD.shape
     K = routing.idx_TK.shape[1]
-    ep, E_local = transport.size, w_gate.shape[0]
-    E = ep * E_local
-    dtype = compute_dtype(x_TD)
-    if fp8_recipe is None:
-        x_TD, w_gate, w_up, w_down = (t.to(dtype) for t in (x_TD, w_gate, w_up, w_down))
-    else:                     # FP8 quantizes the fp32 master weights directly
-        x_TD = x_TD.to(dtype)
-
+    E = transport.size * w_gate.shape[0]
+    x_TD = x_TD.to(compute_dtype(x_TD))
     # Dispatch order: by global expert = by destination rank, then expert.
     order = torch.argsort(routing.idx_TK.reshape(-1), stable=True)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     counts_E = count_selections(routing.idx_TK, E)
+    x_sorted = _GatherCopies.apply(x_TD, order, inverse, K)   # backward: gather + sum over K (no scatter-add)
+    y_sorted = _exchange(x_sorted, counts_E, w_gate, w_up, w_down, transport, fp8_dispatch, meter, fp8_recipe)
+    y_TKD = _PermuteRows.apply(y_sorted, inverse, order).view(T, K, D)     # back to token-major copies
+    return _WeightedSum.apply(y_TKD, routing.weight_TK)
+
+
+# Eager even inside a compiled block: the host-side splits and the received row counts change every step
+# (dynamo would guard on them and recompile until its cache limit), and tracing the collectives buys nothing.
+@torch.compiler.disable
+def _exchange(x_sorted: torch.Tensor, counts_E: torch.Tensor, w_gate, w_up, w_down, transport: Transport,
+              fp8_dispatch: bool, meter: TrafficMeter | None, fp8_recipe) -> torch.Tensor:
+    """Copies sorted by global expert [T*K, D] -> the experts' outputs in the same order [T*K, D]: counts
+    exchange, THE host read of the splits, dispatch, regroup by local expert, local grouped SwiGLU, combine."""
+    D = x_sorted.shape[1]
+    ep, E_local = transport.size, w_gate.shape[0]
+    dtype = x_sorted.dtype
+    if fp8_recipe is None:
+        w_gate, w_up, w_down = (t.to(dtype) for t in (w_gate, w_up, w_down))
+    # (FP8 quantizes the fp32 master weights directly)
     recv_counts = transport.all_to_all(counts_E, [E_local] * ep, [E_local] * ep).view(ep, E_local)
     if fp8_recipe is None:
         (send_splits,), (recv_splits,) = _read_splits(counts_E.view(ep, E_local).sum(1), recv_counts.sum(1))
@@ -297,7 +319,6 @@ def ep_experts_forward(x_TD: torch.Tensor, routing: Routing, w_gate, w_up, w_dow
         (send_splits,), recv_es = _read_splits(counts_E.view(ep, E_local).sum(1), recv_counts.t())
         recv_splits = [sum(col) for col in zip(*recv_es)]
         local_host = [sum(row) for row in recv_es]
-    x_sorted = _GatherCopies.apply(x_TD, order, inverse, K)   # backward: gather + sum over K (no scatter-add)
     if fp8_dispatch:
         x_recv = _FP8Dispatch.apply(x_sorted, transport, send_splits, recv_splits, dtype)
     else:
@@ -318,10 +339,8 @@ def ep_experts_forward(x_TD: torch.Tensor, routing: Routing, w_gate, w_up, w_dow
     else:
         y_sorted = all_to_all(y_recv, transport, recv_splits, send_splits)
     if meter is not None:
-        meter.add_layer(send_splits, recv_splits, D, x_TD.element_size(), fp8_dispatch)
-
-    y_TKD = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(T, K, D)
-    return _WeightedSum.apply(y_TKD, routing.weight_TK)
+        meter.add_layer(send_splits, recv_splits, D, dtype.itemsize, fp8_dispatch)
+    return y_sorted
 
 
 # ------------------------------------------------------------------ chunked, overlapped dispatch/combine
@@ -519,6 +538,10 @@ def _chunked_forward(x_TD, routing: Routing, w_gate, w_up, w_down, transport: Tr
     return _ChunkedRouted.apply(x_TD.to(dtype), routing.weight_TK, w_gate, w_up, w_down, plan)
 
 
+# The chunked path stays eager as a whole: its chunk bounds, splits and per-chunk rows are host values.
+_chunked_forward_eager = torch.compiler.disable(_chunked_forward)
+
+
 class ExpertParallelExperts(nn.Module):
     """Drop-in for ``Experts`` holding experts [first, first + E/ep) under the same parameter names."""
 
@@ -543,10 +566,8 @@ class ExpertParallelExperts(nn.Module):
             full = getattr(experts, name)
             setattr(self, name, nn.Parameter(full.detach()[sl].clone(), requires_grad=full.requires_grad))
 
-    # Eager even inside a compiled block: the host-side splits change every step (dynamo would guard on them
-    # and recompile until its cache limit), and tracing the collectives and the chunk loop buys nothing. The
-    # block compiles around it (one graph break before, one after).
-    @torch.compiler.disable
+    # Traced by a compiled block up to the dispatch and from the combine on; the middle runs eagerly
+    # (``ep_experts_forward``: one graph break before it, one after).
     def forward(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         return ep_experts_forward(x_TD, routing, self.gate_proj, self.up_proj, self.down_proj, self.transport,
                                   self.fp8_dispatch, self.meter, self.chunks, self.fp8_recipe)
