@@ -104,10 +104,15 @@ dist.destroy_process_group()
 '''
 
 
-def plain_all_to_all(out: Path, nbytes: int, nproc: int) -> float:
-    """Seconds for one all_to_all_single of `nbytes` per rank (bf16 payload)."""
+def plain_all_to_all(out: Path, peer_bytes: float, nproc: int) -> float:
+    """Seconds for one even all_to_all_single that sends `peer_bytes` to the OTHER ranks (bf16 payload).
+
+    EP's ``ep_bytes_sent`` counts bytes to other ranks only, so the plain buffer is peer_bytes * n/(n-1): with
+    an even split 1/n of it stays on the rank. (Before 2026-11-26 session 5 the buffer was peer_bytes itself,
+    so the plain transfer moved half the cross-rank bytes it was credited with on two ranks.)"""
     script = out / "a2a.py"
     script.write_text(A2A)
+    nbytes = peer_bytes * nproc / (nproc - 1)
     r = sh([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29481",
             str(script), str(int(nbytes)), "20"])
     return float(next(line.split()[1] for line in r.stdout.splitlines() if line.startswith("A2A_SECONDS")))

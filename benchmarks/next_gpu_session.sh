@@ -6,10 +6,10 @@
 #                                         #   (ran 2026-11-26 session 4: found the compiled-gradient defect)
 #   benchmarks/next_gpu_session.sh dist   # two GPUs: distributed.py (one, dp2, ep2, pp2_dualpipev with trace) with
 #                                         #   the measured rates; results copied to $OUT as each run lands
-#   benchmarks/next_gpu_session.sh ep2    # two GPUs: corpus + the 10-minute EP=2 real-corpus run in the background;
-#                                         #   then `two_gpu_session.sh 3` (W=/tmp/w) compares it with the committed
-#                                         #   one-GPU run (copy benchmarks/results/raw/2026-11-25-two-gpu-session/run_one
-#                                         #   to /tmp/w/run_one first)
+#   benchmarks/next_gpu_session.sh ep2    # two GPUs: corpus + the 10-minute EP=2 real-corpus run in the background
+#   benchmarks/next_gpu_session.sh ep2wait  # the next call: waits for it, returns its records in run_ep2.tar.gz;
+#                                         #   compare here with the committed one-GPU run:
+#                                         #   compare_runs.py raw/2026-11-25-two-gpu-session/run_one RUN_EP2 ...
 # Everything lands in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,27 +23,49 @@ case "${1:-}" in
     timeout 420 python3 benchmarks/fp8_probe.py --out "$OUT/fp8_probe.json" --compile --batch 2 \
         --variants bf16,fp8,fp8-ref,fp8-nocache,fp8-experts,fp8-experts-ref 2>&1 | grep -v Warning ;;
   dist)
-    # distributed.py (one, dp2, ep2, pp2 DualPipeV with trace) in the background; each run's metrics, result and
-    # Chrome traces are copied to $OUT as they land, so a call cut off at its limit still returns what finished
+    # distributed.py (one, dp2, ep2, pp2 DualPipeV with trace) in the background. Each run's metrics, result,
+    # profile tables/summaries and pipeline traces are staged as they land and packed into $OUT/dist.tar.gz
+    # (the device returns at most 8 files), so a call cut off at its limit still returns what finished.
     nvidia-smi --query-gpu=name --format=csv,noheader
-    D=/tmp/dist; mkdir -p $D
-    (timeout ${DIST_S:-540} python3 benchmarks/distributed.py --out $D --steps 8 \
-        --rates benchmarks/results/raw/2026-11-26-distributed/rates-small-h200x2.json > $OUT/distributed.log 2>&1
-     echo "rc=$?" >> $OUT/distributed.log) &
+    D=/tmp/dist; S=/tmp/stage; mkdir -p $D $S
+    (timeout ${DIST_S:-540} python3 benchmarks/distributed.py --out $D --steps 8 --runs ${RUNS:-one,dp2,ep2,pp2_dualpipev} \
+        --rates benchmarks/results/raw/2026-11-26-distributed/rates-small-h200x2.json > $S/distributed.log 2>&1
+     echo "rc=$?" >> $S/distributed.log) &
     bg=$!
-    save() { for r in one dp2 ep2 pp2_dualpipev; do [ -d $D/$r ] || continue; mkdir -p $OUT/dist/$r
-      cp $D/$r/result.json $D/$r/metrics.jsonl $D/$r/expert_load.jsonl $OUT/dist/$r/ 2>/dev/null
-      [ -d $D/$r/traces ] && cp -r $D/$r/traces $OUT/dist/$r/
-      cp $D/$r/profile/*.txt $OUT/dist/$r/ 2>/dev/null; done
-      cp $D/distributed.json $OUT/ 2>/dev/null; }
+    save() { for r in one dp2 ep2 pp2_dualpipev; do [ -d $D/$r ] || continue; mkdir -p $S/$r
+      cp $D/$r/result.json $D/$r/metrics.jsonl $D/$r/expert_load.jsonl $S/$r/ 2>/dev/null
+      [ -d $D/$r/traces ] && cp -r $D/$r/traces $S/$r/
+      cp $D/$r/profile/*.txt $D/$r/profile/*.summary.json $S/$r/ 2>/dev/null; done
+      cp $D/distributed.json $S/ 2>/dev/null; tar czf $OUT/dist.tar.gz -C $S . ; }
     while kill -0 $bg 2>/dev/null; do sleep 10; save; done
-    save; tail -15 $OUT/distributed.log ;;
+    save
+    # the EP=2 step's full Chrome trace (rank 0), if it fits what the device returns
+    [ -f $D/ep2/profile/rank0.json ] && gzip -c $D/ep2/profile/rank0.json > $OUT/ep2_rank0_trace.json.gz
+    [ -f $OUT/ep2_rank0_trace.json.gz ] && [ $(stat -c %s $OUT/ep2_rank0_trace.json.gz) -gt 16000000 ] && \
+        rm $OUT/ep2_rank0_trace.json.gz
+    for r in one dp2 ep2 pp2_dualpipev; do echo "== $r"; cat $D/$r/profile/rank0.summary.json 2>/dev/null | head -30; done
+    tail -15 $S/distributed.log ;;
   ep2)
+    # corpus, then the 10-minute EP=2 real-corpus run in the background;
+    # `ep2wait` (the next call, within the idle window) waits for it and returns its records
     W=/tmp/w; mkdir -p "$W"
     benchmarks/real_corpus_run.sh prepare "$W/spdata" > "$W/prepare.log" 2>&1 || { tail "$W/prepare.log"; exit 1; }
-    setsid benchmarks/real_corpus_run.sh ep2 "$W/spdata" "$W/run_ep2" 10.2 > "$W/run_ep2.log" 2>&1 < /dev/null &
+    tail -3 "$W/prepare.log"
+    setsid benchmarks/real_corpus_run.sh ep2 "$W/spdata" "$W/run_ep2" 10.2 \
+        > "$W/run_ep2.log" 2>&1 < /dev/null &
     echo $! > "$W/run_ep2.pid"
-    sleep 420; tail -3 "$W/run_ep2.log" ;;
+    sleep ${EP2_WAIT_S:-480}; tail -3 "$W/run_ep2.log" ;;
+  ep2wait)
+    W=/tmp/w
+    pid=$(cat $W/run_ep2.pid)
+    # the records are complete once the time limit is logged; the stop checkpoint that follows (~30 GB for small,
+    # a minute of device time) is not needed here, so the run is ended there
+    while kill -0 $pid 2>/dev/null && ! grep -q "time limit of" "$W/run_ep2.log"; do sleep 5; done
+    sleep 5; kill -- -$pid 2>/dev/null; sleep 2
+    tail -c 30000 "$W/run_ep2.log" > "$W/run_ep2/train.log"; cp "$W/prepare.log" "$W/run_ep2/"
+    tar czf $OUT/run_ep2.tar.gz -C "$W" run_ep2/metrics.jsonl run_ep2/eval.jsonl run_ep2/expert_load.jsonl \
+        run_ep2/config.json run_ep2/train.log run_ep2/prepare.log
+    tail -5 "$W/run_ep2.log" ;;
   *)
-    echo "usage: $0 fp8|dist|ep2" >&2; exit 2 ;;
+    echo "usage: $0 fp8|dist|ep2|ep2wait" >&2; exit 2 ;;
 esac

@@ -77,8 +77,9 @@ def test_torchrun_two_processes_reproduce_single_process_losses(data_dir, single
     if layout[-1] == "parallel.ep=2":
         assert rec["ep_bytes_sent"] > 0 and rec["ep_recv_imbalance"] >= 1.0
     if layout is EP2_PROFILED:
-        assert sorted(p.name for p in (run / "profile").iterdir()) == ["rank0.json", "rank0.txt", "rank1.json",
-                                                                       "rank1.txt"]
+        assert sorted(p.name for p in (run / "profile").iterdir()) == [
+            "rank0.json", "rank0.summary.json", "rank0.txt", "rank1.json", "rank1.summary.json", "rank1.txt"]
+        assert json.loads((run / "profile" / "rank0.summary.json").read_text())["kernels"] == 0   # CPU: no GPU
         assert "aten::" in (run / "profile" / "rank1.txt").read_text()
     if layout is PP_DUALPIPEV:
         assert 0 <= rec["pp_bubble_fraction"] < 1
