@@ -7,7 +7,8 @@
 #   benchmarks/next_gpu_session.sh dist   # two GPUs: distributed.py (one, dp2, ep2, pp2_dualpipev with trace) with
 #                                         #   the measured rates; results copied to $OUT as each run lands
 #   benchmarks/next_gpu_session.sh ep2    # two GPUs: corpus + the 10-minute EP=2 real-corpus run in the background
-#   benchmarks/next_gpu_session.sh ep2wait  # the next call: waits for it, returns its records in run_ep2.tar.gz;
+#   benchmarks/next_gpu_session.sh one    # one GPU: the same run on one GPU (the control: today's code, same data)
+#   benchmarks/next_gpu_session.sh ep2wait  # (or onewait) the next call: waits for it, returns its records in run_ep2.tar.gz;
 #                                         #   compare here with the committed one-GPU run:
 #                                         #   compare_runs.py raw/2026-11-25-two-gpu-session/run_one RUN_EP2 ...
 # Everything lands in $OUT.
@@ -45,27 +46,27 @@ case "${1:-}" in
         rm $OUT/ep2_rank0_trace.json.gz
     for r in one dp2 ep2 pp2_dualpipev; do echo "== $r"; cat $D/$r/profile/rank0.summary.json 2>/dev/null | head -30; done
     tail -15 $S/distributed.log ;;
-  ep2)
-    # corpus, then the 10-minute EP=2 real-corpus run in the background;
-    # `ep2wait` (the next call, within the idle window) waits for it and returns its records
-    W=/tmp/w; mkdir -p "$W"
+  ep2|one)
+    # corpus, then the 10-minute real-corpus run (EP=2 on two GPUs, or one GPU) in the background;
+    # `ep2wait` / `onewait` (the next call, within the idle window) waits for it and returns its records
+    W=/tmp/w; mkdir -p "$W"; what=$1
     benchmarks/real_corpus_run.sh prepare "$W/spdata" > "$W/prepare.log" 2>&1 || { tail "$W/prepare.log"; exit 1; }
     tail -3 "$W/prepare.log"
-    setsid benchmarks/real_corpus_run.sh ep2 "$W/spdata" "$W/run_ep2" 10.2 \
-        > "$W/run_ep2.log" 2>&1 < /dev/null &
-    echo $! > "$W/run_ep2.pid"
-    sleep ${EP2_WAIT_S:-480}; tail -3 "$W/run_ep2.log" ;;
-  ep2wait)
-    W=/tmp/w
-    pid=$(cat $W/run_ep2.pid)
+    setsid benchmarks/real_corpus_run.sh $what "$W/spdata" "$W/run_$what" ${MINUTES:-10.2} \
+        > "$W/run_$what.log" 2>&1 < /dev/null &
+    echo $! > "$W/run_$what.pid"
+    sleep ${EP2_WAIT_S:-480}; tail -3 "$W/run_$what.log" ;;
+  ep2wait|onewait)
+    W=/tmp/w; what=${1%wait}
+    pid=$(cat $W/run_$what.pid)
     # the records are complete once the time limit is logged; the stop checkpoint that follows (~30 GB for small,
     # a minute of device time) is not needed here, so the run is ended there
-    while kill -0 $pid 2>/dev/null && ! grep -q "time limit of" "$W/run_ep2.log"; do sleep 5; done
+    while kill -0 $pid 2>/dev/null && ! grep -q "time limit of" "$W/run_$what.log"; do sleep 5; done
     sleep 5; kill -- -$pid 2>/dev/null; sleep 2
-    tail -c 30000 "$W/run_ep2.log" > "$W/run_ep2/train.log"; cp "$W/prepare.log" "$W/run_ep2/"
-    tar czf $OUT/run_ep2.tar.gz -C "$W" run_ep2/metrics.jsonl run_ep2/eval.jsonl run_ep2/expert_load.jsonl \
-        run_ep2/config.json run_ep2/train.log run_ep2/prepare.log
-    tail -5 "$W/run_ep2.log" ;;
+    tail -c 30000 "$W/run_$what.log" > "$W/run_$what/train.log"; cp "$W/prepare.log" "$W/run_$what/"
+    tar czf $OUT/run_$what.tar.gz -C "$W" run_$what/metrics.jsonl run_$what/eval.jsonl run_$what/expert_load.jsonl \
+        run_$what/config.json run_$what/train.log run_$what/prepare.log
+    tail -5 "$W/run_$what.log" ;;
   *)
-    echo "usage: $0 fp8|dist|ep2|ep2wait" >&2; exit 2 ;;
+    echo "usage: $0 fp8|dist|ep2|ep2wait|one|onewait" >&2; exit 2 ;;
 esac
