@@ -149,8 +149,12 @@ def simulate(res: dict, args, seq: int, one: dict, dp2: dict | None, ep2: dict |
     t = TrainConfig()  # distributed.py leaves recompute, bf16_moments and precision at the trainer defaults
     pc = ParallelConfig()  # ... and fp8_dispatch, ep_chunks at the [parallel] defaults
     cfg = preset(args.preset)
-    rates = load_rates("h100", args.rates)
+    # The all-to-all rate measured in THIS call, on this machine, at the EP message size, overrides the rates
+    # file's: the 2 x H200 machines lent on different days measured 270 GB/s (session 3) and 115 GB/s (session 5)
+    # for the same 75 MB to the peer, and the EP run's own NCCL kernels agreed with the latter.
+    rates = load_rates("h100", args.rates, nvlink_gbps=res.get("a2a_plain_gbps"))
     res["sim_rates"] = rates.name
+    res["sim_nvlink_gbps"] = rates.nvlink_gbps
     res["sim_options"] = {"precision": t.precision, "recompute": t.recompute, "bf16_moments": t.bf16_moments,
                           "fp8_dispatch": pc.fp8_dispatch, "ep_chunks": pc.ep_chunks,
                           "micro_batch": args.micro, "microbatches": args.accum, "seq": seq,
