@@ -445,7 +445,7 @@ class _ChunkedRouted(torch.autograd.Function):
                                                p.send_splits[c]))
             if c + 2 < C:
                 pending[c + 2] = dispatch(c + 2)
-        del x_sorted
+        x_sorted = None                               # the send buffers are no longer needed
         out = x_TD.new_empty(p.T, D)
         y_sorted = []
         for c, (y, h) in enumerate(combines):          # chunk c's sum overlaps the later combines
