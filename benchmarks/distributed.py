@@ -259,6 +259,14 @@ def main() -> None:
         # ep_bytes_sent counts forward transfers; the backward moves the same rows back inside the same step
         res["a2a_ep_gbps"] = 2 * ep2["ep_bytes_sent"] / extra / 1e9
         res["a2a_fraction_of_nccl"] = min(res["a2a_ep_gbps"] / res["a2a_plain_gbps"], 10.0)
+        # the same from the profiled step's NCCL kernel time (rank 0; includes the counts exchanges and the DP
+        # reduction, so it undercounts the rate): transport efficiency apart from what EP leaves exposed
+        summary = out / "ep2" / "profile" / "rank0.summary.json"
+        if summary.exists():
+            comm_ms = json.loads(summary.read_text())["kernel_ms"]["communication"]
+            if comm_ms > 0:
+                res["a2a_ep_gbps_kernel_time"] = 2 * ep2["ep_bytes_sent"] / (comm_ms / 1e3) / 1e9
+                res["a2a_fraction_of_nccl_kernel_time"] = res["a2a_ep_gbps_kernel_time"] / res["a2a_plain_gbps"]
     res["bubble_fraction"] = pp2.get("pp_bubble_fraction")
     if "pp_recv_wait_s" in pp2 and pp2.get("pp_step_s"):
         res["exposed_comm_fraction"] = pp2["pp_recv_wait_s"] / pp2["pp_step_s"]
