@@ -139,6 +139,14 @@ def count_selections(idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
+def sort_copies(idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The T*K token copies in expert order, on the device: ``order`` (stable argsort of the flat expert ids,
+    so copy ``order[j]`` is the j-th in expert order), its inverse permutation, and the copies per expert [E]."""
+    order = torch.argsort(idx_TK.reshape(-1), stable=True)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return order, inverse, count_selections(idx_TK, num_experts)
+
+
 def experts_forward_loop(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_EDF) -> torch.Tensor:
     """Reference: for each expert, run its tokens and accumulate weight * output in fp32."""
     T, D = x_TD.shape
@@ -225,10 +233,8 @@ def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_
     if cast_weights:
         w_gate_EFD, w_up_EFD, w_down_EDF = (t.to(dtype) for t in (w_gate_EFD, w_up_EFD, w_down_EDF))
     flat_idx = routing.idx_TK.reshape(-1)
-    order = torch.argsort(flat_idx, stable=True)
+    order, inverse, counts_E = sort_copies(routing.idx_TK, E)
     M = order.numel()
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(M, device=order.device))
-    counts_E = count_selections(routing.idx_TK, E)
     if align > 1:
         padded_E = (counts_E + (align - 1)) // align * align
         ends_E = torch.cumsum(padded_E, 0)

@@ -89,8 +89,8 @@ from torch import nn
 
 from dsv3.errors import UserError
 from dsv3.fp8.blocks import dequantize_activation_tiles, quantize_activation_tiles
-from dsv3.model.moe import (Experts, Routing, _GatherCopies, _grouped_mm_ok, compute_dtype, count_selections,
-                            fp8_expert_gemm, fusable_gate_up, grouped_linear, grouped_swiglu)
+from dsv3.model.moe import (Experts, Routing, _GatherCopies, _grouped_mm_ok, compute_dtype, fp8_expert_gemm,
+                            fusable_gate_up, grouped_linear, grouped_swiglu, sort_copies)
 from dsv3.parallel.transport import CollectiveTransport, LocalTransport, Transport, all_to_all
 
 EXPERT_PARAMS = ("gate_proj", "up_proj", "down_proj")
@@ -290,9 +290,7 @@ def ep_experts_forward(x_TD: torch.Tensor, routing: Routing, w_gate, w_up, w_dow
     E = transport.size * w_gate.shape[0]
     x_TD = x_TD.to(compute_dtype(x_TD))
     # Dispatch order: by global expert = by destination rank, then expert.
-    order = torch.argsort(routing.idx_TK.reshape(-1), stable=True)
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    counts_E = count_selections(routing.idx_TK, E)
+    order, inverse, counts_E = sort_copies(routing.idx_TK, E)
     x_sorted = _GatherCopies.apply(x_TD, order, inverse, K)   # backward: gather + sum over K (no scatter-add)
     y_sorted = _exchange(x_sorted, counts_E, w_gate, w_up, w_down, transport, fp8_dispatch, meter, fp8_recipe)
     y_TKD = _PermuteRows.apply(y_sorted, inverse, order).view(T, K, D)     # back to token-major copies
