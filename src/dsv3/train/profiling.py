@@ -100,25 +100,25 @@ def summarize_trace(path: Path, gaps: int = 8) -> dict:
                  "kernel_ms": {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"other": 0.0}, "longest_gaps": []}
     if not kernels:
         return res
-    spans = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), e.get("name", "")) for e in kernels]
-    spans.sort()
-    for a, b, name in spans:
-        res["kernel_ms"][kernel_kind(name)] += (b - a) / 1e3
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), e.get("name", "")) for e in kernels)
+    kinds = [kernel_kind(n) for _, _, n in spans]
+    for (a, b, _), kind in zip(spans, kinds):
+        res["kernel_ms"][kind] += (b - a) / 1e3
     busy = _union([(a, b) for a, b, _ in spans])
-    comm = _union([(a, b) for a, b, n in spans if kernel_kind(n) == "communication"])
-    compute = _union([(a, b) for a, b, n in spans if kernel_kind(n) != "communication"])
+    comm = _union([(a, b) for (a, b, _), kind in zip(spans, kinds) if kind == "communication"])
+    compute = _union([(a, b) for (a, b, _), kind in zip(spans, kinds) if kind != "communication"])
     window = busy[-1][1] - busy[0][0]
     res.update(window_ms=window / 1e3, busy_ms=_length(busy) / 1e3, idle_ms=(window - _length(busy)) / 1e3,
                comm_exposed_ms=_minus(comm, compute) / 1e3)
-    ends = sorted((b, n) for a, b, n in spans)
-    found = []
-    for (a0, b0), (a1, _) in zip(busy, busy[1:]):
-        found.append((a1 - b0, b0))
-    found.sort(reverse=True)
-    import bisect
-    for gap, start in found[:gaps]:
-        i = bisect.bisect_right(ends, (start, chr(0x10FFFF))) - 1
-        res["longest_gaps"].append({"ms": gap / 1e3, "after": ends[i][1][:120] if i >= 0 else ""})
+    # idle gaps in start order, each named by the kernel that had ended last before it
+    found, end, last = [], spans[0][1], spans[0][2]
+    for a, b, name in spans[1:]:
+        if a > end:
+            found.append((a - end, last))
+        if b > end:
+            end, last = b, name
+    found.sort(key=lambda g: -g[0])
+    res["longest_gaps"] = [{"ms": gap / 1e3, "after": name[:120]} for gap, name in found[:gaps]]
     res["kernel_ms"] = {k: round(v, 3) for k, v in res["kernel_ms"].items()}
     for k in ("window_ms", "busy_ms", "idle_ms", "comm_exposed_ms"):
         res[k] = round(res[k], 3)
