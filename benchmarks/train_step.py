@@ -319,10 +319,18 @@ def profile(model, loss_fn, x, path):
             opt.step()
             opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-    table = p.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+    table = p.key_averages().table(sort_by="cuda_time_total", row_limit=60)
     with open(path, "w") as f:
         f.write(table)
     print(table[:6000], flush=True)
+    # the GPU timeline of the same two steps: busy/idle and kernel time by kind (dsv3.train.profiling)
+    from dsv3.train.profiling import summarize_trace
+    trace = path.rsplit(".", 1)[0] + ".trace.json"
+    p.export_chrome_trace(trace)
+    summary = summarize_trace(trace)
+    with open(path.rsplit(".", 1)[0] + ".summary.json", "w") as f:
+        json.dump(summary, f, indent=1)
+    print(json.dumps({k: summary[k] for k in ("window_ms", "busy_ms", "idle_ms", "kernel_ms")}), flush=True)
 
 
 def main():
