@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from dsv3.config import ModelConfig, RopeScaling, preset
 from dsv3.infer.cache import KVCache
 from dsv3.model import DeepseekV3
-from dsv3.model.moe import route, sequence_balance_loss
+from dsv3.model.moe import rank_desc, route, sequence_balance_loss
 
 torch.set_default_dtype(torch.float32)
 
@@ -151,14 +151,15 @@ def test_model_matches_independent_reference(variant):
     assert err <= 1e-5, err
 
 
-def test_routing_matches_brute_force_with_negative_biases():
+@pytest.mark.parametrize("by_rank", [False, True], ids=["topk", "rank"])
+def test_routing_matches_brute_force_with_negative_biases(by_rank):
     """-inf masking of dropped groups: with negative biased scores a 0-mask (as some references use) would pick
-    experts from dropped groups; ours never does."""
+    experts from dropped groups; ours never does (the topk reference and the GPU's rank-count selection)."""
     c = cfg(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(64, 16, generator=g) * 2
     bias = torch.randn(16, generator=g) - 1.5  # many biased scores < 0
-    r = route(logits, bias, c)
+    r = route(logits, bias, c, by_rank=by_rank)
     for t in range(64):
         experts, w = brute_force_route(logits[t], bias, c)
         assert sorted(r.idx_TK[t].tolist()) == sorted(experts)
@@ -166,6 +167,47 @@ def test_routing_matches_brute_force_with_negative_biases():
     s = torch.sigmoid(logits) + bias
     zero_masked_would_differ = (s < 0).any()
     assert zero_masked_would_differ  # the case this test exists for is really exercised
+
+
+@pytest.mark.parametrize("method", ["noaux_tc", "group_limited_greedy", "greedy", "softmax"])
+def test_rank_selection_equals_topk_reference(method):
+    """route(by_rank=True), the CUDA default, picks the same experts in the same order with the same weights
+    and weight gradients as the topk reference, at the small preset's routing shape (64 experts, 8 groups keep
+    4, top-6), ties included (rank_desc breaks them by position, as a stable sort does)."""
+    kw = dict(n_routed_experts=64, n_group=8, topk_group=4, num_experts_per_tok=6)
+    if method == "softmax":
+        kw.update(scoring_func="softmax", topk_method="group_limited_greedy")
+    else:
+        kw.update(topk_method=method)
+    c = cfg(**kw)
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(300, 64, generator=g)
+    logits[:5] = logits[:5].round()         # rows with many exact ties
+    bias = torch.randn(64, generator=g) * 0.1 if method == "noaux_tc" else None
+    out = []
+    for by_rank in (False, True):
+        x = logits.clone().requires_grad_()
+        r = route(x, bias, c, by_rank=by_rank)
+        (r.weight_TK * torch.linspace(0.5, 2, 6)).sum().backward()
+        out.append((r, x.grad))
+    (a, ga), (b, gb) = out
+    ties = logits[:5].sort(dim=-1, stable=True, descending=True)
+    assert (ties.values[:, :-1] == ties.values[:, 1:]).any()
+    assert torch.equal(a.idx_TK[5:], b.idx_TK[5:])
+    assert torch.allclose(a.weight_TK[5:], b.weight_TK[5:], rtol=1e-6, atol=0)
+    assert torch.allclose(ga[5:], gb[5:], rtol=1e-5, atol=1e-8)
+    # on tied rows the two may pick different experts of equal biased score: the chosen values agree
+    choice = a.scores_TE[:5] + (0 if bias is None else bias)
+    assert torch.equal(choice.gather(1, a.idx_TK[:5]), choice.gather(1, b.idx_TK[:5]))
+
+
+def test_rank_desc_orders_like_a_stable_descending_sort():
+    x = torch.tensor([[0.5, 2.0, 0.5, -1.0, 2.0, float("-inf")]])
+    assert rank_desc(x).tolist() == [[2, 0, 3, 4, 1, 5]]
+    y = torch.randn(7, 3, 9)
+    expect = torch.empty_like(y, dtype=torch.long).scatter_(
+        -1, y.sort(dim=-1, descending=True, stable=True).indices, torch.arange(9).expand(7, 3, 9).contiguous())
+    assert torch.equal(rank_desc(y), expect)
 
 
 def test_grouped_experts_equal_loop_reference_forward_and_grad():

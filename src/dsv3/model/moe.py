@@ -25,32 +25,63 @@ class Routing:
     scores_TE: torch.Tensor    # fp32 affinities s (sigmoid or softmax), unbiased
 
 
-def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, config: ModelConfig) -> Routing:
+def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, config: ModelConfig,
+          by_rank: bool | None = None) -> Routing:
     """Pick K experts per token as DeepSeek-V3 does; the bias only steers the choice, never the weights.
 
     noaux_tc: groups scored by the sum of their top-2 biased scores, keep topk_group groups, the others get
     -inf (so a negative biased score can never lose to a dropped group), then top-K of the biased scores.
     group_limited_greedy (V2): groups scored by their max score. greedy: plain top-K.
+
+    ``by_rank`` (default: on CUDA) selects by counting, for each entry, the entries that beat it (``rank_desc``)
+    instead of ``topk``: elementwise compares and sums that Inductor fuses into the block's kernels, where the
+    three ``topk`` calls per layer were sort kernels of their own (7 ms of a 170 ms `small` step on an H200).
+    Same experts, same order (descending, ties to the lower index), same weights; ``topk`` is the reference.
     """
     c = config
+    if by_rank is None:
+        by_rank = logits_TE.is_cuda
     scores = logits_TE.float().sigmoid() if c.scoring_func == "sigmoid" else logits_TE.float().softmax(dim=-1)
     choice = scores if bias_E is None else scores + bias_E.float()
     T, E = choice.shape
     G = c.n_group
     if c.topk_method != "greedy" and G > 1 and c.topk_group < G:
         grouped = choice.view(T, G, E // G)
-        if c.topk_method == "noaux_tc":
-            group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)
-        else:
+        if c.topk_method != "noaux_tc":
             group_score = grouped.amax(dim=-1)
-        keep_TG = torch.zeros_like(group_score, dtype=torch.bool)
-        keep_TG.scatter_(1, group_score.topk(c.topk_group, dim=-1).indices, True)
+        elif by_rank:
+            group_score = torch.where(rank_desc(grouped) < 2, grouped, 0.0).sum(dim=-1)
+        else:
+            group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        if by_rank:
+            keep_TG = rank_desc(group_score) < c.topk_group
+        else:
+            keep_TG = torch.zeros_like(group_score, dtype=torch.bool)
+            keep_TG.scatter_(1, group_score.topk(c.topk_group, dim=-1).indices, True)
         choice = choice.masked_fill(~keep_TG.repeat_interleave(E // G, dim=1), float("-inf"))
-    idx = choice.topk(c.num_experts_per_tok, dim=-1).indices
-    weight = scores.gather(1, idx)
+    K = c.num_experts_per_tok
+    if by_rank:
+        # slot r of token t holds the expert of rank r: a one-hot [T, K, E] reduced over E (no gather, so the
+        # weights' backward is elementwise too)
+        pick_TKE = rank_desc(choice)[:, None, :] == torch.arange(K, device=choice.device)[:, None]
+        idx = (pick_TKE * torch.arange(E, device=choice.device)).sum(dim=-1)
+        weight = torch.where(pick_TKE, scores[:, None, :], 0.0).sum(dim=-1)
+    else:
+        idx = choice.topk(K, dim=-1).indices
+        weight = scores.gather(1, idx)
     if c.norm_topk_prob:
         weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
     return Routing(idx, weight * c.routed_scaling_factor, scores)
+
+
+def rank_desc(x: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry along the last dim in descending order (0 = largest), ties ranked by position:
+    entry e's rank is the number of entries j with x_j > x_e, or x_j == x_e and j < e. [..., N] -> [..., N]."""
+    N = x.shape[-1]
+    pos = torch.arange(N, device=x.device)
+    before_EJ = pos[None, :] < pos[:, None]                   # [e, j]: j comes before e
+    other, this = x[..., None, :], x[..., :, None]
+    return ((other > this) | ((other == this) & before_EJ)).sum(dim=-1)
 
 
 class Router(nn.Module):
@@ -214,6 +245,44 @@ class _GatherCopies(torch.autograd.Function):
         return g_MD[copy_rows].view(T, ctx.K, -1).sum(dim=1), None, None, None, None, None
 
 
+class _CombineCopies(torch.autograd.Function):
+    """out[t] = sum_k w[t, k] * y[rows[t*K + k]], summed in fp32 and returned in y's dtype: the un-permute and
+    the weighted sum as one gather-reduce (Inductor fuses it into one kernel, where an index_copy_ back to token
+    order and then the sum were two passes over the [T*K, D] copies). y is saved in its own dtype.
+
+    Backward: dw[t, k] = <g[t], y[rows[t*K + k]]>, and dy[rows[j]] = w_flat[j] g[j // K]. With ``order`` (y holds
+    exactly the T*K copies, ``rows`` is the inverse of the permutation ``order``) dy is a gather by ``order``;
+    without it (padded groups: zero rows between experts) dy is a copy into a zeroed buffer at the distinct
+    ``rows``. Neither scatter-adds, so both are deterministic."""
+
+    @staticmethod
+    def forward(ctx, y_MD, rows, order, w_TK):
+        T, K = w_TK.shape
+        ctx.save_for_backward(y_MD, rows, order, w_TK)
+        return (y_MD[rows].view(T, K, -1).float() * w_TK[..., None]).sum(dim=1).to(y_MD.dtype)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        y_MD, rows, order, w_TK = ctx.saved_tensors
+        T, K = w_TK.shape
+        g = g_TD.float()
+        dw = (g[:, None, :] * y_MD[rows].view(T, K, -1).float()).sum(dim=-1)
+        if order is not None:
+            dy = (g[order // K] * w_TK.reshape(-1)[order, None]).to(y_MD.dtype)
+        else:
+            dy = y_MD.new_zeros(y_MD.shape).index_copy(0, rows, (g[:, None, :] * w_TK[..., None]).view(T * K, -1)
+                                                      .to(y_MD.dtype))
+        return dy, None, None, dw
+
+
+def combine_copies(y_MD: torch.Tensor, rows: torch.Tensor, order: torch.Tensor | None,
+                   weight_TK: torch.Tensor) -> torch.Tensor:
+    """Expert outputs (one row per token copy, in expert order) -> [T, D]: sum_k weight[t, k] * y[rows[t*K+k]],
+    in fp32, returned in y's dtype (``_CombineCopies``; ``order`` = the permutation ``rows`` inverts, or None
+    when y has padding rows)."""
+    return _CombineCopies.apply(y_MD, rows, order, weight_TK)
+
+
 def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_EDF, gemm=None, align: int = 1,
                            cast_weights: bool = True, fuse_gate_up: bool = False) -> torch.Tensor:
     """Grouped path: sort token copies by expert, grouped GEMMs, un-permute, deterministic weighted sum.
@@ -252,14 +321,8 @@ def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_
     # FP8 experts pass their own grouped GEMM
     y_sorted = grouped_swiglu(x_sorted, w_gate_EFD, w_up_EFD, w_down_EDF, gemm or grouped_linear, ends_E, counts_E,
                               fuse_gate_up)
-    if align > 1:
-        # back to token order: a gather of each flat copy's row (its backward scatters to distinct rows)
-        y_TKD = y_sorted.index_select(0, copy_rows).view(T, K, D)
-    else:
-        # back to token order: index_copy_ by `order` (its backward is a plain gather, no scatter-add)
-        y_TKD = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted).view(T, K, D)
-    out = (y_TKD.float() * routing.weight_TK[..., None]).sum(dim=1)  # elementwise: autocast leaves it fp32
-    return out.to(dtype)
+    # back to token order and the weighted sum, one gather-reduce (fp32 sum; autocast leaves it alone)
+    return combine_copies(y_sorted, copy_rows, None if align > 1 else order, routing.weight_TK)
 
 
 def sequence_balance_loss(scores_BSE: torch.Tensor, k: int) -> torch.Tensor:

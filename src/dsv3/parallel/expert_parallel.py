@@ -89,8 +89,8 @@ from torch import nn
 
 from dsv3.errors import UserError
 from dsv3.fp8.blocks import dequantize_activation_tiles, quantize_activation_tiles
-from dsv3.model.moe import (Experts, Routing, _GatherCopies, _grouped_mm_ok, compute_dtype, fp8_expert_gemm,
-                            fusable_gate_up, grouped_linear, grouped_swiglu, sort_copies)
+from dsv3.model.moe import (Experts, Routing, _GatherCopies, _grouped_mm_ok, combine_copies, compute_dtype,
+                            fp8_expert_gemm, fusable_gate_up, grouped_linear, grouped_swiglu, sort_copies)
 from dsv3.parallel.transport import CollectiveTransport, LocalTransport, Transport, all_to_all
 
 EXPERT_PARAMS = ("gate_proj", "up_proj", "down_proj")
@@ -154,23 +154,6 @@ class _PermuteRows(torch.autograd.Function):
     def backward(ctx, g):
         (inverse,) = ctx.saved_tensors
         return g[inverse], None, None
-
-
-class _WeightedSum(torch.autograd.Function):
-    """out[t] = sum_k w[t, k] * y[t, k] in fp32, returned in y's dtype: the arithmetic (and gradients) of
-    ``(y.float() * w[..., None]).sum(1).to(y.dtype)``, but saving y in its own dtype where autograd's mul would
-    save the fp32 copy (T*K*D*4 bytes per layer and micro-batch, 604 MB for ``small``)."""
-
-    @staticmethod
-    def forward(ctx, y_TKD, w_TK):
-        ctx.save_for_backward(y_TKD, w_TK)
-        return (y_TKD.float() * w_TK[..., None]).sum(dim=1).to(y_TKD.dtype)
-
-    @staticmethod
-    def backward(ctx, g_TD):
-        y_TKD, w_TK = ctx.saved_tensors
-        g = g_TD.float()[:, None, :]
-        return (g * w_TK[..., None]).to(y_TKD.dtype), (g * y_TKD.float()).sum(dim=-1)
 
 
 def block_permutation(counts_CAB: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,7 +268,6 @@ def ep_experts_forward(x_TD: torch.Tensor, routing: Routing, w_gate, w_up, w_dow
         if fp8_recipe is not None:
             raise UserError(FP8_CHUNKS_ERROR)
         return _chunked_forward_eager(x_TD, routing, w_gate, w_up, w_down, transport, fp8_dispatch, meter, chunks)
-    T, D = x_TD.shape
     K = routing.idx_TK.shape[1]
     E = transport.size * w_gate.shape[0]
     x_TD = x_TD.to(compute_dtype(x_TD))
@@ -293,8 +275,7 @@ def ep_experts_forward(x_TD: torch.Tensor, routing: Routing, w_gate, w_up, w_dow
     order, inverse, counts_E = sort_copies(routing.idx_TK, E)
     x_sorted = _GatherCopies.apply(x_TD, order, inverse, K)   # backward: gather + sum over K (no scatter-add)
     y_sorted = _exchange(x_sorted, counts_E, w_gate, w_up, w_down, transport, fp8_dispatch, meter, fp8_recipe)
-    y_TKD = _PermuteRows.apply(y_sorted, inverse, order).view(T, K, D)     # back to token-major copies
-    return _WeightedSum.apply(y_TKD, routing.weight_TK)
+    return combine_copies(y_sorted, inverse, order, routing.weight_TK)   # un-sort + fp32 weighted sum
 
 
 # Eager even inside a compiled block: the host-side splits and the received row counts change every step
