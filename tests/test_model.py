@@ -228,6 +228,31 @@ def test_grouped_experts_equal_loop_reference_forward_and_grad():
         assert torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-7), n
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_combine_copies_matches_gather_then_weighted_sum(padded):
+    """combine_copies (the un-permute + weighted sum of the grouped path) against autograd through the plain
+    gather and sum, forward and both gradients; unpadded (a permutation, dy gathered by ``order``) and padded
+    (copies at distinct rows of a larger buffer, dy copied into zeros)."""
+    from dsv3.model.moe import combine_copies, sort_copies
+    g = torch.Generator().manual_seed(4)
+    T, K, D, E = 13, 3, 8, 5
+    idx = torch.randint(0, E, (T, K), generator=g)
+    order, inverse, _ = sort_copies(idx, E)
+    rows = inverse * 2 + 1 if padded else inverse
+    M = 2 * T * K + 3 if padded else T * K
+    y = torch.randn(M, D, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(T, K, generator=g, dtype=torch.float64, requires_grad=True)
+    out = combine_copies(y, rows, None if padded else order, w)
+    ref = (y[rows].view(T, K, D) * w[..., None]).sum(dim=1)
+    cot = torch.randn(T, D, generator=g, dtype=torch.float64)
+    got = torch.autograd.grad(out, (y, w), cot)
+    want = torch.autograd.grad(ref, (y, w), cot)
+    # the sum runs in fp32 whatever y's dtype (as in training), hence fp32 tolerances against float64
+    assert torch.allclose(out, ref, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_absorbed_decode_equals_naive():
     c = cfg(rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=16))
     m = random_model(c).eval()

@@ -266,10 +266,14 @@ class _CombineCopies(torch.autograd.Function):
         y_MD, rows, order, w_TK = ctx.saved_tensors
         T, K = w_TK.shape
         g = g_TD.float()
-        dw = (g[:, None, :] * y_MD[rows].view(T, K, -1).float()).sum(dim=-1)
         if order is not None:
-            dy = (g[order // K] * w_TK.reshape(-1)[order, None]).to(y_MD.dtype)
+            # one pass in expert order: row j reads y[j] and its token's g once, writes dy[j] and the dot product
+            # that is dw of copy order[j] (one kernel where token order needed a second gather of y)
+            g_MD = g[order // K]
+            dy = (g_MD * w_TK.reshape(-1)[order, None]).to(y_MD.dtype)
+            dw = (g_MD * y_MD.float()).sum(dim=-1)[rows].view(T, K)
         else:
+            dw = (g[:, None, :] * y_MD[rows].view(T, K, -1).float()).sum(dim=-1)
             dy = y_MD.new_zeros(y_MD.shape).index_copy(0, rows, (g[:, None, :] * w_TK[..., None]).view(T * K, -1)
                                                       .to(y_MD.dtype))
         return dy, None, None, dw
