@@ -253,6 +253,26 @@ def test_combine_copies_matches_gather_then_weighted_sum(padded):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", ["q-lora", "no-q-lora"])
+def test_fused_shared_input_gemms_equal_separate_linears(variant, monkeypatch):
+    """shared_input_linears (MLA's two down projections, SwiGLU's gate and up as one GEMM; the CUDA default)
+    against the separate nn.Linear calls, forward and every gradient, forced on here on the CPU."""
+    import dsv3.model.layers as layers
+    m = random_model(cfg(**({} if variant == "q-lora" else {"q_lora_rank": None})))
+    ids = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(5))
+    results = []
+    for fused in (False, True):
+        monkeypatch.setattr(layers, "FUSE_SHARED_INPUT", fused)
+        m.zero_grad()
+        out = m(ids, ids)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (l0, g0), (l1, g1) = results
+    assert torch.allclose(l0, l1, rtol=1e-6)
+    for n in g0:   # one GEMM over [a; b] sums in another order than two GEMMs and an add: fp32 rounding
+        assert ((g0[n] - g1[n]).norm() / g0[n].norm().clamp_min(1e-12)).item() < 1e-5, n
+
+
 def test_absorbed_decode_equals_naive():
     c = cfg(rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=16))
     m = random_model(c).eval()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
-from dsv3.model.layers import RMSNorm
+from dsv3.model.layers import RMSNorm, shared_input_linears
 from dsv3.model.rope import apply_rope_interleaved
 
 
@@ -56,20 +56,27 @@ class MLA(nn.Module):
         self.attention_fn = fast_causal_attention  # cuDNN on CUDA; tests may set the reference causal_attention
 
     # ------------------------------------------------------------------ pieces
-    def project_q(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """-> q_nope [B,S,H,N], rotated q_pe [B,S,H,R]."""
+    def down_projections(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two projections that read x: (q_a_proj or q_proj)(x) and kv_a_proj_with_mqa(x), one GEMM on CUDA."""
+        first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        return shared_input_linears(x_BSD, (first, self.kv_a_proj_with_mqa))
+
+    def project_q(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_first=None):
+        """-> q_nope [B,S,H,N], rotated q_pe [B,S,H,R]. ``q_first``: (q_a_proj or q_proj)(x) if already made."""
         B, S, _ = x_BSD.shape
-        if self.q_lora_rank is None:
-            q = self.q_proj(x_BSD)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BSD)))
+        if q_first is None:
+            q_first = self.q_proj(x_BSD) if self.q_lora_rank is None else self.q_a_proj(x_BSD)
+        q = q_first if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q_first))
         q_nope, q_pe = q.view(B, S, self.n_heads, self.qk_dim).split([self.nope, self.rope], dim=-1)
         q_pe = apply_rope_interleaved(q_pe, cos.unsqueeze(-2), sin.unsqueeze(-2))
         return q_nope, q_pe
 
-    def project_latent(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """-> normalized latent c_kv [B,S,C], rotated shared key k_pe [B,S,R] (what the absorbed cache stores)."""
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x_BSD).split([self.kv_rank, self.rope], dim=-1)
+    def project_latent(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_a=None):
+        """-> normalized latent c_kv [B,S,C], rotated shared key k_pe [B,S,R] (what the absorbed cache stores).
+        ``kv_a``: kv_a_proj_with_mqa(x) if already made."""
+        if kv_a is None:
+            kv_a = self.kv_a_proj_with_mqa(x_BSD)
+        c_kv, k_pe = kv_a.split([self.kv_rank, self.rope], dim=-1)
         return self.kv_a_layernorm(c_kv), apply_rope_interleaved(k_pe, cos, sin)
 
     def expand_kv(self, c_kv_BTC: torch.Tensor, k_pe_BTR: torch.Tensor):
@@ -87,8 +94,9 @@ class MLA(nn.Module):
         if cache is not None and cache.absorbed:
             return self.forward_absorbed(x_BSD, cos, sin, cache)
         B, S, _ = x_BSD.shape
-        q_nope, q_pe = self.project_q(x_BSD, cos, sin)
-        c_kv, k_pe = self.project_latent(x_BSD, cos, sin)
+        q_first, kv_a = self.down_projections(x_BSD)
+        q_nope, q_pe = self.project_q(x_BSD, cos, sin, q_first)
+        c_kv, k_pe = self.project_latent(x_BSD, cos, sin, kv_a)
         k, v = self.expand_kv(c_kv, k_pe)
         q = torch.cat([q_nope, q_pe], dim=-1)
         if cache is None:

@@ -25,6 +25,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
+# Whether shared_input_linears runs one GEMM (None: on CUDA only; tests set True to check it on the CPU).
+FUSE_SHARED_INPUT: bool | None = None
+
+
+def shared_input_linears(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tuple[torch.Tensor, ...]:
+    """``tuple(l(x) for l in linears)``, computed on CUDA as one GEMM against the concatenated weights and split.
+
+    Same products and sums, one launch: the narrow projections that read the same input (MLA's q_a / kv_a at
+    N = 512 and 288, SwiGLU's gate and up) run well below the GEMM peak on their own, and their input
+    gradients come out of one GEMM instead of two GEMMs and an add. Falls back to the separate calls when a
+    layer is not a bias-free ``nn.Linear`` (the FP8 recipe's layers, for one)."""
+    fuse = x.is_cuda if FUSE_SHARED_INPUT is None else FUSE_SHARED_INPUT
+    if not fuse or any(type(lin) is not nn.Linear or lin.bias is not None for lin in linears):
+        return tuple(lin(x) for lin in linears)
+    weight = torch.cat([lin.weight for lin in linears])
+    return F.linear(x, weight).split([lin.out_features for lin in linears], dim=-1)
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); used for dense layers and the shared experts."""
 
@@ -35,4 +53,5 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = shared_input_linears(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(gate) * up)
