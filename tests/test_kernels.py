@@ -126,3 +126,35 @@ def test_grouped_experts_on_gpu_match_loop_reference():
     assert ((y0 - y1).norm() / y1.norm()).item() < 1e-2
     for a, b in zip(g0, g1):
         assert ((a - b).norm() / b.norm()).item() < 2e-2
+
+
+def _router_case(device):
+    from dsv3.model.moe import _Bf16RouterLogits
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(2048, 256, device=device, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(64, 256, device=device, generator=g) * 0.05).bfloat16().requires_grad_()
+    cot = torch.randn(2048, 64, device=device, generator=g)
+    fast = _Bf16RouterLogits.apply(x, w)
+    fast_grads = torch.autograd.grad(fast, (x, w), cot)
+    xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+    ref = F.linear(xr.float(), wr.float())
+    ref_grads = torch.autograd.grad(ref, (xr, wr), cot)
+    # what the hi/lo split may miss: 2^-16 of each |g| times the other operand, summed (absolute)
+    split_bound = (2.0 ** -16 * cot.abs() @ w.detach().float().abs(), 2.0 ** -16 * cot.abs().t() @ x.detach().float().abs())
+    return fast, ref, fast_grads, ref_grads, split_bound
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_bf16_router_logits_match_fp32_reference(device):
+    """The router's tensor-core path (bf16 x and w, fp32 out; hi/lo-split gradient) against
+    F.linear(x.float(), w.float()): identical logits up to fp32 summation order; gradients within one bf16
+    rounding of the reference plus the split's bound (2^-16 of |g| against the other operand), and nearly all
+    of them bit-identical."""
+    fast, ref, (dx, dw), (dxr, dwr), bounds = _router_case(device)
+    assert fast.dtype == torch.float32
+    assert torch.allclose(fast, ref, rtol=1e-5, atol=1e-5)
+    for a, b, split in ((dx, dxr, bounds[0]), (dw, dwr, bounds[1])):
+        assert a.dtype == b.dtype == torch.bfloat16
+        one_rounding = torch.finfo(torch.bfloat16).eps * b.float().abs()
+        assert bool(((a.float() - b.float()).abs() <= one_rounding + 2 * split).all())
+        assert (a == b).float().mean().item() > 0.99
