@@ -28,6 +28,7 @@ from dsv3.model import DeepseekV3  # noqa: E402
 from dsv3.plan.flops import training_flops_per_token  # noqa: E402
 
 DEVICE = "cuda"  # --device cpu runs a smoke test of the weight plumbing (timings meaningless)
+OURS_OPTIMIZER = "dsv3"  # --ours-optimizer
 
 
 def sync():
@@ -68,9 +69,22 @@ def measure_gemm_peak() -> float:
     return 2 * 8192**3 / times[len(times) // 2] / 1e12
 
 
-def time_steps(model, loss_fn, x, steps: int, warmup: int = 3) -> dict:
-    """Median step time over `steps` timed steps of forward+backward+AdamW(fused)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+def torch_adamw(params):
+    """The peers' optimizer: torch's fused AdamW (bf16 weights keep bf16 moments)."""
+    return torch.optim.AdamW(params, lr=1e-5, fused=True)
+
+
+def dsv3_adamw(params):
+    """Ours: the same AdamW update (torch's defaults, bf16 moments as torch keeps for bf16 weights) in one Triton
+    pass per tensor (dsv3.kernels.adamw; the trainer's train.bf16_moments optimizer)."""
+    from dsv3.train.optim import AdamWLowPrecisionMoments
+    return AdamWLowPrecisionMoments(params, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                                    moment_dtype=torch.bfloat16)
+
+
+def time_steps(model, loss_fn, x, steps: int, warmup: int = 3, make_opt=torch_adamw) -> dict:
+    """Median step time over `steps` timed steps of forward+backward+optimizer step."""
+    opt = make_opt(model.parameters())
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -243,11 +257,19 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
     for compiled in (DEVICE == "cuda",):
         m = build_ours(cfg, compile_blocks=compiled)
         m.load_state_dict(ours_sd)
-        out = time_steps(m, ours_loss, x, steps)
+        ours_opt = dsv3_adamw if (DEVICE == "cuda" and OURS_OPTIMIZER == "dsv3") else torch_adamw
+        out = time_steps(m, ours_loss, x, steps, make_opt=ours_opt)
+        out["optimizer"] = OURS_OPTIMIZER if DEVICE == "cuda" else "torch"
         record("ours" + (" compiled" if compiled else " eager"), out, ours_first)
         res["runs"]["ours compiled"] = res["runs"].pop(list(res["runs"])[-1])
+        if DEVICE == "cuda" and OURS_OPTIMIZER == "dsv3":
+            # the same compiled model with the peers' optimizer: what the Triton AdamW alone is worth
+            m.load_state_dict(ours_sd)
+            out = time_steps(m, ours_loss, x, steps, make_opt=torch_adamw)
+            out["optimizer"] = "torch"
+            record("ours compiled + torch AdamW", out, ours_first)
         if profile_dir and compiled:
-            profile(m, ours_loss, x, os.path.join(profile_dir, f"profile-{name}.txt"))
+            profile(m, ours_loss, x, os.path.join(profile_dir, f"profile-{name}.txt"), make_opt=ours_opt)
         del m
         torch.cuda.empty_cache()
 
@@ -259,7 +281,7 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
                 m.load_state_dict(ours_sd, strict=False)
                 with torch.no_grad():
                     first = float(ours_loss(m, x))
-                out = time_steps(m, ours_loss, x, steps)
+                out = time_steps(m, ours_loss, x, steps, make_opt=ours_opt)
                 out["fp8_speedup"] = res["runs"]["ours compiled"]["step_s"] / out["step_s"]
                 record(label, out, first)
                 print(f"[{name}] fp8 step speedup over bf16: {out['fp8_speedup']:.3f}x", flush=True)
@@ -310,9 +332,12 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
     return res
 
 
-def profile(model, loss_fn, x, path):
+def profile(model, loss_fn, x, path, make_opt=torch_adamw):
     from torch.profiler import ProfilerActivity, profile as prof
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    opt = make_opt(model.parameters())
+    loss_fn(model, x).backward()     # one step outside the window: the optimizer's state exists before it
+    opt.step()
+    opt.zero_grad(set_to_none=True)
     with prof(activities=[ProfilerActivity.CUDA]) as p:
         for _ in range(2):
             loss_fn(model, x).backward()
@@ -344,9 +369,12 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--seq", type=int, default=None, help="override the sequence length of every config")
     ap.add_argument("--fp8", action="store_true", help="also time ours with the FP8 recipe (same weights)")
+    ap.add_argument("--ours-optimizer", choices=("dsv3", "torch"), default="dsv3",
+                    help="ours with dsv3's Triton AdamW (default; also timed with torch's) or torch's fused AdamW")
     args = ap.parse_args()
-    global DEVICE
+    global DEVICE, OURS_OPTIMIZER
     DEVICE = args.device
+    OURS_OPTIMIZER = args.ours_optimizer
     torch._dynamo.config.cache_size_limit = 64
     peak = measure_gemm_peak() if DEVICE == "cuda" else 1.0
     dev_name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"

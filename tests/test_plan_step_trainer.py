@@ -171,7 +171,7 @@ def test_trainer_options_values():
     assert o.autocast_casts and o.router_fp32 and o.torch_routing and o.moe_permute and not o.ep_regroup
     assert o.ep_host_syncs == 0 and o.dispatch_bytes == 2.0 and o.residual_bytes == 4 and o.misc_kernels
     e = trainer_options("bf16", "selective", ep=2, dp=2, bf16_moments=True, fp8_dispatch=True, ep_chunks=4)
-    assert e.recompute == "attention" and e.optimizer_bytes == 124 and e.clip_bytes == 20 and e.dp_bucket_bytes == 24
+    assert e.recompute == "attention" and e.optimizer_bytes == 20 and e.clip_bytes == 20 and e.dp_bucket_bytes == 24
     assert e.ep_regroup and e.ep_host_syncs == 1 and e.ep_chunks == 4 and e.dispatch_bytes == 1 + 4 / 128
     with pytest.raises(ValueError):
         trainer_options("bf16", "attention")

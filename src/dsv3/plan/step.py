@@ -220,9 +220,9 @@ def trainer_options(precision: str = "bf16", recompute: str = "none", *, ep: int
       leaves TF32 off), top-k routing and the dispatch argsort are torch kernels, and the K copies of each
       token are gathered into expert order and un-permuted with index kernels (``experts_forward_sorted``).
     * optimizer: torch's fused AdamW over fp32 parameters, gradients and moments reads p, g, m, v and writes
-      p, m, v: 28 bytes. ``bf16_moments`` runs ``AdamWLowPrecisionMoments``, a per-parameter eager loop: m and
-      v upcast (6 + 6), their mul_/add_/addcmul_ (8 + 12, 8 + 16), written back rounded (6 + 6), the decay
-      mul_ (8), sqrt, divide, add eps (8 x 3), m / denom (12) and the update add_ (12): 124 bytes.
+      p, m, v: 28 bytes. ``bf16_moments`` runs ``AdamWLowPrecisionMoments``, on CUDA one Triton pass per tensor
+      (``dsv3.kernels.adamw``): p read and written (8), g read (4), the bf16 m and v read and written (8): 20
+      bytes. (Its eager loop, the CPU path, moved 124.)
     * clipping: one process calls torch's foreach ``clip_grad_norm_`` (norms read 4, scale read+write 8: 12);
       with dp or ep > 1 ``dsv3.parallel.data_parallel.clip_grad_norm_`` runs per parameter pow(2) (8), sum
       (4) and mul_ (8): 20.
@@ -243,7 +243,7 @@ def trainer_options(precision: str = "bf16", recompute: str = "none", *, ep: int
         precision=precision, recompute="attention" if recompute == "selective" else recompute,
         dispatch_bytes=(1.0 + 4.0 / 128) if fp8_dispatch else 2.0, combine_bytes=2.0,
         grad_bytes=4.0, weight_bytes=4.0, expert_imbalance=expert_imbalance,
-        optimizer_bytes=124.0 if bf16_moments else 28.0, residual_bytes=4.0, autocast_casts=True,
+        optimizer_bytes=20.0 if bf16_moments else 28.0, residual_bytes=4.0, autocast_casts=True,
         router_fp32=True, torch_routing=True, moe_permute=True, ep_regroup=ep > 1,
         ep_host_syncs=ep_host_syncs if ep > 1 else 0, ep_chunks=ep_chunks if ep > 1 else 1,
         host_syncs_per_microbatch=1, step_host_syncs=4, misc_kernels=True,

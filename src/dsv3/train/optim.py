@@ -44,13 +44,16 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
 
     The update is computed in fp32 from the stored moments and written back rounded, so memory halves while
     the arithmetic stays fp32; parameters (the FP32 master weights) are updated in their own dtype.
+    On CUDA each tensor is updated by one Triton kernel (``dsv3.kernels.adamw``, ``fused=None`` picks it when
+    it can); the per-parameter eager loop below is its reference and the CPU path.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
-                 moment_dtype: torch.dtype = torch.bfloat16):
+                 moment_dtype: torch.dtype = torch.bfloat16, fused: bool | None = None):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.moment_dtype = moment_dtype
+        self.fused = fused
 
     def load_state_dict(self, state_dict) -> None:
         # Optimizer.load_state_dict casts floating state to each parameter's dtype (fp32); put the moments
@@ -63,6 +66,7 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        from dsv3.kernels.adamw import adamw_step_, can_fuse
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -73,7 +77,6 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad.float()
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
@@ -81,6 +84,13 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
                 state["step"] += 1
                 t = float(state["step"])
+                if self.fused is not False and can_fuse(p, (p.grad, state["exp_avg"], state["exp_avg_sq"])):
+                    adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr=lr, beta1=beta1, beta2=beta2,
+                                eps=eps, weight_decay=wd, step=int(t))
+                    continue
+                if self.fused:
+                    raise RuntimeError("fused=True needs CUDA, Triton and contiguous tensors")
+                g = p.grad.float()
                 m = state["exp_avg"].float().mul_(beta1).add_(g, alpha=1 - beta1)
                 v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 state["exp_avg"].copy_(m)
