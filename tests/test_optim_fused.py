@@ -46,17 +46,28 @@ def test_triton_adamw_matches_eager_loop(param_dtype, moment_dtype):
     """12 steps with weight decay: the kernel against the loop, weights and stored moments."""
     (w1, b1), o1 = _run(_ours(True, moment_dtype), param_dtype, "cuda")
     (w0, b0), o0 = _run(_ours(False, moment_dtype), param_dtype, "cuda")
-    # fp32 weights: the same fp32 arithmetic but for FMA contraction, a few ulps after 12 steps; bf16 weights:
-    # the loop rounds after the decay and again after the update, the kernel once
-    tol = dict(rtol=1e-5, atol=1e-6) if param_dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(w1, w0, **tol)
-    torch.testing.assert_close(b1, b0, **tol)
+    for a, b in ((w1, w0), (b1, b0)):
+        if param_dtype == moment_dtype == torch.float32:   # the same fp32 arithmetic but for FMA contraction
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            continue
+        # Rounded storage amplifies the last fp32 bit: where FMA contraction puts m, v or a bf16 weight on the
+        # other side of a rounding boundary, that element differs from then on by a fraction of a step or a
+        # rounding of the weight. Bound: a tenth of one step (lr = 1e-2) plus two roundings of the weight; and
+        # nearly every element agrees to fp32 precision.
+        bound = 0.1 * 1e-2 + 2 * torch.finfo(param_dtype).eps * b.float().abs()
+        assert bool(((a.float() - b.float()).abs() <= bound).all())
+        agree = (a.float() - b.float()).abs() <= 1e-6 + 1e-5 * b.float().abs()
+        assert agree.float().mean().item() > 0.95
     for s1, s0 in zip(o1.state.values(), o0.state.values()):
         assert s1["exp_avg"].dtype == moment_dtype
         for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(s1[key].float(), s0[key].float(), rtol=1e-2, atol=1e-6)
-    if param_dtype == torch.bfloat16:
-        assert (w1 == w0).float().mean().item() > 0.9
+            # stored moments: a rounding flip carries into later steps (and near zero, after cancellation in
+            # beta m + (1 - beta) g, is large relative to the value): bounded by a few roundings of the
+            # largest moment, and nearly all agree to a fraction of one rounding
+            a, b = s1[key].float(), s0[key].float()
+            diff = (a - b).abs()
+            assert diff.max().item() <= 4 * torch.finfo(moment_dtype).eps * b.abs().max().item()
+            assert (diff <= 1e-6 + 1e-2 * b.abs()).float().mean().item() > 0.97
 
 
 @cuda

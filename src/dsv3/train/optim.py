@@ -95,9 +95,13 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
                 v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 state["exp_avg"].copy_(m)
                 state["exp_avg_sq"].copy_(v)
-                if wd:
-                    p.mul_(1 - lr * wd)
                 bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
                 denom = (v.sqrt() / bc2 ** 0.5).add_(eps)
-                p.add_((m / denom).to(p.dtype), alpha=-lr / bc1)
+                # decay and update in fp32, one rounding into a low-precision weight (as the fused kernels do)
+                p32 = p if p.dtype == torch.float32 else p.float()
+                if wd:
+                    p32.mul_(1 - lr * wd)
+                p32.add_(m / denom, alpha=-lr / bc1)
+                if p32 is not p:
+                    p.copy_(p32)
         return loss
