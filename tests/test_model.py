@@ -231,8 +231,8 @@ def test_grouped_experts_equal_loop_reference_forward_and_grad():
 @pytest.mark.parametrize("padded", [False, True])
 def test_combine_copies_matches_gather_then_weighted_sum(padded):
     """combine_copies (the un-permute + weighted sum of the grouped path) against autograd through the plain
-    gather and sum, forward and both gradients; unpadded (a permutation) and padded (copies at distinct rows
-    of a larger buffer; the other rows' gradient is zero)."""
+    gather and sum, forward and both gradients; unpadded (a permutation, dy gathered by ``order``) and padded
+    (copies at distinct rows of a larger buffer, dy copied into zeros)."""
     from dsv3.model.moe import combine_copies, sort_copies
     g = torch.Generator().manual_seed(4)
     T, K, D, E = 13, 3, 8, 5
@@ -242,7 +242,7 @@ def test_combine_copies_matches_gather_then_weighted_sum(padded):
     M = 2 * T * K + 3 if padded else T * K
     y = torch.randn(M, D, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.rand(T, K, generator=g, dtype=torch.float64, requires_grad=True)
-    out = combine_copies(y, rows, w)
+    out = combine_copies(y, rows, None if padded else order, w)
     ref = (y[rows].view(T, K, D) * w[..., None]).sum(dim=1)
     cot = torch.randn(T, D, generator=g, dtype=torch.float64)
     got = torch.autograd.grad(out, (y, w), cot)

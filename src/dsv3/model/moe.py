@@ -281,8 +281,8 @@ class _GatherCopies(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_MD):
         (copy_rows,) = ctx.saved_tensors
-        from dsv3.kernels.moe_permute import gather_sum   # Triton on CUDA, kept apart from the norm backward
-        return gather_sum(g_MD, copy_rows, ctx.K), None, None, None, None, None
+        T = copy_rows.numel() // ctx.K
+        return g_MD[copy_rows].view(T, ctx.K, -1).sum(dim=1), None, None, None, None, None
 
 
 class _CombineCopies(torch.autograd.Function):
@@ -290,28 +290,41 @@ class _CombineCopies(torch.autograd.Function):
     the weighted sum as one gather-reduce (Inductor fuses it into one kernel, where an index_copy_ back to token
     order and then the sum were two passes over the [T*K, D] copies). y is saved in its own dtype.
 
-    Backward (``dsv3.kernels.moe_permute.combine_backward``, token by token): dw[t, k] = <g[t], y[rows[t*K+k]]>
-    and dy[rows[t*K+k]] = w[t, k] g[t], written to distinct rows (rows not named, the padding between expert
-    groups, get zeros): no scatter-add, so it is deterministic."""
+    Backward: dw[t, k] = <g[t], y[rows[t*K + k]]>, and dy[rows[j]] = w_flat[j] g[j // K]. With ``order`` (y holds
+    exactly the T*K copies, ``rows`` is the inverse of the permutation ``order``) dy is a gather by ``order``;
+    without it (padded groups: zero rows between experts) dy is a copy into a zeroed buffer at the distinct
+    ``rows``. Neither scatter-adds, so both are deterministic."""
 
     @staticmethod
-    def forward(ctx, y_MD, rows, w_TK):
+    def forward(ctx, y_MD, rows, order, w_TK):
         T, K = w_TK.shape
-        ctx.save_for_backward(y_MD, rows, w_TK)
+        ctx.save_for_backward(y_MD, rows, order, w_TK)
         return (y_MD[rows].view(T, K, -1).float() * w_TK[..., None]).sum(dim=1).to(y_MD.dtype)
 
     @staticmethod
     def backward(ctx, g_TD):
-        y_MD, rows, w_TK = ctx.saved_tensors
-        from dsv3.kernels.moe_permute import combine_backward
-        dy, dw = combine_backward(g_TD, y_MD, rows, w_TK)
-        return dy, None, dw
+        y_MD, rows, order, w_TK = ctx.saved_tensors
+        T, K = w_TK.shape
+        g = g_TD.float()
+        if order is not None:
+            # one pass in expert order: row j reads y[j] and its token's g once, writes dy[j] and the dot product
+            # that is dw of copy order[j] (one kernel where token order needed a second gather of y)
+            g_MD = g[order // K]
+            dy = (g_MD * w_TK.reshape(-1)[order, None]).to(y_MD.dtype)
+            dw = (g_MD * y_MD.float()).sum(dim=-1)[rows].view(T, K)
+        else:
+            dw = (g[:, None, :] * y_MD[rows].view(T, K, -1).float()).sum(dim=-1)
+            dy = y_MD.new_zeros(y_MD.shape).index_copy(0, rows, (g[:, None, :] * w_TK[..., None]).view(T * K, -1)
+                                                      .to(y_MD.dtype))
+        return dy, None, None, dw
 
 
-def combine_copies(y_MD: torch.Tensor, rows: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
-    """Expert outputs (one row per token copy, in expert order, possibly with padding rows) -> [T, D]:
-    sum_k weight[t, k] * y[rows[t*K+k]], in fp32, returned in y's dtype (``_CombineCopies``)."""
-    return _CombineCopies.apply(y_MD, rows, weight_TK)
+def combine_copies(y_MD: torch.Tensor, rows: torch.Tensor, order: torch.Tensor | None,
+                   weight_TK: torch.Tensor) -> torch.Tensor:
+    """Expert outputs (one row per token copy, in expert order) -> [T, D]: sum_k weight[t, k] * y[rows[t*K+k]],
+    in fp32, returned in y's dtype (``_CombineCopies``; ``order`` = the permutation ``rows`` inverts, or None
+    when y has padding rows)."""
+    return _CombineCopies.apply(y_MD, rows, order, weight_TK)
 
 
 def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_EDF, gemm=None, align: int = 1,
@@ -353,7 +366,7 @@ def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_
     y_sorted = grouped_swiglu(x_sorted, w_gate_EFD, w_up_EFD, w_down_EDF, gemm or grouped_linear, ends_E, counts_E,
                               fuse_gate_up)
     # back to token order and the weighted sum, one gather-reduce (fp32 sum; autocast leaves it alone)
-    return combine_copies(y_sorted, copy_rows, routing.weight_TK)
+    return combine_copies(y_sorted, copy_rows, None if align > 1 else order, routing.weight_TK)
 
 
 def sequence_balance_loss(scores_BSE: torch.Tensor, k: int) -> torch.Tensor:
