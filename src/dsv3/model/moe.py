@@ -286,14 +286,14 @@ class _GatherCopies(torch.autograd.Function):
 
 
 class _CombineCopies(torch.autograd.Function):
-    """out[t] = sum_k w[t, k] * y[rows[t*K + k]], summed in fp32 and returned in y's dtype: the un-permute and
-    the weighted sum as one gather-reduce (Inductor fuses it into one kernel, where an index_copy_ back to token
-    order and then the sum were two passes over the [T*K, D] copies). y is saved in its own dtype.
+    """out[t] = sum_k w[t, k] * y[rows[t*K + k]] for y holding exactly the T*K copies (``rows`` the inverse of
+    the permutation ``order``), summed in fp32 and returned in y's dtype: the un-permute and the weighted sum as
+    one gather-reduce (Inductor fuses it into one kernel, where an index_copy_ back to token order and then the
+    sum were two passes over the [T*K, D] copies). y is saved in its own dtype.
 
-    Backward: dw[t, k] = <g[t], y[rows[t*K + k]]>, and dy[rows[j]] = w_flat[j] g[j // K]. With ``order`` (y holds
-    exactly the T*K copies, ``rows`` is the inverse of the permutation ``order``) dy is a gather by ``order``;
-    without it (padded groups: zero rows between experts) dy is a copy into a zeroed buffer at the distinct
-    ``rows``. Neither scatter-adds, so both are deterministic."""
+    Backward, one pass in expert order: row j reads y[j] and its token's g once, and writes dy[j] =
+    w_flat[order[j]] g[order[j] // K] and the dot product that is dw of copy order[j]. A gather, no scatter-add,
+    so it is deterministic."""
 
     @staticmethod
     def forward(ctx, y_MD, rows, order, w_TK):
@@ -305,25 +305,16 @@ class _CombineCopies(torch.autograd.Function):
     def backward(ctx, g_TD):
         y_MD, rows, order, w_TK = ctx.saved_tensors
         T, K = w_TK.shape
-        g = g_TD.float()
-        if order is not None:
-            # one pass in expert order: row j reads y[j] and its token's g once, writes dy[j] and the dot product
-            # that is dw of copy order[j] (one kernel where token order needed a second gather of y)
-            g_MD = g[order // K]
-            dy = (g_MD * w_TK.reshape(-1)[order, None]).to(y_MD.dtype)
-            dw = (g_MD * y_MD.float()).sum(dim=-1)[rows].view(T, K)
-        else:
-            dw = (g[:, None, :] * y_MD[rows].view(T, K, -1).float()).sum(dim=-1)
-            dy = y_MD.new_zeros(y_MD.shape).index_copy(0, rows, (g[:, None, :] * w_TK[..., None]).view(T * K, -1)
-                                                      .to(y_MD.dtype))
+        g_MD = g_TD.float()[order // K]
+        dy = (g_MD * w_TK.reshape(-1)[order, None]).to(y_MD.dtype)
+        dw = (g_MD * y_MD.float()).sum(dim=-1)[rows].view(T, K)
         return dy, None, None, dw
 
 
-def combine_copies(y_MD: torch.Tensor, rows: torch.Tensor, order: torch.Tensor | None,
-                   weight_TK: torch.Tensor) -> torch.Tensor:
-    """Expert outputs (one row per token copy, in expert order) -> [T, D]: sum_k weight[t, k] * y[rows[t*K+k]],
-    in fp32, returned in y's dtype (``_CombineCopies``; ``order`` = the permutation ``rows`` inverts, or None
-    when y has padding rows)."""
+def combine_copies(y_MD: torch.Tensor, rows: torch.Tensor, order: torch.Tensor, weight_TK: torch.Tensor
+                   ) -> torch.Tensor:
+    """Expert outputs, one row per token copy in expert order (``order``: the permutation that sorted them;
+    ``rows``: its inverse) -> [T, D]: sum_k weight[t, k] * y[rows[t*K+k]] in fp32, returned in y's dtype."""
     return _CombineCopies.apply(y_MD, rows, order, weight_TK)
 
 
@@ -365,8 +356,12 @@ def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_
     # FP8 experts pass their own grouped GEMM
     y_sorted = grouped_swiglu(x_sorted, w_gate_EFD, w_up_EFD, w_down_EDF, gemm or grouped_linear, ends_E, counts_E,
                               fuse_gate_up)
+    if align > 1:
+        # back to token order: a gather of each flat copy's row (its backward scatters to distinct rows)
+        y_TKD = y_sorted.index_select(0, copy_rows).view(T, K, D)
+        return (y_TKD.float() * routing.weight_TK[..., None]).sum(dim=1).to(dtype)  # elementwise: stays fp32
     # back to token order and the weighted sum, one gather-reduce (fp32 sum; autocast leaves it alone)
-    return combine_copies(y_sorted, copy_rows, None if align > 1 else order, routing.weight_TK)
+    return combine_copies(y_sorted, copy_rows, order, routing.weight_TK)
 
 
 def sequence_balance_loss(scores_BSE: torch.Tensor, k: int) -> torch.Tensor:
