@@ -8,6 +8,10 @@
 #                                         #   the measured rates; results copied to $OUT as each run lands
 #   benchmarks/next_gpu_session.sh ep2    # two GPUs: corpus + the 10-minute EP=2 real-corpus run in the background
 #   benchmarks/next_gpu_session.sh one    # one GPU: the same run on one GPU (the control: today's code, same data)
+#   benchmarks/next_gpu_session.sh step   # one GPU (#5): test_moe_compile.py first (the padded-layout compiled-dx
+#                                         #   failure left open on 2026-11-26, session 6), the kernel/optimizer GPU
+#                                         #   tests, then train_step.py on small, 3b, 819m against both peers with
+#                                         #   profiles; everything packed in $OUT/step.tar.gz (needs .whl carried)
 #   benchmarks/next_gpu_session.sh ep2wait  # (or onewait) the next call: waits for it, returns its records in run_ep2.tar.gz;
 #                                         #   compare here with the committed one-GPU run:
 #                                         #   compare_runs.py raw/2026-11-25-two-gpu-session/run_one RUN_EP2 ...
@@ -67,6 +71,19 @@ case "${1:-}" in
     tar czf $OUT/run_$what.tar.gz -C "$W" run_$what/metrics.jsonl run_$what/eval.jsonl run_$what/expert_load.jsonl \
         run_$what/config.json run_$what/train.log run_$what/prepare.log
     tail -5 "$W/run_$what.log" ;;
+  step)
+    S=/tmp/step; mkdir -p $S
+    if [ -d .whl ]; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+          .whl/torchtitan-*.whl .whl/tomli-*.whl .whl/tyro-*.whl .whl/typeguard-*.whl .whl/docstring_parser-*.whl \
+          .whl/shtab-*.whl .whl/torchdata-*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    fi
+    timeout 200 python3 -m pytest -q tests/test_moe_compile.py tests/test_kernels.py tests/test_optim_fused.py \
+        tests/test_model.py 2>&1 | grep -E "^E  |passed|failed|^FAILED" | head -30 | tee $S/gpu_tests.txt
+    timeout ${STEP_S:-360} python3 benchmarks/train_step.py --configs ${CONFIGS:-small,3b,819m} --steps 8 \
+        --profile-dir $S --out $S/train_step.json 2>&1 | grep -v Warn > $S/train_step.log
+    grep -E "^\[|device" $S/train_step.log
+    gzip -f $S/*.trace.json 2>/dev/null; tar czf $OUT/step.tar.gz -C /tmp step ;;
   *)
-    echo "usage: $0 fp8|dist|ep2|ep2wait|one|onewait" >&2; exit 2 ;;
+    echo "usage: $0 fp8|dist|ep2|ep2wait|one|onewait|step" >&2; exit 2 ;;
 esac
