@@ -171,7 +171,7 @@ def test_routing_matches_brute_force_with_negative_biases(by_rank):
 
 @pytest.mark.parametrize("method", ["noaux_tc", "group_limited_greedy", "greedy", "softmax"])
 def test_rank_selection_equals_topk_reference(method):
-    """route(by_rank=True), the CUDA default, picks the same experts in the same order with the same weights
+    """route(by_rank=True), the default inside torch.compile, picks the same experts in the same order with the same weights
     and weight gradients as the topk reference, at the small preset's routing shape (64 experts, 8 groups keep
     4, top-6), ties included (rank_desc breaks them by position, as a stable sort does)."""
     kw = dict(n_routed_experts=64, n_group=8, topk_group=4, num_experts_per_tok=6)
@@ -199,6 +199,29 @@ def test_rank_selection_equals_topk_reference(method):
     # on tied rows the two may pick different experts of equal biased score: the chosen values agree
     choice = a.scores_TE[:5] + (0 if bias is None else bias)
     assert torch.equal(choice.gather(1, a.idx_TK[:5]), choice.gather(1, b.idx_TK[:5]))
+
+
+def test_compiled_route_takes_the_rank_path_and_agrees_with_eager_topk(monkeypatch):
+    """By default, route counts ranks only inside torch.compile (where Inductor fuses them) and calls topk
+    eagerly: compiled and eager give the same routing (CPU inductor here)."""
+    import dsv3.model.moe as moe
+    c = cfg(n_routed_experts=64, n_group=8, topk_group=4, num_experts_per_tok=6)
+    g = torch.Generator().manual_seed(6)
+    logits, bias = torch.randn(128, 64, generator=g), torch.randn(64, generator=g) * 0.1
+    calls = []
+    counted = moe.rank_desc
+    monkeypatch.setattr(moe, "rank_desc", lambda x: calls.append(torch.compiler.is_compiling()) or counted(x))
+
+    def f(x):
+        r = route(x, bias, c)
+        return r.idx_TK, r.weight_TK
+
+    torch._dynamo.reset()
+    idx_c, w_c = torch.compile(f, fullgraph=True)(logits)
+    idx_e, w_e = f(logits)
+    assert calls and all(calls)          # ranks were counted while tracing, never in the eager call
+    assert torch.equal(idx_c, idx_e)
+    assert torch.allclose(w_c, w_e, rtol=1e-6, atol=0)
 
 
 def test_rank_desc_orders_like_a_stable_descending_sort():

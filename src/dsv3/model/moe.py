@@ -33,14 +33,16 @@ def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, config: ModelCon
     -inf (so a negative biased score can never lose to a dropped group), then top-K of the biased scores.
     group_limited_greedy (V2): groups scored by their max score. greedy: plain top-K.
 
-    ``by_rank`` (default: on CUDA) selects by counting, for each entry, the entries that beat it (``rank_desc``)
-    instead of ``topk``: elementwise compares and sums that Inductor fuses into the block's kernels, where the
-    three ``topk`` calls per layer were sort kernels of their own (7 ms of a 170 ms `small` step on an H200).
-    Same experts, same order (descending, ties to the lower index), same weights; ``topk`` is the reference.
+    ``by_rank`` (default: inside torch.compile) selects by counting, for each entry, the entries that beat it
+    (``rank_desc``) instead of ``topk``: elementwise compares and sums that Inductor fuses into the block's
+    kernels, where the three ``topk`` calls per layer were sort kernels of their own (7 ms of a 170 ms `small`
+    step on an H200). Same experts, same order (descending, ties to the lower index), same weights; ``topk`` is
+    the reference. Eager runs keep ``topk``: unfused, the counts would materialize [T, E, E] (4 GB for a V3
+    prefill of 64k tokens).
     """
     c = config
     if by_rank is None:
-        by_rank = logits_TE.is_cuda
+        by_rank = torch.compiler.is_compiling()
     scores = logits_TE.float().sigmoid() if c.scoring_func == "sigmoid" else logits_TE.float().softmax(dim=-1)
     choice = scores if bias_E is None else scores + bias_E.float()
     T, E = choice.shape
