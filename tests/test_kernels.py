@@ -158,3 +158,15 @@ def test_bf16_router_logits_match_fp32_reference(device):
         one_rounding = torch.finfo(torch.bfloat16).eps * b.float().abs()
         assert bool(((a.float() - b.float()).abs() <= one_rounding + 2 * split).all())
         assert (a == b).float().mean().item() > 0.99
+
+
+def test_cross_entropy_compiles_chunks_only_on_cuda_and_when_allowed(monkeypatch):
+    """The default per-chunk function: compiled on CUDA, eager elsewhere, and eager on CUDA too once the trainer
+    has set COMPILE_CHUNKS = False (train.compile off). Only selects the function; nothing runs on a GPU."""
+    from dsv3.kernels import cross_entropy as ce
+    monkeypatch.setattr(ce, "COMPILE_CHUNKS", None)
+    assert ce._chunk_fn(torch.device("cpu"), None) is ce.chunk_loss_and_grad
+    assert ce._chunk_fn(torch.device("cuda"), None) is not ce.chunk_loss_and_grad
+    monkeypatch.setattr(ce, "COMPILE_CHUNKS", False)
+    assert ce._chunk_fn(torch.device("cuda"), None) is ce.chunk_loss_and_grad
+    assert ce._chunk_fn(torch.device("cuda"), True) is not ce.chunk_loss_and_grad

@@ -33,13 +33,17 @@ def chunk_loss_and_grad(logits_CV: torch.Tensor, labels_C: torch.Tensor) -> tupl
 
 
 _compiled_chunk = None
+# Whether chunks run compiled when a call does not say: None = on CUDA. The trainer sets False when
+# train.compile is off, so a run that asked for no torch.compile gets none.
+COMPILE_CHUNKS: bool | None = None
 
 
 def _chunk_fn(device: torch.device, compiled: bool | None):
-    """The compiled twin on CUDA (unless ``compiled`` says otherwise), the eager reference elsewhere."""
+    """The compiled twin on CUDA (unless ``compiled`` or COMPILE_CHUNKS says otherwise), the eager reference
+    elsewhere."""
     global _compiled_chunk
     if compiled is None:
-        compiled = device.type == "cuda"
+        compiled = device.type == "cuda" and COMPILE_CHUNKS is not False
     if not compiled:
         return chunk_loss_and_grad
     if _compiled_chunk is None:

@@ -91,6 +91,8 @@ class Trainer:
                                                  experts="experts" in fams, backend=t.fp8_backend))
         self.layout.wrap(self.model)          # experts sharded over EP ranks, gradient reducer installed
         self.all_reduce = all_reduce or self.layout.count_all_reduce  # exists only after wrap()
+        from dsv3.kernels import cross_entropy
+        cross_entropy.COMPILE_CHUNKS = None if t.compile else False   # the fused loss compiles only if asked
         if t.compile:
             if self.layout.pp > 1:
                 # Pipeline backward passes keep the graph (retain_graph=True: DualPipeV's input-gradient pass
