@@ -45,6 +45,12 @@ def test_compiled_cross_entropy_chunk_matches_eager_twin():
     assert torch.allclose(l0, l1, rtol=1e-6)
     assert torch.allclose(dh0, dh1, rtol=1e-5, atol=1e-7)
     assert torch.allclose(dw0, dw1, rtol=1e-5, atol=1e-7)
+    # without gradients (evaluation) the chunks skip the gradient pass and give the same loss
+    with torch.no_grad():
+        for compiled in (False, True):
+            assert torch.allclose(linear_cross_entropy(h, w, labels, chunk=32, compiled=compiled), l0, rtol=1e-6)
+    from dsv3.kernels.cross_entropy import chunk_loss_and_grad
+    assert chunk_loss_and_grad(h @ w.T, labels, want_grad=False)[1] is None
 
 
 @cuda

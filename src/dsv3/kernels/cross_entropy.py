@@ -18,15 +18,19 @@ import torch
 IGNORE_INDEX = -100
 
 
-def chunk_loss_and_grad(logits_CV: torch.Tensor, labels_C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed CE of one chunk's logits (fp32 math) and its gradient softmax - onehot in the logits' dtype,
-    zero on ignored rows (labels == -100)."""
+def chunk_loss_and_grad(logits_CV: torch.Tensor, labels_C: torch.Tensor, want_grad: bool = True
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed CE of one chunk's logits (fp32 math) and, with ``want_grad``, its gradient softmax - onehot in the
+    logits' dtype, zero on ignored rows (labels == -100); None without (evaluation: no gradient pass).
+    Under torch.compile the flag is a constant, so each value gets its own graph."""
     logits = logits_CV.float()
     valid = (labels_C != IGNORE_INDEX)[:, None]
     safe = labels_C.clamp_min(0)[:, None]
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     target = logits.gather(1, safe)
     loss = ((lse - target) * valid).sum()
+    if not want_grad:
+        return loss, None
     onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == safe
     grad = torch.where(valid, torch.exp(logits - lse) - onehot.float(), 0.0)
     return loss, grad.to(logits_CV.dtype)
@@ -63,7 +67,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         step = _chunk_fn(h_TD.device, compiled)
         for s in range(0, T, chunk):
             h = h_TD[s:s + chunk]
-            loss, g = step(h @ w_VD.t(), labels_T[s:s + chunk])
+            loss, g = step(h @ w_VD.t(), labels_T[s:s + chunk], want_dh or want_dw)
             loss_sum += loss
             if want_dh:
                 dh_TD[s:s + chunk] = g @ w_VD
