@@ -78,10 +78,11 @@ case "${1:-}" in
           .whl/torchtitan-*.whl .whl/tomli-*.whl .whl/tyro-*.whl .whl/typeguard-*.whl .whl/docstring_parser-*.whl \
           .whl/shtab-*.whl .whl/torchdata-*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
     fi
-    timeout 200 python3 -m pytest -q tests/test_moe_compile.py tests/test_kernels.py tests/test_optim_fused.py \
-        tests/test_model.py 2>&1 | grep -E "^E  |passed|failed|^FAILED" | head -30 | tee $S/gpu_tests.txt
+    timeout ${TEST_S:-200} python3 -m pytest -q ${TESTS:-tests/test_moe_permute_kernels.py tests/test_moe_compile.py \
+        tests/test_kernels.py tests/test_optim_fused.py tests/test_model.py} 2>&1 \
+        | grep -E "^E  |passed|failed|^FAILED" | head -30 | tee $S/gpu_tests.txt
     timeout ${STEP_S:-360} python3 benchmarks/train_step.py --configs ${CONFIGS:-small,3b,819m} --steps 8 \
-        --profile-dir $S --out $S/train_step.json 2>&1 | grep -v Warn > $S/train_step.log
+        --profile-dir $S --out $S/train_step.json ${STEP_ARGS:-} 2>&1 | grep -v Warn > $S/train_step.log
     grep -E "^\[|device" $S/train_step.log
     gzip -f $S/*.trace.json 2>/dev/null; tar czf $OUT/step.tar.gz -C /tmp step ;;
   *)

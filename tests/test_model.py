@@ -251,17 +251,20 @@ def test_grouped_experts_equal_loop_reference_forward_and_grad():
         assert torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-7), n
 
 
-def test_combine_copies_matches_gather_then_weighted_sum():
+@pytest.mark.parametrize("kernels", [True, False], ids=["custom-ops", "inductor-exprs"])
+def test_combine_copies_matches_gather_then_weighted_sum(kernels, monkeypatch):
     """combine_copies (the un-permute + weighted sum of the grouped path) against autograd through the plain
-    gather and sum, forward and both gradients."""
+    gather and sum, forward and both gradients; backward by the custom op and by the plain torch expressions."""
+    from dsv3.model import moe
     from dsv3.model.moe import combine_copies, sort_copies
+    monkeypatch.setattr(moe, "PERMUTE_KERNELS", kernels)
     g = torch.Generator().manual_seed(4)
     T, K, D, E = 13, 3, 8, 5
     idx = torch.randint(0, E, (T, K), generator=g)
     order, inverse, _ = sort_copies(idx, E)
     y = torch.randn(T * K, D, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.rand(T, K, generator=g, dtype=torch.float64, requires_grad=True)
-    out = combine_copies(y, inverse, order, w)
+    out = combine_copies(y, inverse, w)
     ref = (y[inverse].view(T, K, D) * w[..., None]).sum(dim=1)
     cot = torch.randn(T, D, generator=g, dtype=torch.float64)
     got = torch.autograd.grad(out, (y, w), cot)
@@ -408,8 +411,11 @@ def test_padded_labels_never_become_mtp_input_ids():
     assert (nxt >= 0).all() and (tgt[:, -4:] == -100).all()
 
 
-def test_gather_copies_gradient_is_the_sum_of_each_tokens_copies():
+@pytest.mark.parametrize("kernels", [True, False], ids=["custom-ops", "inductor-exprs"])
+def test_gather_copies_gradient_is_the_sum_of_each_tokens_copies(kernels, monkeypatch):
+    from dsv3.model import moe
     from dsv3.model.moe import _GatherCopies
+    monkeypatch.setattr(moe, "PERMUTE_KERNELS", kernels)
     g = torch.Generator().manual_seed(0)
     T, K, D = 7, 3, 5
     x = torch.randn(T, D, generator=g, requires_grad=True)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.kernels.moe_permute import combine_backward, gather_sum
 from dsv3.model.layers import MLP
 
 
@@ -261,6 +262,12 @@ def grouped_linear(x_MD: torch.Tensor, w_EOD: torch.Tensor, ends_E: torch.Tensor
     return torch.cat(outs, dim=0) if outs else x_MD.new_zeros(0, w_EOD.shape[1])
 
 
+# The two backward passes over the token copies run as custom ops (``dsv3.kernels.moe_permute``: Triton on CUDA,
+# their torch references elsewhere). False leaves them to Inductor as plain torch expressions: the A/B switch
+# of ``benchmarks/train_step.py --ab-permute`` (read at trace time, so reset dynamo after flipping it).
+PERMUTE_KERNELS = True
+
+
 class _GatherCopies(torch.autograd.Function):
     """x_sorted = x[order // K]: each token's K copies in expert order (placed at rows ``dest`` of a zeroed
     [rows, D] buffer when groups are padded). The gradient sums each token's K rows by gathering them back
@@ -283,41 +290,50 @@ class _GatherCopies(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_MD):
         (copy_rows,) = ctx.saved_tensors
+        # a custom op (Triton on CUDA): left to Inductor, this gather-sum fused into the RMSNorm backward that
+        # consumes it, and that kernel gathered the K rows twice (294 us of a `small` layer's step)
+        if PERMUTE_KERNELS:
+            return gather_sum(g_MD, copy_rows, ctx.K), None, None, None, None, None
         T = copy_rows.numel() // ctx.K
         return g_MD[copy_rows].view(T, ctx.K, -1).sum(dim=1), None, None, None, None, None
 
 
 class _CombineCopies(torch.autograd.Function):
     """out[t] = sum_k w[t, k] * y[rows[t*K + k]] for y holding exactly the T*K copies (``rows`` the inverse of
-    the permutation ``order``), summed in fp32 and returned in y's dtype: the un-permute and the weighted sum as
-    one gather-reduce (Inductor fuses it into one kernel, where an index_copy_ back to token order and then the
-    sum were two passes over the [T*K, D] copies). y is saved in its own dtype.
+    the permutation that sorted them), summed in fp32 and returned in y's dtype: the un-permute and the
+    weighted sum as one gather-reduce (Inductor fuses it into one kernel, where an index_copy_ back to token
+    order and then the sum were two passes over the [T*K, D] copies). y is saved in its own dtype.
 
-    Backward, one pass in expert order: row j reads y[j] and its token's g once, and writes dy[j] =
-    w_flat[order[j]] g[order[j] // K] and the dot product that is dw of copy order[j]. A gather, no scatter-add,
-    so it is deterministic."""
+    Backward (``dsv3.kernels.moe_permute.combine_backward``), token by token: g[t] read once, then for each copy
+    dy[rows[t*K+k]] = w[t, k] g[t] and dw[t, k] = <g[t], y[rows[t*K+k]]>. Distinct rows, no scatter-add, so it
+    is deterministic. In expert order (Inductor's choice) the same pass gathered g K times and took two
+    kernels (460 us of a `small` layer on an H200)."""
 
     @staticmethod
-    def forward(ctx, y_MD, rows, order, w_TK):
+    def forward(ctx, y_MD, rows, w_TK):
         T, K = w_TK.shape
-        ctx.save_for_backward(y_MD, rows, order, w_TK)
+        ctx.save_for_backward(y_MD, rows, w_TK)
         return (y_MD[rows].view(T, K, -1).float() * w_TK[..., None]).sum(dim=1).to(y_MD.dtype)
 
     @staticmethod
     def backward(ctx, g_TD):
-        y_MD, rows, order, w_TK = ctx.saved_tensors
+        y_MD, rows, w_TK = ctx.saved_tensors
+        if PERMUTE_KERNELS:
+            dy, dw = combine_backward(g_TD, y_MD, rows, w_TK)
+            return dy, None, dw
+        # left to Inductor: one pass in expert order (the session-6 code, kept for A/B timing)
         T, K = w_TK.shape
+        order = torch.empty_like(rows).scatter_(0, rows, torch.arange(rows.numel(), device=rows.device))
         g_MD = g_TD.float()[order // K]
         dy = (g_MD * w_TK.reshape(-1)[order, None]).to(y_MD.dtype)
         dw = (g_MD * y_MD.float()).sum(dim=-1)[rows].view(T, K)
-        return dy, None, None, dw
+        return dy, None, dw
 
 
-def combine_copies(y_MD: torch.Tensor, rows: torch.Tensor, order: torch.Tensor, weight_TK: torch.Tensor
-                   ) -> torch.Tensor:
-    """Expert outputs, one row per token copy in expert order (``order``: the permutation that sorted them;
-    ``rows``: its inverse) -> [T, D]: sum_k weight[t, k] * y[rows[t*K+k]] in fp32, returned in y's dtype."""
-    return _CombineCopies.apply(y_MD, rows, order, weight_TK)
+def combine_copies(y_MD: torch.Tensor, rows: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
+    """Expert outputs, one row per token copy in expert order (``rows``: the row of each flat copy, the inverse
+    of the sorting permutation) -> [T, D]: sum_k weight[t, k] * y[rows[t*K+k]] in fp32, returned in y's dtype."""
+    return _CombineCopies.apply(y_MD, rows, weight_TK)
 
 
 def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_EDF, gemm=None, align: int = 1,
@@ -363,7 +379,7 @@ def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_
         y_TKD = y_sorted.index_select(0, copy_rows).view(T, K, D)
         return (y_TKD.float() * routing.weight_TK[..., None]).sum(dim=1).to(dtype)  # elementwise: stays fp32
     # back to token order and the weighted sum, one gather-reduce (fp32 sum; autocast leaves it alone)
-    return combine_copies(y_sorted, copy_rows, order, routing.weight_TK)
+    return combine_copies(y_sorted, copy_rows, routing.weight_TK)
 
 
 def sequence_balance_loss(scores_BSE: torch.Tensor, k: int) -> torch.Tensor:

@@ -275,7 +275,7 @@ def ep_experts_forward(x_TD: torch.Tensor, routing: Routing, w_gate, w_up, w_dow
     order, inverse, counts_E = sort_copies(routing.idx_TK, E)
     x_sorted = _GatherCopies.apply(x_TD, order, inverse, K)   # backward: gather + sum over K (no scatter-add)
     y_sorted = _exchange(x_sorted, counts_E, w_gate, w_up, w_down, transport, fp8_dispatch, meter, fp8_recipe)
-    return combine_copies(y_sorted, inverse, order, routing.weight_TK)   # un-sort + fp32 weighted sum
+    return combine_copies(y_sorted, inverse, routing.weight_TK)   # un-sort + fp32 weighted sum
 
 
 # Eager even inside a compiled block: the host-side splits and the received row counts change every step
