@@ -29,7 +29,7 @@ from dsv3.plan.flops import training_flops_per_token  # noqa: E402
 
 DEVICE = "cuda"  # --device cpu runs a smoke test of the weight plumbing (timings meaningless)
 OURS_OPTIMIZER = "dsv3"  # --ours-optimizer
-AB_PERMUTE = False       # --ab-permute
+AB_FLAGS: list[str] = []  # --ab
 
 
 def sync():
@@ -273,22 +273,22 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
             profile(m, ours_loss, x, os.path.join(profile_dir, f"profile-{name}.txt"), make_opt=ours_opt)
         del m
         torch.cuda.empty_cache()
-        if AB_PERMUTE and compiled:
-            # the MoE's two backward passes over the token copies left to Inductor (moe.PERMUTE_KERNELS off):
-            # what the Triton custom ops of dsv3.kernels.moe_permute are worth, same run
+        for flag in (AB_FLAGS if compiled else ()):
+            # the same step with one of moe's switches off (e.g. PERMUTE_KERNELS: the MoE's backward passes over
+            # the token copies left to Inductor): what that piece is worth, same run
             from dsv3.model import moe
-            moe.PERMUTE_KERNELS = False
+            setattr(moe, flag, False)
             torch._dynamo.reset()
             try:
                 m = build_ours(cfg, compile_blocks=True)
                 m.load_state_dict(ours_sd)
                 out = time_steps(m, ours_loss, x, steps, make_opt=ours_opt)
                 out["optimizer"] = OURS_OPTIMIZER
-                record("ours compiled, permute by Inductor", out, ours_first)
+                record(f"ours compiled, {flag}=False", out, ours_first)
                 del m
                 torch.cuda.empty_cache()
             finally:
-                moe.PERMUTE_KERNELS = True
+                setattr(moe, flag, True)
                 torch._dynamo.reset()
 
     if fp8:  # the same model and weights with the FP8 recipe (issue #6's full-step speedup)
@@ -389,11 +389,11 @@ def main():
     ap.add_argument("--fp8", action="store_true", help="also time ours with the FP8 recipe (same weights)")
     ap.add_argument("--ours-optimizer", choices=("dsv3", "torch"), default="dsv3",
                     help="ours with dsv3's Triton AdamW (default; also timed with torch's) or torch's fused AdamW")
-    ap.add_argument("--ab-permute", action="store_true",
-                    help="also time ours with the MoE backward passes left to Inductor (moe.PERMUTE_KERNELS off)")
+    ap.add_argument("--ab", default="", help="comma-separated switches of dsv3.model.moe (PERMUTE_KERNELS, "
+                    "FUSED_GATE_UP_DGRAD): also time ours with each one off, same run")
     args = ap.parse_args()
-    global DEVICE, OURS_OPTIMIZER, AB_PERMUTE
-    AB_PERMUTE = args.ab_permute
+    global DEVICE, OURS_OPTIMIZER, AB_FLAGS
+    AB_FLAGS = [f for f in args.ab.split(",") if f]
     DEVICE = args.device
     OURS_OPTIMIZER = args.ours_optimizer
     torch._dynamo.config.cache_size_limit = 64

@@ -72,6 +72,34 @@ if HAS_TRITON:
             tl.store(dw_ptr + t * K + k, tl.sum(acc, axis=0))
 
 
+if HAS_TRITON:
+    @triton.jit
+    def _combine_backward_tiled_kernel(g_ptr, y_ptr, rows_ptr, w_ptr, dy_ptr, dw_ptr, D, K: tl.constexpr,
+                                       KP: tl.constexpr, BLOCK_D: tl.constexpr):
+        # one token per program, its K copies as one [KP, BLOCK_D] tile per step along D (K padded to a power
+        # of two): K row loads in flight at once instead of one
+        t = tl.program_id(0).to(tl.int64)
+        ks = tl.arange(0, KP)
+        kmask = ks < K
+        rows = tl.load(rows_ptr + t * K + ks, mask=kmask, other=0).to(tl.int64)
+        w = tl.load(w_ptr + t * K + ks, mask=kmask, other=0.0).to(tl.float32)
+        acc = tl.zeros([KP, BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs = d0 + tl.arange(0, BLOCK_D)
+            dmask = offs < D
+            g = tl.load(g_ptr + t * D + offs, mask=dmask, other=0.0).to(tl.float32)
+            m2 = kmask[:, None] & dmask[None, :]
+            ptrs = rows[:, None] * D + offs[None, :]
+            y = tl.load(y_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)
+            tl.store(dy_ptr + ptrs, (w[:, None] * g[None, :]).to(dy_ptr.dtype.element_ty), mask=m2)
+            acc += g[None, :] * y
+        tl.store(dw_ptr + t * K + ks, tl.sum(acc, axis=1), mask=kmask)
+
+
+# which combine_backward kernel runs (the tiled one keeps K loads in flight; set from the GPU microbenchmark)
+COMBINE_TILED = True
+
+
 def _use_triton(*tensors: torch.Tensor) -> bool:
     return HAS_TRITON and all(t.is_cuda for t in tensors)
 
@@ -106,9 +134,15 @@ def combine_backward(g_TD: torch.Tensor, y_MD: torch.Tensor, rows: torch.Tensor,
     # rows not named (padding between expert groups) get a zero gradient; a permutation names them all
     dy = torch.empty_like(y_MD) if y_MD.shape[0] == rows.numel() else torch.zeros_like(y_MD)
     dw = torch.empty(T, K, dtype=torch.float32, device=w_TK.device)
-    block = min(2048, triton.next_power_of_2(D))
-    _combine_backward_kernel[(T,)](g_TD, y_MD, rows, w_TK.float().contiguous(), dy, dw, D, K=K, BLOCK_D=block,
-                                   num_warps=8 if block >= 2048 else 4)
+    w = w_TK.float().contiguous()
+    if COMBINE_TILED:
+        kp = triton.next_power_of_2(K)
+        block = max(64, min(triton.next_power_of_2(D), 4096 // kp))
+        _combine_backward_tiled_kernel[(T,)](g_TD, y_MD, rows, w, dy, dw, D, K=K, KP=kp, BLOCK_D=block, num_warps=8)
+    else:
+        block = min(2048, triton.next_power_of_2(D))
+        _combine_backward_kernel[(T,)](g_TD, y_MD, rows, w, dy, dw, D, K=K, BLOCK_D=block,
+                                       num_warps=8 if block >= 2048 else 4)
     return dy, dw
 
 

@@ -1,0 +1,101 @@
+"""The MoE's passes over the token copies at the `small` step's shapes (one GPU, bf16), each variant side by side:
+
+- combine backward (dy and dw of the un-permute + weighted sum): the Triton kernel tiled over the K copies, the
+  one-copy-at-a-time kernel, and the torch expressions in expert order compiled by Inductor (the session-6 code);
+- gather_sum (the dispatch gather's backward): Triton against the compiled torch expression;
+- the routed experts' gate/up/down SwiGLU forward+backward with autograd's two input-gradient GEMMs and their sum
+  against ``_GroupedGateUp``'s single one.
+
+    PYTHONPATH=src python3 benchmarks/moe_permute_probe.py [--tokens 16384 --dim 1536]
+
+Prints ms and the bytes each pass must move over the elapsed time (GB/s); results go to the train_step results file.
+"""
+import argparse
+
+import torch
+
+
+def bench(fn, iters=20):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        ts.append(s.elapsed_time(e))
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--dim", type=int, default=1536)
+    ap.add_argument("--experts", type=int, default=64)
+    ap.add_argument("--topk", type=int, default=6)
+    ap.add_argument("--ffn", type=int, default=512)
+    a = ap.parse_args()
+    from dsv3.kernels import moe_permute
+    from dsv3.model import moe
+
+    torch.manual_seed(0)
+    T, D, E, K, F_ = a.tokens, a.dim, a.experts, a.topk, a.ffn
+    dev, bf = "cuda", torch.bfloat16
+    idx = torch.rand(T, E, device=dev).topk(K, dim=-1).indices
+    order, inverse, counts = moe.sort_copies(idx, E)
+    M = T * K
+    y = torch.randn(M, D, device=dev, dtype=bf)
+    g = torch.randn(T, D, device=dev, dtype=bf)
+    gM = torch.randn(M, D, device=dev, dtype=bf)
+    w = torch.rand(T, K, device=dev)
+    copy_bytes = M * D * 2
+    print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  T {T} D {D} E {E} K {K}: copies "
+          f"{copy_bytes / 1e6:.0f} MB")
+
+    def line(name, ms, nbytes):
+        print(f"{name:58s} {ms * 1e3:8.1f} us  {nbytes / ms / 1e6:7.0f} GB/s", flush=True)
+
+    cb_bytes = 2 * copy_bytes + T * D * 2          # y read, dy written, g read once
+    for tiled in (True, False):
+        moe_permute.COMBINE_TILED = tiled
+        line(f"combine_backward Triton ({'tiled over K' if tiled else 'one copy at a time'})",
+             bench(lambda: moe_permute.combine_backward(g, y, inverse, w)), cb_bytes)
+    moe_permute.COMBINE_TILED = True
+
+    @torch.compile
+    def expert_order(g_TD, y_MD, rows, order, w_TK):
+        g_MD = g_TD.float()[order // K]
+        dy = (g_MD * w_TK.reshape(-1)[order, None]).to(y_MD.dtype)
+        dw = (g_MD * y_MD.float()).sum(dim=-1)[rows].view(T, K)
+        return dy, dw
+    line("combine backward, torch in expert order (Inductor)", bench(lambda: expert_order(g, y, inverse, order, w)),
+         cb_bytes)
+
+    gs_bytes = copy_bytes + T * D * 2
+    line("gather_sum Triton", bench(lambda: moe_permute.gather_sum(gM, inverse, K)), gs_bytes)
+    ref = torch.compile(lambda g_MD, rows: g_MD[rows].view(T, K, -1).sum(dim=1))
+    line("gather_sum, torch (Inductor)", bench(lambda: ref(gM, inverse)), gs_bytes)
+
+    ends = torch.cumsum(counts, 0).to(torch.int32)
+    x = torch.randn(M, D, device=dev, dtype=bf, requires_grad=True)
+    ws = [(torch.randn(*s, device=dev, dtype=bf) * 0.02).requires_grad_() for s in ((E, F_, D), (E, F_, D), (E, D, F_))]
+    cot = torch.randn(M, D, device=dev, dtype=bf)
+    flops = 6 * M * D * F_ * 3
+    for fused in (False, True):
+        moe.FUSED_GATE_UP_DGRAD = fused
+
+        def step():
+            out = moe.grouped_swiglu(x, *ws, moe.grouped_linear, ends, counts)
+            torch.autograd.backward(out, cot)
+        ms = bench(step)
+        print(f"{'experts SwiGLU fwd+bwd, ' + ('one dgrad GEMM (_GroupedGateUp)' if fused else 'autograd (2 dgrads + add)'):58s}"
+              f" {ms * 1e3:8.1f} us  {flops / ms / 1e9:7.0f} TFLOP/s", flush=True)
+    moe.FUSED_GATE_UP_DGRAD = True
+
+
+if __name__ == "__main__":
+    main()
