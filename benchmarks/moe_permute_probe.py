@@ -4,7 +4,7 @@
   one-copy-at-a-time kernel, and the torch expressions in expert order compiled by Inductor (the session-6 code);
 - gather_sum (the dispatch gather's backward): Triton against the compiled torch expression;
 - the routed experts' gate/up/down SwiGLU forward+backward with autograd's two input-gradient GEMMs and their sum
-  against ``_GroupedGateUp``'s single one.
+  against ``_GroupedSwiGLUInput``'s single one.
 
     PYTHONPATH=src python3 benchmarks/moe_permute_probe.py [--tokens 16384 --dim 1536]
 
@@ -92,7 +92,7 @@ def main():
             out = moe.grouped_swiglu(x, *ws, moe.grouped_linear, ends, counts)
             torch.autograd.backward(out, cot)
         ms = bench(step)
-        print(f"{'experts SwiGLU fwd+bwd, ' + ('one dgrad GEMM (_GroupedGateUp)' if fused else 'autograd (2 dgrads + add)'):58s}"
+        print(f"{'experts SwiGLU fwd+bwd, ' + ('one dgrad GEMM (_GroupedSwiGLUInput)' if fused else 'autograd (2 dgrads + add)'):58s}"
               f" {ms * 1e3:8.1f} us  {flops / ms / 1e9:7.0f} TFLOP/s", flush=True)
     moe.FUSED_GATE_UP_DGRAD = True
 

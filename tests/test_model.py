@@ -248,37 +248,49 @@ def test_grouped_experts_equal_loop_reference_forward_and_grad():
     (l0, g0), (l1, g1) = results
     assert torch.allclose(l0, l1, rtol=1e-6)
     for n in g0:
-        assert torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-7), n
+        # fp32 reassociation (one input-gradient GEMM for gate and up, fused SiLU backward) moves entries by
+        # ~1e-6 of the tensor's scale; a wrong gradient is off by its own size
+        assert torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-6 * float(g1[n].abs().max())), n
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_grouped_gate_up_one_dgrad_matches_autograd(device):
-    """_GroupedGateUp (one input-gradient GEMM for gate and up) against autograd through two grouped_linear
-    calls: same outputs, same weight gradients, dx equal up to summation order; an expert with no rows."""
+def test_grouped_swiglu_input_one_dgrad_matches_autograd(device):
+    """_GroupedSwiGLUInput (gate, up and SiLU product; one input-gradient GEMM) against autograd through two
+    grouped_linear calls and F.silu, including an expert with no rows. fp32 on the CPU: equal up to summation
+    order. bf16 on CUDA: both against the fp32 per-segment reference, the fused error no larger than autograd's."""
     from dsv3.model import moe
-    if not moe._grouped_mm_ok(torch.empty(1, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)):
-        pytest.skip("no torch._grouped_mm for this device/dtype")
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    if not moe._grouped_mm_ok(torch.empty(1, device=device, dtype=dtype)):
+        pytest.skip("no torch._grouped_mm for this device/dtype")
     g = torch.Generator().manual_seed(3)
     M, D, F_, E = 96, 64, 32, 4
     ends = torch.tensor([16, 16, 64, 96], dtype=torch.int32, device=device)
-    x, wg, wu, wd = (torch.randn(*s, generator=g).to(device, dtype)
-                     for s in ((M, D), (E, F_, D), (E, F_, D), (E, D, F_)))
-    cot = torch.randn(M, D, generator=g).to(device, dtype)
-    results = []
-    for fused in (True, False):
-        leaves = [t.clone().requires_grad_(True) for t in (x, wg, wu, wd)]
+    inputs = [torch.randn(M, D, generator=g)] + [torch.randn(*s, generator=g) * 0.2
+                                                   for s in ((E, F_, D), (E, F_, D), (E, D, F_))]
+    cot = torch.randn(M, D, generator=g).to(device)
+
+    def run(dt, fused):
+        leaves = [t.to(device, dt).requires_grad_(True) for t in inputs]
         moe.FUSED_GATE_UP_DGRAD = fused
         try:
             y = moe.grouped_swiglu(*leaves, moe.grouped_linear, ends, None)
         finally:
             moe.FUSED_GATE_UP_DGRAD = True
-        results.append([y] + list(torch.autograd.grad(y, leaves, cot)))
-    # entries are O(10): fp32 reassociation moves them by ~1e-4
-    tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-1)
-    for name, a, b in zip(["y", "dx", "dwg", "dwu", "dwd"], *results):
-        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")
-    assert results[0][1][:16].abs().sum() > 0 and results[0][2][1].abs().sum() == 0   # rows seen; empty expert
+        return [y] + list(torch.autograd.grad(y, leaves, cot.to(dt)))
+
+    fused, plain = run(dtype, True), run(dtype, False)
+    names = ["y", "dx", "dwg", "dwu", "dwd"]
+    assert fused[1][:16].abs().sum() > 0 and fused[2][1].abs().sum() == 0       # rows seen; the empty expert
+    if dtype == torch.float32:
+        for name, a, b in zip(names, fused, plain):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        return
+    ref = run(torch.float32, False)            # fp32 on CUDA: grouped_linear's per-segment F.linear loop
+
+    def err(a, r):
+        return float((a.float() - r).norm() / r.norm())
+    for name, a, b, r in zip(names, fused, plain, ref):
+        assert err(a, r) <= 1.5 * err(b, r) + 1e-3 and err(a, r) < 2e-2, (name, err(a, r), err(b, r))
 
 
 @pytest.mark.parametrize("kernels", [True, False], ids=["custom-ops", "inductor-exprs"])

@@ -193,11 +193,11 @@ def fusable_gate_up(w_gate_EFD: torch.Tensor) -> bool:
 def grouped_swiglu(x_MD, w_gate_EFD, w_up_EFD, w_down_EDF, gemm, ends_E, counts_E, fuse_gate_up: bool = False):
     """Each expert's SwiGLU on its rows (sorted by expert, groups ending at ``ends_E``) with ``gemm(x, w, ends,
     counts)``; ``fuse_gate_up`` makes one call against ``(w_gate, w_up)`` ([M, 2F] out, split). The BF16
-    grouped GEMM runs gate and up through ``_GroupedGateUp`` (one input-gradient GEMM for both)."""
+    grouped GEMM runs gate, up and the product through ``_GroupedSwiGLUInput`` (one input-gradient GEMM)."""
     if fuse_gate_up:
         gate, up = gemm(x_MD, (w_gate_EFD, w_up_EFD), ends_E, counts_E).split(w_gate_EFD.shape[1], dim=1)
     elif gemm is grouped_linear and FUSED_GATE_UP_DGRAD and _grouped_mm_ok(x_MD):
-        gate, up = _GroupedGateUp.apply(x_MD, w_gate_EFD, w_up_EFD, ends_E)
+        return gemm(_GroupedSwiGLUInput.apply(x_MD, w_gate_EFD, w_up_EFD, ends_E), w_down_EDF, ends_E, counts_E)
     else:
         gate, up = gemm(x_MD, w_gate_EFD, ends_E, counts_E), gemm(x_MD, w_up_EFD, ends_E, counts_E)
     return gemm(F.silu(gate) * up, w_down_EDF, ends_E, counts_E)
@@ -269,35 +269,41 @@ def grouped_linear(x_MD: torch.Tensor, w_EOD: torch.Tensor, ends_E: torch.Tensor
 # their torch references elsewhere). False leaves them to Inductor as plain torch expressions: the A/B switch
 # of ``benchmarks/train_step.py --ab-permute`` (read at trace time, so reset dynamo after flipping it).
 PERMUTE_KERNELS = True
-# Gate and up share one input-gradient GEMM (``_GroupedGateUp``); False: autograd's two GEMMs and their sum.
+# Gate and up share one input-gradient GEMM (``_GroupedSwiGLUInput``); False: autograd's two GEMMs and their sum.
 FUSED_GATE_UP_DGRAD = True
 
 
-class _GroupedGateUp(torch.autograd.Function):
-    """(x w_gate[e]^T, x w_up[e]^T) for rows sorted by expert (groups ending at ``ends``): two grouped GEMMs
-    forward, as autograd would run them. Backward computes dx as ONE grouped GEMM of [d_gate | d_up] [M, 2F]
-    against [w_gate ; w_up] [E, 2F, D]: autograd's two input-gradient GEMMs each wrote an [M, D] gradient that
-    it then added (one more pass over 3 x 302 MB per `small` layer, 206 us on an H200, measured 2026-11-26).
-    The weight gradients stay two GEMMs. Same sums, in a different order: the reference is autograd through
-    ``grouped_linear`` (``FUSED_GATE_UP_DGRAD = False``)."""
+class _GroupedSwiGLUInput(torch.autograd.Function):
+    """silu(x w_gate[e]^T) * (x w_up[e]^T) for rows sorted by expert (groups ending at ``ends``): the gate and up
+    grouped GEMMs and the SwiGLU product as autograd would run them. Its own backward writes d_gate | d_up once
+    into one [M, 2F] buffer and computes dx as ONE grouped GEMM of it against [w_gate ; w_up] [E, 2F, D]; the
+    weight gradients read the buffer's two halves. Left to autograd (``FUSED_GATE_UP_DGRAD = False``, the
+    reference) the two input-gradient GEMMs each wrote an [M, D] gradient that was then added (206 us per `small`
+    layer on an H200), and written as a cat inside this function Inductor computed the SiLU backward twice."""
 
     @staticmethod
     def forward(ctx, x_MD, w_gate_EFD, w_up_EFD, ends_E):
-        ctx.save_for_backward(x_MD, w_gate_EFD, w_up_EFD, ends_E)
-        return (torch._grouped_mm(x_MD, w_gate_EFD.transpose(-2, -1), offs=ends_E),
-                torch._grouped_mm(x_MD, w_up_EFD.transpose(-2, -1), offs=ends_E))
+        gate = torch._grouped_mm(x_MD, w_gate_EFD.transpose(-2, -1), offs=ends_E)
+        up = torch._grouped_mm(x_MD, w_up_EFD.transpose(-2, -1), offs=ends_E)
+        ctx.save_for_backward(x_MD, w_gate_EFD, w_up_EFD, ends_E, gate, up)
+        return F.silu(gate) * up
 
     @staticmethod
-    def backward(ctx, d_gate_MF, d_up_MF):
-        x_MD, w_gate_EFD, w_up_EFD, ends_E = ctx.saved_tensors
+    def backward(ctx, d_h_MF):
+        x_MD, w_gate_EFD, w_up_EFD, ends_E, gate, up = ctx.saved_tensors
+        F_ = gate.shape[1]
+        g, dh = gate.float(), d_h_MF.float()
+        sig = torch.sigmoid(g)
+        d_up = dh * g * sig
+        d_gate = dh * up.float() * sig * (1 + g * (1 - sig))     # d silu(g)/dg = sig (1 + g (1 - sig))
+        d_MF2 = torch.cat([d_gate, d_up], dim=1).to(gate.dtype)
         dx = dwg = dwu = None
         if ctx.needs_input_grad[0]:
-            dx = torch._grouped_mm(torch.cat([d_gate_MF, d_up_MF], dim=1), torch.cat([w_gate_EFD, w_up_EFD], dim=1),
-                                   offs=ends_E)
+            dx = torch._grouped_mm(d_MF2, torch.cat([w_gate_EFD, w_up_EFD], dim=1), offs=ends_E)
         if ctx.needs_input_grad[1]:
-            dwg = torch._grouped_mm(d_gate_MF.t(), x_MD, offs=ends_E)
+            dwg = torch._grouped_mm(d_MF2[:, :F_].t(), x_MD, offs=ends_E)
         if ctx.needs_input_grad[2]:
-            dwu = torch._grouped_mm(d_up_MF.t(), x_MD, offs=ends_E)
+            dwu = torch._grouped_mm(d_MF2[:, F_:].t(), x_MD, offs=ends_E)
         return dx, dwg, dwu, None
 
 
