@@ -94,7 +94,7 @@ def main():
         ms = bench(step)
         print(f"{'experts SwiGLU fwd+bwd, ' + ('one dgrad GEMM (_GroupedSwiGLUInput)' if fused else 'autograd (2 dgrads + add)'):58s}"
               f" {ms * 1e3:8.1f} us  {flops / ms / 1e9:7.0f} TFLOP/s", flush=True)
-    moe.FUSED_GATE_UP_DGRAD = True
+    moe.FUSED_GATE_UP_DGRAD = False
 
 
 if __name__ == "__main__":

@@ -274,21 +274,22 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
         del m
         torch.cuda.empty_cache()
         for flag in (AB_FLAGS if compiled else ()):
-            # the same step with one of moe's switches off (e.g. PERMUTE_KERNELS: the MoE's backward passes over
-            # the token copies left to Inductor): what that piece is worth, same run
+            # the same step with one of moe's switches flipped (e.g. PERMUTE_KERNELS off: the MoE's backward
+            # passes over the token copies left to Inductor): what that piece is worth, same run
             from dsv3.model import moe
-            setattr(moe, flag, False)
+            default = getattr(moe, flag)
+            setattr(moe, flag, not default)
             torch._dynamo.reset()
             try:
                 m = build_ours(cfg, compile_blocks=True)
                 m.load_state_dict(ours_sd)
                 out = time_steps(m, ours_loss, x, steps, make_opt=ours_opt)
                 out["optimizer"] = OURS_OPTIMIZER
-                record(f"ours compiled, {flag}=False", out, ours_first)
+                record(f"ours compiled, {flag}={not default}", out, ours_first)
                 del m
                 torch.cuda.empty_cache()
             finally:
-                setattr(moe, flag, True)
+                setattr(moe, flag, default)
                 torch._dynamo.reset()
 
     if fp8:  # the same model and weights with the FP8 recipe (issue #6's full-step speedup)
@@ -390,7 +391,7 @@ def main():
     ap.add_argument("--ours-optimizer", choices=("dsv3", "torch"), default="dsv3",
                     help="ours with dsv3's Triton AdamW (default; also timed with torch's) or torch's fused AdamW")
     ap.add_argument("--ab", default="", help="comma-separated switches of dsv3.model.moe (PERMUTE_KERNELS, "
-                    "FUSED_GATE_UP_DGRAD): also time ours with each one off, same run")
+                    "FUSED_GATE_UP_DGRAD): also time ours with each one flipped from its default, same run")
     args = ap.parse_args()
     global DEVICE, OURS_OPTIMIZER, AB_FLAGS
     AB_FLAGS = [f for f in args.ab.split(",") if f]

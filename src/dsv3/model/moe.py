@@ -269,8 +269,10 @@ def grouped_linear(x_MD: torch.Tensor, w_EOD: torch.Tensor, ends_E: torch.Tensor
 # their torch references elsewhere). False leaves them to Inductor as plain torch expressions: the A/B switch
 # of ``benchmarks/train_step.py --ab-permute`` (read at trace time, so reset dynamo after flipping it).
 PERMUTE_KERNELS = True
-# Gate and up share one input-gradient GEMM (``_GroupedSwiGLUInput``); False: autograd's two GEMMs and their sum.
-FUSED_GATE_UP_DGRAD = True
+# Gate and up share one input-gradient GEMM (``_GroupedSwiGLUInput``) when True. Off by default: on an H200
+# (2026-11-26, session 7) it measured 1.01x on `small` and 0.98x on 3.2B, because the weight-gradient GEMMs on
+# the halves of the [M, 2F] buffer (row stride 2F) ran at 394 us against 260-273 for contiguous operands.
+FUSED_GATE_UP_DGRAD = False
 
 
 class _GroupedSwiGLUInput(torch.autograd.Function):
