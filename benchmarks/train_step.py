@@ -30,6 +30,7 @@ from dsv3.plan.flops import training_flops_per_token  # noqa: E402
 DEVICE = "cuda"  # --device cpu runs a smoke test of the weight plumbing (timings meaningless)
 OURS_OPTIMIZER = "dsv3"  # --ours-optimizer
 AB_FLAGS: list[str] = []  # --ab
+COMPILE_OPTIONS: dict = {}  # Inductor options of ours' compiled blocks (an --ab inductor.NAME variant sets one)
 
 
 def sync():
@@ -117,7 +118,7 @@ def build_ours(cfg: ModelConfig, compile_blocks: bool, recompute: str = "none", 
         convert_to_fp8(m, FP8Recipe())
     if compile_blocks:
         for layer in list(m.layers) + list(m.mtp):
-            layer.compile()
+            layer.compile(options=dict(COMPILE_OPTIONS) or None)
     return m
 
 
@@ -277,8 +278,14 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
             # the same step with one of moe's switches flipped (e.g. PERMUTE_KERNELS off: the MoE's backward
             # passes over the token copies left to Inductor): what that piece is worth, same run
             from dsv3.model import moe
-            default = getattr(moe, flag)
-            setattr(moe, flag, not default)
+            if flag.startswith("inductor."):     # an Inductor option of ours' blocks, e.g. coordinate_descent_tuning
+                import torch._inductor.config as inductor_config
+                option = flag.split(".", 1)[1]
+                default = bool(getattr(inductor_config, option))
+                COMPILE_OPTIONS[option] = not default
+            else:
+                default = getattr(moe, flag)
+                setattr(moe, flag, not default)
             torch._dynamo.reset()
             try:
                 m = build_ours(cfg, compile_blocks=True)
@@ -289,7 +296,10 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
                 del m
                 torch.cuda.empty_cache()
             finally:
-                setattr(moe, flag, default)
+                if flag.startswith("inductor."):
+                    COMPILE_OPTIONS.clear()
+                else:
+                    setattr(moe, flag, default)
                 torch._dynamo.reset()
 
     if fp8:  # the same model and weights with the FP8 recipe (issue #6's full-step speedup)
@@ -391,7 +401,8 @@ def main():
     ap.add_argument("--ours-optimizer", choices=("dsv3", "torch"), default="dsv3",
                     help="ours with dsv3's Triton AdamW (default; also timed with torch's) or torch's fused AdamW")
     ap.add_argument("--ab", default="", help="comma-separated switches of dsv3.model.moe (PERMUTE_KERNELS, "
-                    "FUSED_GATE_UP_DGRAD): also time ours with each one flipped from its default, same run")
+                    "FUSED_GATE_UP_DGRAD) or inductor.OPTION (e.g. inductor.coordinate_descent_tuning): also time ours with each "
+                    "one flipped from its default, same run")
     args = ap.parse_args()
     global DEVICE, OURS_OPTIMIZER, AB_FLAGS
     AB_FLAGS = [f for f in args.ab.split(",") if f]
