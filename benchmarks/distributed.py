@@ -162,7 +162,8 @@ def simulate(res: dict, args, seq: int, one: dict, dp2: dict | None, ep2: dict |
 
     def pred(layout, ep, dp, **kw):
         opts = trainer_options(t.precision, t.recompute, ep=ep, dp=dp, bf16_moments=t.bf16_moments,
-                               fp8_dispatch=pc.fp8_dispatch, ep_chunks=pc.ep_chunks, **kw)
+                               fp8_dispatch=pc.fp8_dispatch, ep_chunks=pc.ep_chunks,
+                               overlap_param_sync=pc.overlap_param_sync, **kw)
         return predict_step(cfg, layout, rates, micro_batch=args.micro, seq_len=seq, microbatches=args.accum,
                             schedule="1f1b", options=opts)["step_s"]
 

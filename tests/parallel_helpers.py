@@ -196,13 +196,18 @@ def parallel_worker(rank: int, world_size: int, cfg: ModelConfig, batches, paral
         ids, labels = ids[sl], labels[sl]
         n_micro = local // micro
         total = 0.0
+        pending = getattr(opt, "_pending", None)   # ZeRO-1 parameter broadcasts still in flight
         for i in range(n_micro):
             mb = slice(i * micro, (i + 1) * micro)
             last = i == n_micro - 1
             ctx = par.no_sync() if not last else _null()
             with ctx:
+                if i == 0 and pending is not None:
+                    rec.setdefault("pending_before_forward", []).append(len(pending))
                 out = model(ids[mb], labels[mb], mtp_lambda=STEP["mtp_lambda"],
                             balance_alpha=STEP["balance_alpha"], return_logits=False)
+                if i == 0 and pending is not None:
+                    rec.setdefault("pending_after_forward", []).append(len(pending))
                 (out.loss / n_micro).backward()
             total += float(out.loss.detach()) / n_micro
         overlapped = par.reducer._next if par.reducer is not None else 0   # buckets launched by backward hooks

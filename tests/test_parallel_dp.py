@@ -37,6 +37,22 @@ def test_dp2_matches_single_process(setup):
     for rec in ranks:  # gradient buckets were all-reduced during backward, not after it
         for launched, n_buckets in rec["overlapped"]:
             assert n_buckets > 3 and launched == n_buckets
+    for rec in ranks:  # the updated parameters were still in flight when the next forward began; it waited for all
+        assert rec["pending_before_forward"][0] == 0 and min(rec["pending_before_forward"][1:]) == rec["n_params"]
+        assert rec["pending_after_forward"] == [0] * STEPS
+
+
+def test_dp2_parameter_sync_overlap_changes_nothing(setup):
+    """ZeRO-1 with the broadcasts waited inside step (overlap_param_sync = false, torch's own sync) gives
+    bit-identical losses, gradients and final weights to the overlapped default."""
+    cfg, batches, _ = setup
+    runs = [unwrap(run_ranks(parallel_worker, 2, cfg, batches, {"dp": 2, "overlap_param_sync": flag}, 2))
+            for flag in (True, False)]
+    for on, off in zip(*runs):
+        assert on["loss"] == off["loss"] and set(off["pending_before_forward"]) == {0}
+        for a, b in zip(on["grads"], off["grads"]):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+        assert all(torch.equal(on["state"][k], off["state"][k]) for k in on["state"])
 
 
 def test_dp4_ep2_matches_single_process(setup):

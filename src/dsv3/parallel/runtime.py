@@ -43,7 +43,17 @@ class DataExpertParallel:
         self.count_all_reduce = dp.count_all_reduce(mesh)
 
     def build_optimizer(self, train_cfg):
-        return dp.build_zero_optimizer(self.model, self.mesh, train_cfg, self.expert_params)
+        # overlapped parameter sync needs the whole model (its forward runs ``layers``); a pipeline stage's
+        # rank module is called piecewise
+        overlap = self.mesh.config.overlap_param_sync and self.mesh.pp == 1
+        self.optimizer = dp.build_zero_optimizer(self.model, self.mesh, train_cfg, self.expert_params,
+                                                 overlap_param_sync=overlap)
+        return self.optimizer
+
+    def wait_params(self) -> None:
+        """Parameters still in flight from the last ZeRO-1 step have landed (before reading them directly)."""
+        if isinstance(getattr(self, "optimizer", None), dp.ShardedOptimizer):
+            self.optimizer.wait_params()
 
     def no_sync(self):
         return self.reducer.no_sync() if self.reducer is not None else nullcontext()
@@ -65,7 +75,9 @@ class DataExpertParallel:
         return ep.traffic_stats(self.model, self.mesh.ep_group)
 
     def full_state_dict(self) -> dict:
+        self.wait_params()
         return ep.full_state_dict(self.model)
 
     def load_full_state_dict(self, state: dict, strict: bool = True):
+        self.wait_params()
         return ep.load_full_state_dict(self.model, state, strict)

@@ -175,6 +175,8 @@ class Options:
     dp_allreduce: bool = False      # gradients all-reduced (twice a reduce-scatter's volume), not reduce-scattered
     dp_bucket_bytes: float = 0.0    # HBM bytes per parameter of bucket flatten / pre-divide / copy-back when dp > 1
     misc_kernels: bool = False      # the small kernels no term names (Rates.misc_kernels_ns_per_token per block)
+    overlap_param_sync: bool = False  # the all-gather (ZeRO-1 broadcast) lands during the next step's first
+    #                                   micro-batch forward: only what exceeds that forward is exposed
 
     def check(self) -> "Options":
         if self.precision not in PRECISIONS:
@@ -205,7 +207,8 @@ class Options:
 
 def trainer_options(precision: str = "bf16", recompute: str = "none", *, ep: int = 1, dp: int = 1,
                     bf16_moments: bool = False, fp8_dispatch: bool = False, ep_chunks: int = 1,
-                    ep_host_syncs: int = 1, expert_imbalance: float = 1.0) -> Options:
+                    ep_host_syncs: int = 1, expert_imbalance: float = 1.0, pp: int = 1,
+                    overlap_param_sync: bool = True) -> Options:
     """Options for a step of ``dsv3 train`` (dsv3.train.trainer) on CUDA: ``precision`` 'bf16' (autocast) or
     'fp8', ``recompute`` as train.recompute ('selective' replays the attention sub-block), the layout's ``ep``
     and ``dp``, train.bf16_moments, parallel.fp8_dispatch / ep_chunks, and the measured EP receive imbalance.
@@ -229,7 +232,9 @@ def trainer_options(precision: str = "bf16", recompute: str = "none", *, ep: int
     * dp > 1: ``GradReducer`` flattens each bucket (cat: 8), pre-divides it (mul_: 8) and copies the result
       back into ``.grad`` (8): 24 bytes for every local parameter (expert buckets too, even with no peer);
       the gradients are all-reduced in fp32, and ZeRO-1 (ZeroRedundancyOptimizer) broadcasts the updated fp32
-      parameters from their owners (``weight_bytes = 4``).
+      parameters from their owners (``weight_bytes = 4``). With ``parallel.overlap_param_sync`` (the default,
+      pp = 1 only) the broadcasts are waited for layer by layer in the next step's forward, so only the part
+      longer than the first micro-batch's forward is exposed.
     * host syncs: one per micro-batch (its target-token count is read with ``int()``), four per step (the
       global target count, the loss, the gradient norm, the closing ``torch.cuda.synchronize``), and with EP
       ``ep_host_syncs`` per MoE layer and micro-batch (the split sizes read back: 1 in the current
@@ -248,7 +253,8 @@ def trainer_options(precision: str = "bf16", recompute: str = "none", *, ep: int
         ep_host_syncs=ep_host_syncs if ep > 1 else 0, ep_chunks=ep_chunks if ep > 1 else 1,
         host_syncs_per_microbatch=1, step_host_syncs=4, misc_kernels=True,
         clip_bytes=12.0 if (ep == 1 and dp == 1) else 20.0,
-        dp_allreduce=True, dp_bucket_bytes=24.0 if dp > 1 else 0.0).check()
+        dp_allreduce=True, dp_bucket_bytes=24.0 if dp > 1 else 0.0,
+        overlap_param_sync=overlap_param_sync and pp == 1).check()
 
 
 def _gemm(params: float, tokens: float, tflops: float) -> float:
@@ -859,6 +865,8 @@ def predict_step(model_cfg: ModelConfig, layout: Layout | str, rates: Rates, mic
             if layout.dp > 1:
                 bucket_s += (dense + exp) * opts.dp_bucket_bytes / hbm
         rs_exposed = max(0.0, link_free - rt.end)
+        if opts.overlap_param_sync:   # hidden behind the next step's first micro-batch forward
+            ag = max(0.0, ag - rt.f / microbatches)
         results.append((rt.end + rs_exposed + opt_s + ag + clip_s + bucket_s + sync_s, rs_exposed, opt_s, ag,
                         clip_s, bucket_s))
     crit = max(range(layout.pp), key=lambda r: results[r][0])
@@ -961,7 +969,7 @@ def _run_step(args) -> list:
         import dataclasses
         opts = trainer_options(args.precision or "bf16", args.recompute or "none", ep=layout.ep, dp=layout.dp,
                                bf16_moments=args.bf16_moments, ep_chunks=args.ep_chunks,
-                               expert_imbalance=args.expert_imbalance)
+                               expert_imbalance=args.expert_imbalance, pp=layout.pp)
         opts = dataclasses.replace(opts, node_limit=args.node_limit, overlap_dp=not args.no_overlap_dp).check()
     else:
         opts = Options(precision=args.precision or "fp8", recompute=args.recompute or "selective",
