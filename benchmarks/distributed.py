@@ -200,7 +200,8 @@ def main() -> None:
                     help="the step each run profiles (kernel tables in OUT/NAME/profile/); 0 = none. Tokens/s are "
                          "medians over steps 4+, so one slower profiled step does not move them")
     ap.add_argument("--runs", default="one,dp2,ep2,pp2_dualpipev",
-                    help="which runs to make now; the others are read from OUT/NAME/result.json of an earlier call "
+                    help="which runs to make now (also dp2_sync: DP=2 with parallel.overlap_param_sync off); the "
+                         "others are read from OUT/NAME/result.json of an earlier call "
                          "(e.g. the one-GPU baseline on a free GPU while another job runs)")
     args = ap.parse_args()
     RUNS.update(args.runs.split(","))
@@ -237,6 +238,10 @@ def main() -> None:
             print({k: round(res[k], 4) for k in ("sim_step_s_1gpu", "sim_rel_err_1gpu")}, flush=True)
         return
     dp2 = train("dp2", out, data, 2, common, ["--set", f"train.batch_size={2 * per_gpu}"])
+    if "dp2_sync" in RUNS:   # A/B: ZeRO-1's parameter broadcast waited inside the optimizer step (torch's own)
+        dp2_sync = train("dp2_sync", out, data, 2, common, ["--set", f"train.batch_size={2 * per_gpu}",
+                                                            "--set", "parallel.overlap_param_sync=false"])
+        res["dp_scaling_without_param_sync_overlap"] = dp2_sync["tokens_per_s"] / (2 * one["tokens_per_s"])
     ep2 = train("ep2", out, data, 2, common, ["--set", f"train.batch_size={2 * per_gpu}", "--set", "parallel.ep=2"])
     pp2 = train("pp2_dualpipev", out, data, 2, common,
                 ["--set", f"train.batch_size={2 * per_gpu}", "--set", "parallel.pp=2",
