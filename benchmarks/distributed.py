@@ -242,6 +242,12 @@ def main() -> None:
         dp2_sync = train("dp2_sync", out, data, 2, common, ["--set", f"train.batch_size={2 * per_gpu}",
                                                             "--set", "parallel.overlap_param_sync=false"])
         res["dp_scaling_without_param_sync_overlap"] = dp2_sync["tokens_per_s"] / (2 * one["tokens_per_s"])
+    if RUNS <= {"one", "dp2", "dp2_sync"}:   # the DP A/B alone: no EP or pipeline runs
+        res["dp_scaling"] = dp2["tokens_per_s"] / (2 * one["tokens_per_s"])
+        res["runs"] = {"one": one, "dp2": dp2}
+        (out / "distributed.json").write_text(json.dumps(res, indent=2) + "\n")
+        print({k: v for k, v in res.items() if "scaling" in k}, flush=True)
+        return
     ep2 = train("ep2", out, data, 2, common, ["--set", f"train.batch_size={2 * per_gpu}", "--set", "parallel.ep=2"])
     pp2 = train("pp2_dualpipev", out, data, 2, common,
                 ["--set", f"train.batch_size={2 * per_gpu}", "--set", "parallel.pp=2",

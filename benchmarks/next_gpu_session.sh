@@ -6,6 +6,8 @@
 #                                         #   (ran 2026-11-26 session 4: found the compiled-gradient defect)
 #   benchmarks/next_gpu_session.sh dist   # two GPUs: distributed.py (one, dp2, ep2, pp2_dualpipev with trace) with
 #                                         #   the measured rates; results copied to $OUT as each run lands
+#                                         #   RUNS=one,dp2,dp2_sync: the A/B of the overlapped ZeRO-1 parameter sync
+#                                         #   (2026-11-26 session 7, not yet measured on GPUs)
 #   benchmarks/next_gpu_session.sh ep2    # two GPUs: corpus + the 10-minute EP=2 real-corpus run in the background
 #   benchmarks/next_gpu_session.sh one    # one GPU: the same run on one GPU (the control: today's code, same data)
 #   benchmarks/next_gpu_session.sh step   # one GPU (#5): test_moe_compile.py first (the padded-layout compiled-dx
@@ -37,7 +39,7 @@ case "${1:-}" in
         --rates benchmarks/results/raw/2026-11-26-distributed/rates-small-h200x2.json > $S/distributed.log 2>&1
      echo "rc=$?" >> $S/distributed.log) &
     bg=$!
-    save() { for r in one dp2 ep2 pp2_dualpipev; do [ -d $D/$r ] || continue; mkdir -p $S/$r
+    save() { for r in one dp2 dp2_sync ep2 pp2_dualpipev; do [ -d $D/$r ] || continue; mkdir -p $S/$r
       cp $D/$r/result.json $D/$r/metrics.jsonl $D/$r/expert_load.jsonl $S/$r/ 2>/dev/null
       [ -d $D/$r/traces ] && cp -r $D/$r/traces $S/$r/
       cp $D/$r/profile/*.txt $D/$r/profile/*.summary.json $S/$r/ 2>/dev/null; done
