@@ -31,8 +31,9 @@ from dsv3.parallel.mesh import Mesh, group_size
 
 
 class _Bucket:
-    def __init__(self, group, params: list[nn.Parameter]):
+    def __init__(self, group, params: list[nn.Parameter], owner: int | None = None):
         self.group, self.params = group, params
+        self.owner = owner          # global rank the bucket is reduced to (None: all-reduced)
         self.pending = len(params)
         self.flat: torch.Tensor | None = None
         self.work = None
@@ -59,28 +60,43 @@ class GradReducer:
                  bucket_mb: float | None = None):
         self.mesh = mesh
         self.scale = 1.0 / mesh.dp
-        cap = int((bucket_mb if bucket_mb is not None else mesh.config.bucket_mb) * 2 ** 20)
-        expert_ids = {id(p) for p in expert_params}
-        params = [p for p in model.parameters() if p.requires_grad]
+        self._cap = int((bucket_mb if bucket_mb is not None else mesh.config.bucket_mb) * 2 ** 20)
+        self._expert_ids = {id(p) for p in expert_params}
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self.owner_of: dict[int, int] | None = None
+        self._make_buckets()
+        self._sync = True
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self._params]
+
+    def _make_buckets(self) -> None:
+        """Buckets in reverse registration order (roughly the order backward produces gradients), each of one
+        (group, dtype, device) and, reducing to owners, of one owner; a new key or the size cap starts a new one."""
         self.buckets: list[_Bucket] = []
-        cur, cur_bytes, cur_key, cur_group = [], 0, None, None
-        for p in reversed(params):
-            group = mesh.edp_group if id(p) in expert_ids else mesh.dp_group
-            key = (id(group), p.dtype, p.device)
+        cur, cur_bytes, cur_key, cur_group, cur_owner = [], 0, None, None, None
+        for p in reversed(self._params):
+            group = self.mesh.edp_group if id(p) in self._expert_ids else self.mesh.dp_group
+            owner = None if self.owner_of is None else self.owner_of[id(p)]
+            key = (id(group), p.dtype, p.device, owner)
             nbytes = p.numel() * p.element_size()
-            if cur and (key != cur_key or cur_bytes + nbytes > cap):
-                self.buckets.append(_Bucket(cur_group, cur))
+            if cur and (key != cur_key or cur_bytes + nbytes > self._cap):
+                self.buckets.append(_Bucket(cur_group, cur, cur_owner))
                 cur, cur_bytes = [], 0
             cur.append(p)
             cur_bytes += nbytes
-            cur_key, cur_group = key, group
+            cur_key, cur_group, cur_owner = key, group, owner
         if cur:
-            self.buckets.append(_Bucket(cur_group, cur))
+            self.buckets.append(_Bucket(cur_group, cur, cur_owner))
         self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
         self._next = 0          # next bucket to launch (index order)
         self._ready = [False] * len(self.buckets)
-        self._sync = True
-        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+
+    def reduce_to_owners(self, owner_of: dict[int, int]) -> None:
+        """ZeRO-1 needs each gradient only on the rank that steps its parameter: reduce every bucket to its
+        owner (``owner_of``: id(param) -> global rank) instead of all-reducing it, half the bytes on the link.
+        After ``finish`` a rank holds the averaged gradients of its own parameters and None for the others
+        (so ``clip_grad_norm_(owned_only=True)`` sums squares over the ranks)."""
+        self.owner_of = dict(owner_of)
+        self._make_buckets()
 
     # -------------------------------------------------------------------- control
     @contextmanager
@@ -113,7 +129,10 @@ class GradReducer:
         grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in b.params]
         b.flat = torch.cat(grads).mul_(self.scale)
         if group_size(b.group) > 1:
-            b.work = dist.all_reduce(b.flat, group=b.group, async_op=True)
+            if b.owner is None:
+                b.work = dist.all_reduce(b.flat, group=b.group, async_op=True)
+            else:
+                b.work = dist.reduce(b.flat, dst=b.owner, group=b.group, async_op=True)
 
     @torch.no_grad()
     def finish(self) -> None:
@@ -123,9 +142,15 @@ class GradReducer:
         while self._next < len(self.buckets):
             self._launch(self.buckets[self._next])
             self._next += 1
+        me = dist.get_rank() if dist.is_initialized() else 0
         for b in self.buckets:
             if b.work is not None:
                 b.work.wait()
+            if b.owner is not None and b.owner != me:   # reduced to another rank: nothing to keep here
+                for p in b.params:
+                    p.grad = None
+                b.reset()
+                continue
             offset = 0
             for p in b.params:
                 g = b.flat[offset:offset + p.numel()].view_as(p)
@@ -217,6 +242,14 @@ class ShardedOptimizer:
                     src = dist.get_global_rank(z.process_group, owner[p])
                     self._pending[id(p)] = dist.broadcast(p.data, src=src, group=z.process_group, async_op=True)
                     break
+
+    def owners(self) -> dict[int, int]:
+        """id(param) -> global rank of the rank that steps it (ZeroRedundancyOptimizer's partition)."""
+        out = {}
+        for z in self.parts:
+            for p, r in z._param_to_rank.items():
+                out[id(p)] = dist.get_global_rank(z.process_group, r) if z.world_size > 1 else dist.get_rank()
+        return out
 
     def wait_params(self) -> None:
         """Every parameter broadcast still in flight (``overlap_param_sync``) has landed."""
@@ -512,12 +545,14 @@ def build_zero_optimizer(model: nn.Module, mesh: Mesh, t, expert_params: Iterabl
 
 @torch.no_grad()
 def clip_grad_norm_(params: Iterable[nn.Parameter], max_norm: float, mesh: Mesh,
-                    expert_params: Iterable[nn.Parameter] = ()) -> torch.Tensor:
+                    expert_params: Iterable[nn.Parameter] = (), owned_only: bool = False) -> torch.Tensor:
     """Clip to the GLOBAL gradient norm and return it (fp32 scalar, the same on every rank).
 
     Call after ``GradReducer.finish()``: every dp rank then holds the same averaged dense gradients (counted
     once, no communication), and the expert shards of one EP group together hold every expert once (their
     squares are summed over ep_group). Pipeline stages hold disjoint layers: summed over pp_group.
+    ``owned_only`` (the reducer reduced to owners): each rank holds only its own parameters' gradients, and
+    those are disjoint over dp_group (dense ones and every EP shard's), so all the squares sum over dp_group.
     """
     params = [p for p in params if p.grad is not None]
     expert_ids = {id(p) for p in expert_params}
@@ -530,9 +565,14 @@ def clip_grad_norm_(params: Iterable[nn.Parameter], max_norm: float, mesh: Mesh,
         sq[kind] = (torch.stack([n.float() for n in torch._foreach_norm(grads)]).pow(2).sum() if grads
                     else torch.zeros((), dtype=torch.float32, device=dev))
     dense_sq, expert_sq = sq["dense"], sq["expert"]
-    if group_size(mesh.ep_group) > 1:
-        dist.all_reduce(expert_sq, group=mesh.ep_group)
-    total_sq = dense_sq + expert_sq
+    if owned_only:
+        total_sq = dense_sq + expert_sq
+        if group_size(mesh.dp_group) > 1:
+            dist.all_reduce(total_sq, group=mesh.dp_group)
+    else:
+        if group_size(mesh.ep_group) > 1:
+            dist.all_reduce(expert_sq, group=mesh.ep_group)
+        total_sq = dense_sq + expert_sq
     if group_size(mesh.pp_group) > 1:
         dist.all_reduce(total_sq, group=mesh.pp_group)
     norm = total_sq.sqrt()

@@ -54,6 +54,7 @@ class ParallelConfig:
     p2p_lookahead: int = 0            # pipeline receives posted ahead of need per channel (0 = when needed; >0 untested on NCCL)
     bucket_mb: float = 25.0           # gradient all-reduce bucket size in MiB
     overlap_param_sync: bool = True   # ZeRO-1 (pp = 1): updated parameters land during the next forward, layer by layer
+    reduce_to_owner: bool = True      # ZeRO-1 (pp = 1): each gradient bucket reduced to the rank that steps it
     timeout_s: float = 600.0          # collective timeout (a hang becomes an error after this long)
 
     @classmethod

@@ -48,6 +48,11 @@ class DataExpertParallel:
         overlap = self.mesh.config.overlap_param_sync and self.mesh.pp == 1
         self.optimizer = dp.build_zero_optimizer(self.model, self.mesh, train_cfg, self.expert_params,
                                                  overlap_param_sync=overlap)
+        if (self.reducer is not None and self.mesh.config.reduce_to_owner and self.mesh.pp == 1
+                and isinstance(self.optimizer, dp.ShardedOptimizer)):
+            # each gradient only where ZeRO-1 steps it (a pipeline keeps the all-reduce: its tied embedding /
+            # head copies are synced across stages after the reduction)
+            self.reducer.reduce_to_owners(self.optimizer.owners())
         return self.optimizer
 
     def wait_params(self) -> None:
@@ -63,7 +68,8 @@ class DataExpertParallel:
             self.reducer.finish()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        return dp.clip_grad_norm_(self.model.parameters(), max_norm, self.mesh, self.expert_params)
+        owned_only = self.reducer is not None and self.reducer.owner_of is not None
+        return dp.clip_grad_norm_(self.model.parameters(), max_norm, self.mesh, self.expert_params, owned_only)
 
     def global_mean(self, value) -> float:
         return dp.global_mean(value, self.mesh)

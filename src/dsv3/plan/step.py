@@ -208,7 +208,7 @@ class Options:
 def trainer_options(precision: str = "bf16", recompute: str = "none", *, ep: int = 1, dp: int = 1,
                     bf16_moments: bool = False, fp8_dispatch: bool = False, ep_chunks: int = 1,
                     ep_host_syncs: int = 1, expert_imbalance: float = 1.0, pp: int = 1,
-                    overlap_param_sync: bool = True) -> Options:
+                    overlap_param_sync: bool = True, reduce_to_owner: bool = True) -> Options:
     """Options for a step of ``dsv3 train`` (dsv3.train.trainer) on CUDA: ``precision`` 'bf16' (autocast) or
     'fp8', ``recompute`` as train.recompute ('selective' replays the attention sub-block), the layout's ``ep``
     and ``dp``, train.bf16_moments, parallel.fp8_dispatch / ep_chunks, and the measured EP receive imbalance.
@@ -235,6 +235,8 @@ def trainer_options(precision: str = "bf16", recompute: str = "none", *, ep: int
       parameters from their owners (``weight_bytes = 4``). With ``parallel.overlap_param_sync`` (the default,
       pp = 1 only) the broadcasts are waited for layer by layer in the next step's forward, so only the part
       longer than the first micro-batch's forward is exposed.
+    * ``parallel.reduce_to_owner`` (the default, pp = 1 only): each gradient bucket is reduced to the rank that
+      steps it, a reduce-scatter's volume; otherwise (a pipeline) the buckets are all-reduced, twice that.
     * host syncs: one per micro-batch (its target-token count is read with ``int()``), four per step (the
       global target count, the loss, the gradient norm, the closing ``torch.cuda.synchronize``), and with EP
       ``ep_host_syncs`` per MoE layer and micro-batch (the split sizes read back: 1 in the current
@@ -253,7 +255,7 @@ def trainer_options(precision: str = "bf16", recompute: str = "none", *, ep: int
         ep_host_syncs=ep_host_syncs if ep > 1 else 0, ep_chunks=ep_chunks if ep > 1 else 1,
         host_syncs_per_microbatch=1, step_host_syncs=4, misc_kernels=True,
         clip_bytes=12.0 if (ep == 1 and dp == 1) else 20.0,
-        dp_allreduce=True, dp_bucket_bytes=24.0 if dp > 1 else 0.0,
+        dp_allreduce=not (reduce_to_owner and pp == 1), dp_bucket_bytes=24.0 if dp > 1 else 0.0,
         overlap_param_sync=overlap_param_sync and pp == 1).check()
 
 
