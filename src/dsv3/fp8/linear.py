@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from dsv3.fp8.blocks import BLOCK, TILE
+from dsv3.fp8.blocks import BLOCK, FP8_DTYPE, TILE
 from dsv3.fp8.gemm import fp8_gemm_nt
 from dsv3.fp8.triton_quant import quantize_tiles
 from dsv3.fp8.weight_cache import weight_blocks, weight_blocks_transposed
@@ -86,10 +86,84 @@ class FP8LinearFunction(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
-# Kept out of compiled graphs: inductor cannot lower _scaled_mm's blockwise-scale modes (torch 2.11 + H200:
-# "Inductor Triton does not support scale_a.shape = [M, K/128]") and its CPU backend fails on the tile
-# reshapes of the quantizer. A compiled block runs the rest fused and calls this eagerly (a graph break).
-@torch.compiler.disable
+# Inside compiled blocks the FP8 linear is one opaque custom op per direction (``dsv3::fp8_linear`` and
+# ``dsv3::fp8_linear_backward``): Inductor cannot lower _scaled_mm's blockwise-scale modes (torch 2.11 + H200:
+# "Inductor Triton does not support scale_a.shape = [M, K/128]") and its CPU backend fails on the tile reshapes
+# of the quantizer, so it must not see inside; as custom ops they stay in the block's graph (the norms, RoPE and
+# SwiGLU around them keep fusing), where ``torch.compiler.disable`` had cut the graph at every FP8 linear.
+# ``FP8LinearFunction`` above is the same math as an autograd.Function (the reference the tests compare with).
+
+@torch.library.custom_op("dsv3::fp8_linear", mutates_args=())
+def _fp8_linear_op(x2: Tensor, weight: Tensor, pow2_scale: bool, backend: str, save_xt: bool
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """(y [M, N] in x's dtype, x^T [K, M] in FP8 tiled along tokens, its scales) for x2 [M, K] and weight
+    [N, K]; the last two are empty unless ``save_xt`` (the weight gradient will be needed)."""
+    xq, xs = quantize_tiles(x2, pow2_scale, backend)
+    wq, ws = weight_blocks(weight, pow2_scale)
+    y = fp8_gemm_nt(xq, xs, "tile", wq, ws, "block", out_dtype=x2.dtype, backend=backend)
+    if not save_xt:
+        return y, x2.new_empty(0, dtype=FP8_DTYPE), x2.new_empty(0, dtype=torch.float32)
+    xtq, xts = quantize_tiles(x2.t(), pow2_scale, backend)
+    return y, xtq, xts
+
+
+@_fp8_linear_op.register_fake
+def _(x2, weight, pow2_scale, backend, save_xt):
+    m, k = x2.shape
+    y = x2.new_empty(m, weight.shape[0])
+    if not save_xt:
+        return y, x2.new_empty(0, dtype=FP8_DTYPE), x2.new_empty(0, dtype=torch.float32)
+    return y, x2.new_empty(k, m, dtype=FP8_DTYPE), x2.new_empty(k, -(-m // TILE), dtype=torch.float32)
+
+
+@torch.library.custom_op("dsv3::fp8_linear_backward", mutates_args=())
+def _fp8_linear_backward_op(dy2: Tensor, xtq: Tensor, xts: Tensor, weight: Tensor, pow2_scale: bool, backend: str,
+                            x_dtype: torch.dtype, need_dx: bool, need_dw: bool) -> tuple[Tensor, Tensor]:
+    """(dx [M, K] in ``x_dtype``, dW [N, K] in the weight's dtype) of ``dsv3::fp8_linear``, each empty when
+    not needed; W's FP8 blocks come from the weight cache (computed once per optimizer step in its scope)."""
+    n, k = weight.shape
+    dx = dy2.new_empty(0, dtype=x_dtype)
+    dw = weight.new_empty(0)
+    if need_dx:
+        dyq, dys = quantize_tiles(dy2, pow2_scale, backend)
+        wq, ws = weight_blocks(weight, pow2_scale)
+        wtq, wts = weight_blocks_transposed(weight, wq, ws, pow2_scale)
+        dx = fp8_gemm_nt(dyq, dys, "tile", wtq, wts, "block", out_dtype=x_dtype, backend=backend)
+    if need_dw:
+        dytq, dyts = quantize_tiles(dy2.t(), pow2_scale, backend)
+        dw = fp8_gemm_nt(dytq, dyts, "tile", xtq, xts, "tile", out_dtype=torch.float32,
+                         backend=backend).to(weight.dtype)
+    return dx, dw
+
+
+@_fp8_linear_backward_op.register_fake
+def _(dy2, xtq, xts, weight, pow2_scale, backend, x_dtype, need_dx, need_dw):
+    m = dy2.shape[0]
+    n, k = weight.shape
+    dx = dy2.new_empty(m, k, dtype=x_dtype) if need_dx else dy2.new_empty(0, dtype=x_dtype)
+    dw = weight.new_empty(n, k) if need_dw else weight.new_empty(0)
+    return dx, dw
+
+
+def _fp8_linear_setup(ctx, inputs, output):
+    x2, weight, pow2_scale, backend, save_xt = inputs
+    _, xtq, xts = output
+    ctx.save_for_backward(xtq, xts, weight)
+    ctx.meta = (pow2_scale, backend, x2.dtype)
+
+
+def _fp8_linear_grad(ctx, dy2, _dxtq, _dxts):
+    xtq, xts, weight = ctx.saved_tensors
+    pow2_scale, backend, x_dtype = ctx.meta
+    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dw = torch.ops.dsv3.fp8_linear_backward(dy2.contiguous(), xtq, xts, weight, pow2_scale, backend, x_dtype,
+                                                need_dx, need_dw)
+    return (dx if need_dx else None), (dw if need_dw else None), None, None, None
+
+
+torch.library.register_autograd("dsv3::fp8_linear", _fp8_linear_grad, setup_context=_fp8_linear_setup)
+
+
 def fp8_linear(
     x: Tensor,
     weight: Tensor,
@@ -100,12 +174,17 @@ def fp8_linear(
     """FP8 ``F.linear``: ``x [..., K]``, ``weight [N, K]`` -> ``[..., N]`` in ``x.dtype``.
 
     ``backend`` picks the GEMM (``"auto"``, ``"reference"``, ``"scaled_mm"``;
-    see ``dsv3.fp8.gemm.fp8_gemm_nt``).
+    see ``dsv3.fp8.gemm.fp8_gemm_nt``). Runs as the custom ops above (one graph node under torch.compile).
     """
     # autocast off inside: the recipe fixes every precision itself (the reference GEMM must stay fp32, and
     # CPU autocast cannot even concatenate float8 tensors)
     with torch.autocast(x.device.type, enabled=False):
-        return FP8LinearFunction.apply(x, weight, bias, pow2_scale, backend)
+        k = x.shape[-1]
+        save_xt = torch.is_grad_enabled() and weight.requires_grad
+        y, _, _ = torch.ops.dsv3.fp8_linear(x.reshape(-1, k).contiguous(), weight, pow2_scale, backend, save_xt)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 class FP8Linear(nn.Linear):
