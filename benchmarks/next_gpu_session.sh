@@ -14,6 +14,9 @@
 #                                         #   failure left open on 2026-11-26, session 6), the kernel/optimizer GPU
 #                                         #   tests, then train_step.py on small, 3b, 819m against both peers with
 #                                         #   profiles; everything packed in $OUT/step.tar.gz (needs .whl carried)
+#   TESTS=tests/test_fp8_linear.py CONFIGS=small STEP_ARGS="--peers none --fp8" benchmarks/next_gpu_session.sh step
+#                                         # one GPU (#6): the FP8 step with the FP8 linear as custom ops (session 7,
+#                                         #   not yet timed) against BF16, same run
 #   benchmarks/next_gpu_session.sh ep2wait  # (or onewait) the next call: waits for it, returns its records in run_ep2.tar.gz;
 #                                         #   compare here with the committed one-GPU run:
 #                                         #   compare_runs.py raw/2026-11-25-two-gpu-session/run_one RUN_EP2 ...
