@@ -167,10 +167,10 @@ class GradReducer:
 # ------------------------------------------------------------------------------ optimizer (ZeRO-1)
 
 def _deferred_sync_zero_class():
-    """ZeroRedundancyOptimizer whose ``step`` only updates this rank's shard: ``ShardedOptimizer`` then
-    broadcasts the parameters itself, one per call, in the model's forward order, and waits on each just
-    before the next forward reads it. torch's own ``_sync_params`` broadcasts each rank's whole shard and
-    waits at once, so the transfer (29 ms of a 601 ms DP=2 step of `small` on two H200s) had nothing beside it."""
+    """ZeroRedundancyOptimizer whose ``step`` only updates this rank's shard: ``ShardedOptimizer`` broadcasts
+    the parameters itself during the next forward, one per call, a layer ahead of the computation. torch's own
+    ``_sync_params`` broadcasts each rank's whole shard and waits at once, so the transfer (29 ms of a 601 ms
+    DP=2 step of `small` on two H200s) had nothing beside it."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     class DeferredSyncZero(ZeroRedundancyOptimizer):
@@ -184,24 +184,29 @@ class ShardedOptimizer:
     (edp_group). Looks like a torch optimizer to the trainer: ``param_groups`` (set ``lr`` there), ``step``,
     ``zero_grad``.
 
-    ``overlap_param_sync``: ``step`` returns with the updated parameters still in flight from their owners;
-    the next forward waits for each decoder layer's parameters in that layer's forward pre-hook (so layer i+1's
-    transfer runs beside layer i's compute), and for everything outside ``model.layers`` (embedding, final
-    norm, head, MTP) at the model's own pre-hook. Anything else that reads parameters calls ``wait_params()``
-    first (``step`` itself, checkpoints)."""
+    ``overlap_param_sync``: ``step`` updates this rank's shard and returns; the parameters travel from their
+    owners during the next forward. Its pre-hooks launch the broadcasts group by group, one group ahead of the
+    computation (groups: everything outside ``model.layers`` (embedding, final norm, head, MTP), then each
+    decoder layer), and each waits for its own group, so layer i+1's transfer runs beside layer i's compute.
+    Launching from the forward, not from ``step``, keeps the transfers clear of what ends a step (the
+    trainer's device synchronize, the balance-count all-reduce read on the host), which would otherwise wait
+    for all of them. Anything else that reads parameters calls ``wait_params()`` first (``step``, checkpoints).
+    Every rank launches the same groups in the same order (the same forwards run on every rank)."""
 
     def __init__(self, model: nn.Module, groups: list[dict], mesh: Mesh, expert_params: Iterable[nn.Parameter],
                  optimizer_class, overlap_param_sync: bool = False, **defaults):
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
-        self._pending: dict[int, object] = {}
+        self._pending: dict[int, object] = {}    # id(param) -> its broadcast's handle (None: not launched yet)
         self._hooks = []
         zero_class = ZeroRedundancyOptimizer
-        self._order: list[nn.Parameter] = []
+        self._groups: list[list[nn.Parameter]] = []   # forward order; launched in this order on every rank
+        self._next_group = 0
         if overlap_param_sync:
             zero_class = _deferred_sync_zero_class()
-            self._order = _forward_order(model)
-            self._hooks = _install_param_waits(model, self._wait_for)
+            self._groups = _forward_groups(model)
+            self._next_group = len(self._groups)
+            self._hooks = _install_param_waits(model, self._groups, self._wait_group)
         self.mesh = mesh
         self.names = {id(p): n for n, p in model.named_parameters()}
         self.expert_slices = _expert_slices(model)
@@ -229,19 +234,35 @@ class ShardedOptimizer:
         self.wait_params()
         for z in self.parts:
             z.step()
-        if self._order:
-            self._launch_param_sync()
+        if self._groups:   # every parameter now awaits its owner's values; the next forward fetches them
+            self._owners = [(z, z._param_to_rank) for z in self.parts if z.world_size > 1]
+            self._pending = {id(p): None for g in self._groups for p in g}
+            self._next_group = 0
 
-    def _launch_param_sync(self) -> None:
-        """One async broadcast per parameter from its owner, dense and expert shards interleaved in forward
-        order (the same order on every rank), handles kept for ``_wait_for``."""
-        owners = [(z, z._param_to_rank) for z in self.parts if z.world_size > 1]
-        for p in self._order:
-            for z, owner in owners:
-                if p in owner:
-                    src = dist.get_global_rank(z.process_group, owner[p])
-                    self._pending[id(p)] = dist.broadcast(p.data, src=src, group=z.process_group, async_op=True)
-                    break
+    def _launch_through(self, last: int) -> None:
+        """Launch the broadcasts of groups up to ``last`` not yet launched, in group order: one async broadcast
+        per parameter from its owner, dense and expert shards interleaved in forward order."""
+        while self._next_group <= min(last, len(self._groups) - 1):
+            for p in self._groups[self._next_group]:
+                for z, owner in self._owners:
+                    if p in owner:
+                        src = dist.get_global_rank(z.process_group, owner[p])
+                        self._pending[id(p)] = dist.broadcast(p.data, src=src, group=z.process_group,
+                                                              async_op=True)
+                        break
+                else:
+                    self._pending.pop(id(p), None)      # a one-rank group: already current
+            self._next_group += 1
+
+    def _wait_group(self, i: int) -> None:
+        """Forward pre-hook of group ``i``: launch it and the next one (prefetch), then wait for its own."""
+        if self._next_group >= len(self._groups) and not self._pending:
+            return
+        self._launch_through(i + 1)
+        for p in self._groups[i]:
+            work = self._pending.pop(id(p), None)
+            if work is not None:
+                work.wait()
 
     def owners(self) -> dict[int, int]:
         """id(param) -> global rank of the rank that steps it (ZeroRedundancyOptimizer's partition)."""
@@ -252,16 +273,14 @@ class ShardedOptimizer:
         return out
 
     def wait_params(self) -> None:
-        """Every parameter broadcast still in flight (``overlap_param_sync``) has landed."""
+        """Every parameter is current (``overlap_param_sync``): the broadcasts not launched yet are launched, in
+        order, and all are waited for. A collective: every rank calls it at the same point."""
+        if self._groups:
+            self._launch_through(len(self._groups) - 1)
         for work in self._pending.values():
-            work.wait()
-        self._pending.clear()
-
-    def _wait_for(self, params: list[nn.Parameter]) -> None:
-        for p in params:
-            work = self._pending.pop(id(p), None)
             if work is not None:
                 work.wait()
+        self._pending.clear()
 
     def remove_hooks(self) -> None:
         self.wait_params()
@@ -343,31 +362,27 @@ class ShardedOptimizer:
             z.optim.load_state_dict(s)
 
 
-def _forward_order(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters in the order the next forward first needs them: everything outside ``model.layers``
-    (embedding, final norm, head, MTP: waited for at the model's pre-hook), then the decoder layers in order."""
+def _forward_groups(model: nn.Module) -> list[list[nn.Parameter]]:
+    """Parameters grouped in the order the next forward first needs them: everything outside ``model.layers``
+    (embedding, final norm, head, MTP: the model's pre-hook), then each decoder layer's own."""
     layers = list(getattr(model, "layers", ()))
     in_layers = {id(p) for layer in layers for p in layer.parameters()}
-    rest = [p for p in model.parameters() if id(p) not in in_layers]
-    return rest + [p for layer in layers for p in layer.parameters()]
+    return [[p for p in model.parameters() if id(p) not in in_layers]] + [list(layer.parameters()) for layer in layers]
 
 
-def _install_param_waits(model: nn.Module, wait_for: Callable[[list], None]) -> list:
-    """Forward pre-hooks: the model's waits for every parameter outside ``model.layers``; each decoder layer's
-    for its own. The hooks run eagerly (``torch.compiler.disable``): a compiled layer breaks its graph once,
-    before any of its computation, to wait on the communication handles."""
+def _install_param_waits(model: nn.Module, groups: list, wait_group: Callable[[int], None]) -> list:
+    """Forward pre-hooks: the model's for group 0, decoder layer i's for group i + 1 (``_forward_groups``).
+    They run eagerly (``torch.compiler.disable``): a compiled layer breaks its graph once, before any of its
+    computation, to launch and wait on the communication."""
     layers = list(getattr(model, "layers", ()))
-    in_layers = {id(p) for layer in layers for p in layer.parameters()}
-    rest = [p for p in model.parameters() if id(p) not in in_layers]
 
-    def waiter(params):
+    def waiter(i):
         @torch.compiler.disable
         def hook(module, args):
-            wait_for(params)
+            wait_group(i)
         return hook
-    handles = [model.register_forward_pre_hook(waiter(rest))]
-    handles += [layer.register_forward_pre_hook(waiter(list(layer.parameters()))) for layer in layers]
-    return handles
+    return [model.register_forward_pre_hook(waiter(0))] + \
+        [layer.register_forward_pre_hook(waiter(i + 1)) for i, layer in enumerate(layers)]
 
 
 NAMED_FORMAT = "dsv3-named-optimizer-v1"
