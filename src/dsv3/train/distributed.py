@@ -103,6 +103,12 @@ class Layout:
         if self.par is not None:
             self.par.finish_gradients()
 
+    def wait_params(self) -> None:
+        """Every rank's parameters current (ZeRO-1 with ``parallel.overlap_param_sync`` fetches them during the
+        next forward): call on every rank before anything that may not run the same forwards everywhere."""
+        if self.par is not None:
+            self.par.wait_params()
+
     def clip_grad_norm_(self, model, max_norm: float) -> float:
         if self.pp > 1 and self.par is not None:  # global norm over dp/ep and pp; tied copies counted once
             from dsv3.parallel.data_parallel import clip_grad_norm_ as dp_clip

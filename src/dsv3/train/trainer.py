@@ -307,6 +307,9 @@ class Trainer:
                         world_size=self.layout.dp, all_reduce=self.layout.count_all_reduce)
 
     def _run_eval(self) -> dict:
+        # ranks may hold different numbers of evaluation batches (one may hold none): the parameters must not
+        # depend on the evaluation's forwards to arrive (ZeRO-1's overlapped parameter sync)
+        self.layout.wait_params()
         if self.layout.pp > 1:  # stages live on different ranks: rank 0 assembles the model and evaluates alone
             whole = self.layout.assembled_model(self.model)
             result = self.evaluate_alone(whole) if self.is_main else {}
