@@ -200,7 +200,8 @@ def main() -> None:
                     help="the step each run profiles (kernel tables in OUT/NAME/profile/); 0 = none. Tokens/s are "
                          "medians over steps 4+, so one slower profiled step does not move them")
     ap.add_argument("--runs", default="one,dp2,ep2,pp2_dualpipev",
-                    help="which runs to make now (also dp2_sync: DP=2 with parallel.overlap_param_sync and reduce_to_owner off); the "
+                    help="which runs to make now (also dp2_sync: DP=2 with parallel.overlap_param_sync and "
+                         "reduce_to_owner off); the "
                          "others are read from OUT/NAME/result.json of an earlier call "
                          "(e.g. the one-GPU baseline on a free GPU while another job runs)")
     args = ap.parse_args()

@@ -14,21 +14,9 @@ import argparse
 
 import torch
 
+from fp8_linear import bench   # median ms of CUDA-event-timed calls (benchmarks/ is the script's path)
 
-def bench(fn, iters=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    ts.sort()
-    return ts[len(ts) // 2]
+ITERS = 20
 
 
 def main():
@@ -63,7 +51,7 @@ def main():
     for tiled in (True, False):
         moe_permute.COMBINE_TILED = tiled
         line(f"combine_backward Triton ({'tiled over K' if tiled else 'one copy at a time'})",
-             bench(lambda: moe_permute.combine_backward(g, y, inverse, w)), cb_bytes)
+             bench(lambda: moe_permute.combine_backward(g, y, inverse, w), ITERS), cb_bytes)
     moe_permute.COMBINE_TILED = True
 
     @torch.compile
@@ -72,13 +60,13 @@ def main():
         dy = (g_MD * w_TK.reshape(-1)[order, None]).to(y_MD.dtype)
         dw = (g_MD * y_MD.float()).sum(dim=-1)[rows].view(T, K)
         return dy, dw
-    line("combine backward, torch in expert order (Inductor)", bench(lambda: expert_order(g, y, inverse, order, w)),
-         cb_bytes)
+    line("combine backward, torch in expert order (Inductor)",
+         bench(lambda: expert_order(g, y, inverse, order, w), ITERS), cb_bytes)
 
     gs_bytes = copy_bytes + T * D * 2
-    line("gather_sum Triton", bench(lambda: moe_permute.gather_sum(gM, inverse, K)), gs_bytes)
+    line("gather_sum Triton", bench(lambda: moe_permute.gather_sum(gM, inverse, K), ITERS), gs_bytes)
     ref = torch.compile(lambda g_MD, rows: g_MD[rows].view(T, K, -1).sum(dim=1))
-    line("gather_sum, torch (Inductor)", bench(lambda: ref(gM, inverse)), gs_bytes)
+    line("gather_sum, torch (Inductor)", bench(lambda: ref(gM, inverse), ITERS), gs_bytes)
 
     ends = torch.cumsum(counts, 0).to(torch.int32)
     x = torch.randn(M, D, device=dev, dtype=bf, requires_grad=True)
@@ -91,9 +79,10 @@ def main():
         def step():
             out = moe.grouped_swiglu(x, *ws, moe.grouped_linear, ends, counts)
             torch.autograd.backward(out, cot)
-        ms = bench(step)
-        print(f"{'experts SwiGLU fwd+bwd, ' + ('one dgrad GEMM (_GroupedSwiGLUInput)' if fused else 'autograd (2 dgrads + add)'):58s}"
-              f" {ms * 1e3:8.1f} us  {flops / ms / 1e9:7.0f} TFLOP/s", flush=True)
+        ms = bench(step, ITERS)
+        label = "experts SwiGLU fwd+bwd, " + ("one dgrad GEMM (_GroupedSwiGLUInput)" if fused
+                                              else "autograd (2 dgrads + add)")
+        print(f"{label:58s} {ms * 1e3:8.1f} us  {flops / ms / 1e9:7.0f} TFLOP/s", flush=True)
     moe.FUSED_GATE_UP_DGRAD = False
 
 
