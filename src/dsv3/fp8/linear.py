@@ -37,23 +37,42 @@ from dsv3.fp8.weight_cache import weight_blocks, weight_blocks_transposed
 __all__ = ["fp8_linear", "FP8Linear", "FP8LinearFunction"]
 
 
+def _fprop(x2: Tensor, weight: Tensor, pow2_scale: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(y = x2 W^T in x2's dtype, W's FP8 blocks, their scales): x tiled 1x128 along K, W from the weight cache."""
+    if TILE != BLOCK:
+        raise AssertionError("dgrad reuses W's blocks as W^T's: tile and block must match")
+    xq, xs = quantize_tiles(x2, pow2_scale, backend)
+    wq, ws = weight_blocks(weight, pow2_scale)  # once per step inside reuse_quantized_weights()
+    return fp8_gemm_nt(xq, xs, "tile", wq, ws, "block", out_dtype=x2.dtype, backend=backend), wq, ws
+
+
+def _dgrad(dy2: Tensor, weight: Tensor, wq: Tensor, ws: Tensor, pow2_scale: bool, backend: str,
+           x_dtype: torch.dtype) -> Tensor:
+    """dx = dy W: dy tiled along N, W^T [K, N] in FP8 as the same bytes and block grid, transposed."""
+    dyq, dys = quantize_tiles(dy2, pow2_scale, backend)
+    wtq, wts = weight_blocks_transposed(weight, wq, ws, pow2_scale)
+    return fp8_gemm_nt(dyq, dys, "tile", wtq, wts, "block", out_dtype=x_dtype, backend=backend)
+
+
+def _wgrad(dy2: Tensor, xtq: Tensor, xts: Tensor, pow2_scale: bool, backend: str, w_dtype: torch.dtype) -> Tensor:
+    """dW = dy^T x, both tiled along tokens; fp32 out (the optimizer's gradients are fp32, design.md
+    section 3), then the weight's dtype."""
+    dytq, dyts = quantize_tiles(dy2.t(), pow2_scale, backend)
+    return fp8_gemm_nt(dytq, dyts, "tile", xtq, xts, "tile", out_dtype=torch.float32, backend=backend).to(w_dtype)
+
+
 class FP8LinearFunction(torch.autograd.Function):
     """``y = x @ W^T (+ b)`` with FP8 fprop, dgrad and wgrad. See the module docstring."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, pow2_scale: bool, backend: str):
-        if TILE != BLOCK:
-            raise AssertionError("dgrad reuses W's blocks as W^T's: tile and block must match")
         k = x.shape[-1]
         n = weight.shape[0]
         x2 = x.reshape(-1, k)
-        xq, xs = quantize_tiles(x2, pow2_scale, backend)
-        wq, ws = weight_blocks(weight, pow2_scale)  # once per step inside reuse_quantized_weights()
-        y = fp8_gemm_nt(xq, xs, "tile", wq, ws, "block", out_dtype=x.dtype, backend=backend)
+        y, wq, ws = _fprop(x2, weight, pow2_scale, backend)
         if bias is not None:
             y = y + bias.to(y.dtype)
-        needs_wgrad = ctx.needs_input_grad[1]
-        if needs_wgrad:
+        if ctx.needs_input_grad[1]:
             # x^T tiled along tokens, straight from the high-precision x.
             xtq, xts = quantize_tiles(x2.t(), pow2_scale, backend)
         else:
@@ -67,20 +86,12 @@ class FP8LinearFunction(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         xtq, xts, wq, ws = ctx.saved_tensors
         x_shape, x_dtype, w_dtype, has_bias, pow2_scale, backend = ctx.meta
-        n = wq.shape[0]
-        dy2 = dy.reshape(-1, n)
+        dy2 = dy.reshape(-1, wq.shape[0])
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dyq, dys = quantize_tiles(dy2, pow2_scale, backend)
-            # W^T [K, N] in FP8: same bytes and block grid, transposed.
-            wtq, wts = weight_blocks_transposed(ctx.w, wq, ws, pow2_scale)
-            dx = fp8_gemm_nt(dyq, dys, "tile", wtq, wts, "block", out_dtype=x_dtype, backend=backend)
-            dx = dx.reshape(x_shape)
+            dx = _dgrad(dy2, ctx.w, wq, ws, pow2_scale, backend, x_dtype).reshape(x_shape)
         if ctx.needs_input_grad[1]:
-            dytq, dyts = quantize_tiles(dy2.t(), pow2_scale, backend)
-            # fp32 out: the optimizer's gradients are fp32 (design.md section 3).
-            dw = fp8_gemm_nt(dytq, dyts, "tile", xtq, xts, "tile", out_dtype=torch.float32, backend=backend)
-            dw = dw.to(w_dtype)
+            dw = _wgrad(dy2, xtq, xts, pow2_scale, backend, w_dtype)
         if has_bias and ctx.needs_input_grad[2]:
             db = dy2.float().sum(0)
         return dx, dw, db, None, None
@@ -98,9 +109,7 @@ def _fp8_linear_op(x2: Tensor, weight: Tensor, pow2_scale: bool, backend: str, s
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """(y [M, N] in x's dtype, x^T [K, M] in FP8 tiled along tokens, its scales) for x2 [M, K] and weight
     [N, K]; the last two are empty unless ``save_xt`` (the weight gradient will be needed)."""
-    xq, xs = quantize_tiles(x2, pow2_scale, backend)
-    wq, ws = weight_blocks(weight, pow2_scale)
-    y = fp8_gemm_nt(xq, xs, "tile", wq, ws, "block", out_dtype=x2.dtype, backend=backend)
+    y, _, _ = _fprop(x2, weight, pow2_scale, backend)
     if not save_xt:
         return y, x2.new_empty(0, dtype=FP8_DTYPE), x2.new_empty(0, dtype=torch.float32)
     xtq, xts = quantize_tiles(x2.t(), pow2_scale, backend)
@@ -121,18 +130,13 @@ def _fp8_linear_backward_op(dy2: Tensor, xtq: Tensor, xts: Tensor, weight: Tenso
                             x_dtype: torch.dtype, need_dx: bool, need_dw: bool) -> tuple[Tensor, Tensor]:
     """(dx [M, K] in ``x_dtype``, dW [N, K] in the weight's dtype) of ``dsv3::fp8_linear``, each empty when
     not needed; W's FP8 blocks come from the weight cache (computed once per optimizer step in its scope)."""
-    n, k = weight.shape
     dx = dy2.new_empty(0, dtype=x_dtype)
     dw = weight.new_empty(0)
     if need_dx:
-        dyq, dys = quantize_tiles(dy2, pow2_scale, backend)
         wq, ws = weight_blocks(weight, pow2_scale)
-        wtq, wts = weight_blocks_transposed(weight, wq, ws, pow2_scale)
-        dx = fp8_gemm_nt(dyq, dys, "tile", wtq, wts, "block", out_dtype=x_dtype, backend=backend)
+        dx = _dgrad(dy2, weight, wq, ws, pow2_scale, backend, x_dtype)
     if need_dw:
-        dytq, dyts = quantize_tiles(dy2.t(), pow2_scale, backend)
-        dw = fp8_gemm_nt(dytq, dyts, "tile", xtq, xts, "tile", out_dtype=torch.float32,
-                         backend=backend).to(weight.dtype)
+        dw = _wgrad(dy2, xtq, xts, pow2_scale, backend, weight.dtype)
     return dx, dw
 
 
