@@ -1,7 +1,7 @@
 """The MoE's passes over the token copies at the `small` step's shapes (one GPU, bf16), each variant side by side:
 
-- combine backward (dy and dw of the un-permute + weighted sum): the Triton kernel tiled over the K copies, the
-  one-copy-at-a-time kernel, and the torch expressions in expert order compiled by Inductor (the session-6 code);
+- combine backward (dy and dw of the un-permute + weighted sum): the Triton kernel against the torch expressions
+  in expert order compiled by Inductor (the session-6 code);
 - gather_sum (the dispatch gather's backward): Triton against the compiled torch expression;
 - the routed experts' gate/up/down SwiGLU forward+backward with autograd's two input-gradient GEMMs and their sum
   against ``_GroupedSwiGLUInput``'s single one.
@@ -48,11 +48,7 @@ def main():
         print(f"{name:58s} {ms * 1e3:8.1f} us  {nbytes / ms / 1e6:7.0f} GB/s", flush=True)
 
     cb_bytes = 2 * copy_bytes + T * D * 2          # y read, dy written, g read once
-    for tiled in (True, False):
-        moe_permute.COMBINE_TILED = tiled
-        line(f"combine_backward Triton ({'tiled over K' if tiled else 'one copy at a time'})",
-             bench(lambda: moe_permute.combine_backward(g, y, inverse, w), ITERS), cb_bytes)
-    moe_permute.COMBINE_TILED = True
+    line("combine_backward Triton", bench(lambda: moe_permute.combine_backward(g, y, inverse, w), ITERS), cb_bytes)
 
     @torch.compile
     def expert_order(g_TD, y_MD, rows, order, w_TK):

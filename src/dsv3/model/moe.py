@@ -267,7 +267,7 @@ def grouped_linear(x_MD: torch.Tensor, w_EOD: torch.Tensor, ends_E: torch.Tensor
 
 # The two backward passes over the token copies run as custom ops (``dsv3.kernels.moe_permute``: Triton on CUDA,
 # their torch references elsewhere). False leaves them to Inductor as plain torch expressions: the A/B switch
-# of ``benchmarks/train_step.py --ab-permute`` (read at trace time, so reset dynamo after flipping it).
+# of ``benchmarks/train_step.py --ab PERMUTE_KERNELS`` (read at trace time, so reset dynamo after flipping it).
 PERMUTE_KERNELS = True
 # Gate and up share one input-gradient GEMM (``_GroupedSwiGLUInput``) when True. Off by default: on an H200
 # (2026-11-26, session 7) it measured 1.01x on `small` and 0.98x on 3.2B, because the weight-gradient GEMMs on

@@ -198,7 +198,6 @@ class ShardedOptimizer:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         self._pending: dict[int, object] = {}    # id(param) -> its broadcast's handle (None: not launched yet)
-        self._hooks = []
         zero_class = ZeroRedundancyOptimizer
         self._groups: list[list[nn.Parameter]] = []   # forward order; launched in this order on every rank
         self._next_group = 0
@@ -206,7 +205,7 @@ class ShardedOptimizer:
             zero_class = _deferred_sync_zero_class()
             self._groups = _forward_groups(model)
             self._next_group = len(self._groups)
-            self._hooks = _install_param_waits(model, self._groups, self._wait_group)
+            _install_param_waits(model, self._wait_group)
         self.mesh = mesh
         self.names = {id(p): n for n, p in model.named_parameters()}
         self.expert_slices = _expert_slices(model)
@@ -281,12 +280,6 @@ class ShardedOptimizer:
             if work is not None:
                 work.wait()
         self._pending.clear()
-
-    def remove_hooks(self) -> None:
-        self.wait_params()
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for z in self.parts:
@@ -370,7 +363,7 @@ def _forward_groups(model: nn.Module) -> list[list[nn.Parameter]]:
     return [[p for p in model.parameters() if id(p) not in in_layers]] + [list(layer.parameters()) for layer in layers]
 
 
-def _install_param_waits(model: nn.Module, groups: list, wait_group: Callable[[int], None]) -> list:
+def _install_param_waits(model: nn.Module, wait_group: Callable[[int], None]) -> None:
     """Forward pre-hooks: the model's for group 0, decoder layer i's for group i + 1 (``_forward_groups``).
     They run eagerly (``torch.compiler.disable``): a compiled layer breaks its graph once, before any of its
     computation, to launch and wait on the communication."""
@@ -381,8 +374,9 @@ def _install_param_waits(model: nn.Module, groups: list, wait_group: Callable[[i
         def hook(module, args):
             wait_group(i)
         return hook
-    return [model.register_forward_pre_hook(waiter(0))] + \
-        [layer.register_forward_pre_hook(waiter(i + 1)) for i, layer in enumerate(layers)]
+    model.register_forward_pre_hook(waiter(0))
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(waiter(i + 1))
 
 
 NAMED_FORMAT = "dsv3-named-optimizer-v1"

@@ -41,6 +41,7 @@ class DataExpertParallel:
         self.expert_params = ep.expert_parameters(model)
         self.reducer = dp.GradReducer(model, mesh, self.expert_params) if mesh.dp > 1 else None
         self.count_all_reduce = dp.count_all_reduce(mesh)
+        self.optimizer = None                      # set by build_optimizer
 
     def build_optimizer(self, train_cfg):
         # overlapped parameter sync needs the whole model (its forward runs ``layers``); a pipeline stage's
@@ -57,7 +58,7 @@ class DataExpertParallel:
 
     def wait_params(self) -> None:
         """Parameters still in flight from the last ZeRO-1 step have landed (before reading them directly)."""
-        if isinstance(getattr(self, "optimizer", None), dp.ShardedOptimizer):
+        if isinstance(self.optimizer, dp.ShardedOptimizer):
             self.optimizer.wait_params()
 
     def no_sync(self):
