@@ -401,8 +401,8 @@ def main():
     ap.add_argument("--ours-optimizer", choices=("dsv3", "torch"), default="dsv3",
                     help="ours with dsv3's Triton AdamW (default; also timed with torch's) or torch's fused AdamW")
     ap.add_argument("--ab", default="", help="comma-separated switches of dsv3.model.moe (PERMUTE_KERNELS, "
-                    "FUSED_GATE_UP_DGRAD) or inductor.OPTION (e.g. inductor.coordinate_descent_tuning): also time ours with each "
-                    "one flipped from its default, same run")
+                    "FUSED_GATE_UP_DGRAD) or inductor.OPTION (e.g. inductor.coordinate_descent_tuning): also time "
+                    "ours with each one flipped from its default, same run")
     args = ap.parse_args()
     global DEVICE, OURS_OPTIMIZER, AB_FLAGS
     AB_FLAGS = [f for f in args.ab.split(",") if f]
