@@ -163,7 +163,8 @@ def simulate(res: dict, args, seq: int, one: dict, dp2: dict | None, ep2: dict |
     def pred(layout, ep, dp, **kw):
         opts = trainer_options(t.precision, t.recompute, ep=ep, dp=dp, bf16_moments=t.bf16_moments,
                                fp8_dispatch=pc.fp8_dispatch, ep_chunks=pc.ep_chunks,
-                               overlap_param_sync=pc.overlap_param_sync, reduce_to_owner=pc.reduce_to_owner, **kw)
+                               overlap_param_sync=pc.overlap_param_sync, reduce_to_owner=pc.reduce_to_owner,
+                               grad_as_bucket_view=pc.grad_as_bucket_view, **kw)
         return predict_step(cfg, layout, rates, micro_batch=args.micro, seq_len=seq, microbatches=args.accum,
                             schedule="1f1b", options=opts)["step_s"]
 
@@ -200,8 +201,8 @@ def main() -> None:
                     help="the step each run profiles (kernel tables in OUT/NAME/profile/); 0 = none. Tokens/s are "
                          "medians over steps 4+, so one slower profiled step does not move them")
     ap.add_argument("--runs", default="one,dp2,ep2,pp2_dualpipev",
-                    help="which runs to make now (also dp2_sync: DP=2 with parallel.overlap_param_sync and "
-                         "reduce_to_owner off); the "
+                    help="which runs to make now (also dp2_sync: DP=2 with parallel.overlap_param_sync, "
+                         "reduce_to_owner and grad_as_bucket_view off); the "
                          "others are read from OUT/NAME/result.json of an earlier call "
                          "(e.g. the one-GPU baseline on a free GPU while another job runs)")
     args = ap.parse_args()
@@ -239,10 +240,12 @@ def main() -> None:
             print({k: round(res[k], 4) for k in ("sim_step_s_1gpu", "sim_rel_err_1gpu")}, flush=True)
         return
     dp2 = train("dp2", out, data, 2, common, ["--set", f"train.batch_size={2 * per_gpu}"])
-    if "dp2_sync" in RUNS:   # A/B: ZeRO-1 as before session 7 (all-reduce; broadcast waited inside the step)
+    if "dp2_sync" in RUNS:   # A/B: ZeRO-1 as before session 7 (all-reduce of flattened copies; broadcast
+        # waited inside the step)
         dp2_sync = train("dp2_sync", out, data, 2, common, ["--set", f"train.batch_size={2 * per_gpu}",
                                                             "--set", "parallel.overlap_param_sync=false",
-                                                            "--set", "parallel.reduce_to_owner=false"])
+                                                            "--set", "parallel.reduce_to_owner=false",
+                                                            "--set", "parallel.grad_as_bucket_view=false"])
         res["dp_scaling_without_param_sync_overlap"] = dp2_sync["tokens_per_s"] / (2 * one["tokens_per_s"])
     if RUNS <= {"one", "dp2", "dp2_sync"}:   # the DP A/B alone: no EP or pipeline runs
         res["dp_scaling"] = dp2["tokens_per_s"] / (2 * one["tokens_per_s"])

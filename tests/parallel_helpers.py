@@ -213,6 +213,11 @@ def parallel_worker(rank: int, world_size: int, cfg: ModelConfig, batches, paral
         overlapped = par.reducer._next if par.reducer is not None else 0   # buckets launched by backward hooks
         par.finish_gradients()
         rec.setdefault("overlapped", []).append((overlapped, len(par.reducer.buckets) if par.reducer else 0))
+        if par.reducer is not None:   # gradients that live in their reduction bucket (grad_as_bucket_view)
+            spans = [(b.buffer.data_ptr(), b.buffer.data_ptr() + b.buffer.numel() * b.buffer.element_size())
+                     for b in par.reducer.buckets if b.buffer is not None]
+            rec.setdefault("grads_in_buckets", []).append(sum(
+                1 for p in model.parameters() if p.grad is not None and any(a <= p.grad.data_ptr() < e for a, e in spans)))
         norm = par.clip_grad_norm_(STEP["clip"])
         rec["loss"].append(par.global_mean(total))
         rec["norm"].append(float(norm))

@@ -42,19 +42,23 @@ def test_dp2_matches_single_process(setup):
     for rec in ranks:  # the updated parameters were still in flight when the next forward began; it waited for all
         assert rec["pending_before_forward"][0] == 0 and min(rec["pending_before_forward"][1:]) == rec["n_params"]
         assert rec["pending_after_forward"] == [0] * STEPS
+    for s in range(STEPS):  # grad_as_bucket_view: every gradient a rank keeps is a slice of its reduction bucket
+        assert [rec["grads_in_buckets"][s] for rec in ranks] == [len(rec["grads"][s]) for rec in ranks]
 
 
 def test_dp2_parameter_sync_overlap_and_reduce_to_owner_change_nothing(setup):
     """ZeRO-1 with the broadcasts waited inside step (overlap_param_sync = false, torch's own sync) and the
-    gradients all-reduced (reduce_to_owner = false) against the defaults: the same owned gradients bit for bit
+    gradients all-reduced (reduce_to_owner = false) from flattened copies (grad_as_bucket_view = false) against
+    the defaults: the same owned gradients bit for bit
     in the first step; afterwards only the global norm's summation order differs (squares summed per rank,
     then over ranks), a few ulps carried through the clipped update."""
     cfg, batches, ref = setup
-    flags = {"overlap_param_sync": False, "reduce_to_owner": False}
+    flags = {"overlap_param_sync": False, "reduce_to_owner": False, "grad_as_bucket_view": False}
     on, off = (unwrap(run_ranks(parallel_worker, 2, cfg, batches, {"dp": 2, **extra}, 2)) for extra in ({}, flags))
     assert_matches_reference(ref, off)
     for a, b in zip(on, off):
         assert set(b["pending_before_forward"]) == {0} and a["loss"][0] == b["loss"][0]
+        assert set(b["grads_in_buckets"]) == {0} and min(a["grads_in_buckets"]) > 0
         assert all(abs(x - y) <= 1e-6 * abs(y) for x, y in zip(a["loss"] + a["norm"], b["loss"] + b["norm"]))
         assert a["grads"][0].keys() < b["grads"][0].keys()
         assert all(torch.equal(a["grads"][0][k], b["grads"][0][k]) for k in a["grads"][0])

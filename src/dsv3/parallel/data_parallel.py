@@ -31,12 +31,22 @@ from dsv3.parallel.mesh import Mesh, group_size
 
 
 class _Bucket:
-    def __init__(self, group, params: list[nn.Parameter], owner: int | None = None):
+    def __init__(self, group, params: list[nn.Parameter], owner: int | None = None, as_view: bool = False):
         self.group, self.params = group, params
         self.owner = owner          # global rank the bucket is reduced to (None: all-reduced)
         self.pending = len(params)
         self.flat: torch.Tensor | None = None
         self.work = None
+        # grad_as_bucket_view: one persistent flat buffer; each parameter's gradient lives in its slice
+        self.buffer: torch.Tensor | None = None
+        self.views: list[torch.Tensor] = []
+        if as_view:
+            self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype,
+                                      device=params[0].device)
+            offsets = [0]
+            for p in params:
+                offsets.append(offsets[-1] + p.numel())
+            self.views = [self.buffer[a:b].view_as(p) for p, a, b in zip(params, offsets, offsets[1:])]
 
     def reset(self) -> None:
         self.pending, self.flat, self.work = len(self.params), None, None
@@ -54,11 +64,19 @@ class GradReducer:
     Gradient accumulation: only the backward of the step's LAST micro-batch reduces. Wrap the others in
     ``with reducer.no_sync():``; call ``finish()`` after the last backward (it also reduces buckets whose
     parameters got no gradient, with zeros, so no rank waits on a collective another rank skipped).
+
+    ``grad_as_bucket_view`` (the default): each bucket is one persistent flat buffer and every gradient lives in
+    its slice, so the reduction runs in place. Without it a bucket is flattened (``cat``: 8 bytes per fp32
+    parameter), pre-divided (8) and copied back (8); with it only the pre-divide touches the gradient. The first
+    backward of a step may still produce a fresh gradient tensor (autograd steals it when ``p.grad`` is None,
+    as after ``zero_grad(set_to_none=True)``): the hook copies it into the slice and points ``p.grad`` there,
+    and later micro-batches accumulate into the slice in place.
     """
 
     def __init__(self, model: nn.Module, mesh: Mesh, expert_params: Iterable[nn.Parameter] = (),
-                 bucket_mb: float | None = None):
+                 bucket_mb: float | None = None, grad_as_bucket_view: bool | None = None):
         self.mesh = mesh
+        self.as_view = mesh.config.grad_as_bucket_view if grad_as_bucket_view is None else grad_as_bucket_view
         self.scale = 1.0 / mesh.dp
         self._cap = int((bucket_mb if bucket_mb is not None else mesh.config.bucket_mb) * 2 ** 20)
         self._expert_ids = {id(p) for p in expert_params}
@@ -79,16 +97,25 @@ class GradReducer:
             key = (id(group), p.dtype, p.device, owner)
             nbytes = p.numel() * p.element_size()
             if cur and (key != cur_key or cur_bytes + nbytes > self._cap):
-                self.buckets.append(_Bucket(cur_group, cur, cur_owner))
+                self.buckets.append(_Bucket(cur_group, cur, cur_owner, self.as_view))
                 cur, cur_bytes = [], 0
             cur.append(p)
             cur_bytes += nbytes
             cur_key, cur_group, cur_owner = key, group, owner
         if cur:
-            self.buckets.append(_Bucket(cur_group, cur, cur_owner))
+            self.buckets.append(_Bucket(cur_group, cur, cur_owner, self.as_view))
         self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
+        self._slot_of = {id(p): j for b in self.buckets for j, p in enumerate(b.params)}
         self._next = 0          # next bucket to launch (index order)
         self._ready = [False] * len(self.buckets)
+
+    def fold_average_into_loss(self) -> float:
+        """Reduce by plain sums from now on and return the factor (1/dp) the caller multiplies its loss by
+        instead: the average then costs nothing, where the pre-divide read and wrote every gradient (8 bytes
+        per fp32 parameter). Only for callers that scale their own loss (the trainer); anything that expects
+        averaged gradients after ``finish`` keeps the default."""
+        folded, self.scale = self.scale, 1.0
+        return folded
 
     def reduce_to_owners(self, owner_of: dict[int, int]) -> None:
         """ZeRO-1 needs each gradient only on the rank that steps its parameter: reduce every bucket to its
@@ -114,10 +141,12 @@ class GradReducer:
 
     # ----------------------------------------------------------------- machinery
     def _on_grad(self, p: nn.Parameter) -> None:
-        if not self._sync:
-            return
         i = self._bucket_of[id(p)]
         b = self.buckets[i]
+        if b.buffer is not None:
+            self._attach(p, b.views[self._slot_of[id(p)]])
+        if not self._sync:
+            return
         b.pending -= 1
         if b.pending == 0:
             self._ready[i] = True
@@ -125,9 +154,28 @@ class GradReducer:
                 self._launch(self.buckets[self._next])
                 self._next += 1
 
+    @staticmethod
+    @torch.no_grad()
+    def _attach(p: nn.Parameter, view: torch.Tensor) -> None:
+        """Make ``p.grad`` the bucket slice ``view`` (copying a freshly produced gradient into it)."""
+        g = p.grad
+        if g is None or g.data_ptr() != view.data_ptr():
+            if g is None:
+                view.zero_()
+            else:
+                view.copy_(g)
+            p.grad = view
+
     def _launch(self, b: _Bucket) -> None:
-        grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in b.params]
-        b.flat = torch.cat(grads).mul_(self.scale)
+        if b.buffer is not None:
+            for p, view in zip(b.params, b.views):   # parameters no backward reached this step: zeros
+                self._attach(p, view)
+            b.flat = b.buffer
+        else:
+            grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in b.params]
+            b.flat = torch.cat(grads)
+        if self.scale != 1.0:
+            b.flat.mul_(self.scale)
         if group_size(b.group) > 1:
             if b.owner is None:
                 b.work = dist.all_reduce(b.flat, group=b.group, async_op=True)
@@ -149,6 +197,9 @@ class GradReducer:
             if b.owner is not None and b.owner != me:   # reduced to another rank: nothing to keep here
                 for p in b.params:
                     p.grad = None
+                b.reset()
+                continue
+            if b.buffer is not None:      # reduced in place: p.grad is already the result
                 b.reset()
                 continue
             offset = 0

@@ -55,6 +55,7 @@ class ParallelConfig:
     bucket_mb: float = 25.0           # gradient all-reduce bucket size in MiB
     overlap_param_sync: bool = True   # ZeRO-1 (pp = 1): updated parameters land during the next forward, layer by layer
     reduce_to_owner: bool = True      # ZeRO-1 (pp = 1): each gradient bucket reduced to the rank that steps it
+    grad_as_bucket_view: bool = True  # gradients live in the reduction buckets (reduced in place, no flatten/copy-back)
     timeout_s: float = 600.0          # collective timeout (a hang becomes an error after this long)
 
     @classmethod

@@ -25,6 +25,9 @@ class Layout:
         self.par = None
         self.stages = self.held = None
         self.last_pipeline_timings: dict = {}
+        # what each micro-batch's backward loss is multiplied by on top of its weight: 1/dp where the gradient
+        # reducer sums instead of averaging (pp = 1, dp > 1), else 1
+        self.grad_loss_scale = 1.0
 
     # ----------------------------------------------------------------- facts
     @property
@@ -66,6 +69,8 @@ class Layout:
         elif self.distributed:
             from dsv3.parallel.runtime import DataExpertParallel
             self.par = DataExpertParallel(model, self.mesh)
+            if self.par.reducer is not None:   # the trainer's loss weights carry the 1/dp of the average
+                self.grad_loss_scale = self.par.reducer.fold_average_into_loss()
 
     def build_optimizer(self, model, train_cfg):
         if self.par is not None:

@@ -197,7 +197,7 @@ class Trainer:
                     with ctx:
                         out = self.model(mb["input_ids"], mb["labels"], doc_ids=mb.get("doc_ids"), mtp_lambda=lam,
                                          balance_alpha=t.balance_alpha, return_logits=False)
-                    (out.loss * w).backward()
+                    (out.loss * (w * lay.grad_loss_scale)).backward()
                 total = total + out.loss.detach().float() * w
                 for k, v in out.losses.items():
                     parts[k] = parts.get(k, 0) + v.detach().float() * w
