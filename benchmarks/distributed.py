@@ -202,7 +202,7 @@ def main() -> None:
                          "medians over steps 4+, so one slower profiled step does not move them")
     ap.add_argument("--runs", default="one,dp2,ep2,pp2_dualpipev",
                     help="which runs to make now (also dp2_sync: DP=2 with parallel.overlap_param_sync, "
-                         "reduce_to_owner and grad_as_bucket_view off); the "
+                         "reduce_to_owner and grad_as_bucket_view off; dp2_allreduce: reduce_to_owner off); the "
                          "others are read from OUT/NAME/result.json of an earlier call "
                          "(e.g. the one-GPU baseline on a free GPU while another job runs)")
     args = ap.parse_args()
@@ -247,7 +247,11 @@ def main() -> None:
                                                             "--set", "parallel.reduce_to_owner=false",
                                                             "--set", "parallel.grad_as_bucket_view=false"])
         res["dp_scaling_without_param_sync_overlap"] = dp2_sync["tokens_per_s"] / (2 * one["tokens_per_s"])
-    if RUNS <= {"one", "dp2", "dp2_sync"}:   # the DP A/B alone: no EP or pipeline runs
+    if "dp2_allreduce" in RUNS:   # A/B of parallel.reduce_to_owner alone (the other DP levers on)
+        dp2_ar = train("dp2_allreduce", out, data, 2, common, ["--set", f"train.batch_size={2 * per_gpu}",
+                                                                "--set", "parallel.reduce_to_owner=false"])
+        res["dp_scaling_allreduce"] = dp2_ar["tokens_per_s"] / (2 * one["tokens_per_s"])
+    if RUNS <= {"one", "dp2", "dp2_sync", "dp2_allreduce"}:   # the DP A/B alone: no EP or pipeline runs
         res["dp_scaling"] = dp2["tokens_per_s"] / (2 * one["tokens_per_s"])
         res["runs"] = {"one": one, "dp2": dp2}
         (out / "distributed.json").write_text(json.dumps(res, indent=2) + "\n")
