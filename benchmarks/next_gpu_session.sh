@@ -38,7 +38,7 @@ case "${1:-}" in
     # (the device returns at most 8 files), so a call cut off at its limit still returns what finished.
     nvidia-smi --query-gpu=name --format=csv,noheader
     D=/tmp/dist; S=/tmp/stage; mkdir -p $D $S
-    (timeout ${DIST_S:-540} python3 benchmarks/distributed.py --out $D --steps ${STEPS:-8} --runs ${RUNS:-one,dp2,ep2,pp2_dualpipev} \
+    (timeout ${DIST_S:-540} python3 benchmarks/distributed.py --out $D --steps ${STEPS:-20} --runs ${RUNS:-one,dp2,ep2,pp2_dualpipev} \
         --rates benchmarks/results/raw/2026-11-26-distributed/rates-small-h200x2.json > $S/distributed.log 2>&1
      echo "rc=$?" >> $S/distributed.log) &
     bg=$!
