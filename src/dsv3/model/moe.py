@@ -272,15 +272,14 @@ PERMUTE_KERNELS = True
 # Gate and up share one input-gradient GEMM (``_GroupedSwiGLUInput``) when True. Off by default: on an H200
 # (2026-11-26, session 7) it measured 1.01x on `small` and 0.98x on 3.2B, because the weight-gradient GEMMs on
 # the halves of the [M, 2F] buffer (row stride 2F) ran at 394 us against 260-273 for contiguous operands.
-# Since session 8 the weight gradient is one GEMM over the whole buffer (see its backward).
 FUSED_GATE_UP_DGRAD = False
 
 
 class _GroupedSwiGLUInput(torch.autograd.Function):
     """silu(x w_gate[e]^T) * (x w_up[e]^T) for rows sorted by expert (groups ending at ``ends``): the gate and up
     grouped GEMMs and the SwiGLU product as autograd would run them. Its own backward writes d_gate | d_up once
-    into one [M, 2F] buffer and computes dx as ONE grouped GEMM of it against [w_gate ; w_up] [E, 2F, D], and
-    both weight gradients as ONE grouped GEMM of its transpose against x ([E, 2F, D], split). Left to autograd (``FUSED_GATE_UP_DGRAD = False``, the
+    into one [M, 2F] buffer and computes dx as ONE grouped GEMM of it against [w_gate ; w_up] [E, 2F, D]; the
+    weight gradients read the buffer's two halves. Left to autograd (``FUSED_GATE_UP_DGRAD = False``, the
     reference) the two input-gradient GEMMs each wrote an [M, D] gradient that was then added (206 us per `small`
     layer on an H200), and written as a cat inside this function Inductor computed the SiLU backward twice."""
 
@@ -303,11 +302,10 @@ class _GroupedSwiGLUInput(torch.autograd.Function):
         dx = dwg = dwu = None
         if ctx.needs_input_grad[0]:
             dx = torch._grouped_mm(d_MF2, torch.cat([w_gate_EFD, w_up_EFD], dim=1), offs=ends_E)
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            # ONE weight-gradient GEMM over the whole [M, 2F] buffer ([E, 2F, D], then split): on the halves
-            # (row stride 2F) each ran at 394 us against 260-273 for contiguous operands (H200, session 7)
-            dw_E2FD = torch._grouped_mm(d_MF2.t(), x_MD, offs=ends_E)
-            dwg, dwu = dw_E2FD[:, :F_], dw_E2FD[:, F_:]
+        if ctx.needs_input_grad[1]:
+            dwg = torch._grouped_mm(d_MF2[:, :F_].t(), x_MD, offs=ends_E)
+        if ctx.needs_input_grad[2]:
+            dwu = torch._grouped_mm(d_MF2[:, F_:].t(), x_MD, offs=ends_E)
         return dx, dwg, dwu, None
 
 
