@@ -272,6 +272,8 @@ PERMUTE_KERNELS = True
 # Gate and up share one input-gradient GEMM (``_GroupedSwiGLUInput``) when True. Off by default: on an H200
 # (2026-11-26, session 7) it measured 1.01x on `small` and 0.98x on 3.2B, because the weight-gradient GEMMs on
 # the halves of the [M, 2F] buffer (row stride 2F) ran at 394 us against 260-273 for contiguous operands.
+# One weight-gradient GEMM over the whole buffer ([E, 2F, D], split) was worse still (session 8: 0.96x on 3.2B,
+# 0.99x on `small`; the split halves are copied to match the parameters' layout).
 FUSED_GATE_UP_DGRAD = False
 
 
