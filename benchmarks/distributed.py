@@ -204,7 +204,8 @@ def main() -> None:
                          "medians over steps 4+, so one slower profiled step does not move them")
     ap.add_argument("--runs", default="one,dp2,ep2,pp2_dualpipev",
                     help="which runs to make now (also dp2_sync: DP=2 with parallel.overlap_param_sync, "
-                         "reduce_to_owner and grad_as_bucket_view off; dp2_allreduce: reduce_to_owner off); the "
+                         "reduce_to_owner and grad_as_bucket_view off; dp2_allreduce: reduce_to_owner off; one_cg, dp2_cg, "
+                         "ep2_cg: train.compile_mode = 'reduce-overhead'); the "
                          "others are read from OUT/NAME/result.json of an earlier call "
                          "(e.g. the one-GPU baseline on a free GPU while another job runs)")
     args = ap.parse_args()
@@ -236,6 +237,19 @@ def main() -> None:
     res["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     res["torch"] = torch.__version__
     one = train("one", out, data, 1, common, ["--set", f"train.batch_size={per_gpu}"])
+    cg_runs = {"ep2_cg": (2, ["--set", "parallel.ep=2"]), "one_cg": (1, []), "dp2_cg": (2, [])}
+    if RUNS & cg_runs.keys():   # A/B: the compiled blocks replayed as CUDA graphs (train.compile_mode)
+        for name, (nproc, extra) in cg_runs.items():
+            if name in RUNS:
+                r = train(name, out, data, nproc, common, ["--set", f"train.batch_size={nproc * per_gpu}", *extra,
+                                                           "--set", 'train.compile_mode="reduce-overhead"'])
+                res[f"{name}_step_s"] = r["step_s"]
+                res[f"{name}_scaling"] = r["tokens_per_s"] / (nproc * one["tokens_per_s"])
+        if RUNS <= {"one"} | cg_runs.keys():
+            res["one_step_s"] = one["step_s"]
+            (out / "distributed.json").write_text(json.dumps(res, indent=2) + "\n")
+            print({k: round(v, 4) for k, v in res.items() if k.endswith(("_step_s", "_scaling"))}, flush=True)
+            return
     if RUNS == {"one"}:
         if args.device == "cuda":
             simulate(res, args, seq, one, None, None, out)

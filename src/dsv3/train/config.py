@@ -20,6 +20,7 @@ from dsv3.errors import UserError
 
 FP8_FAMILIES = {"attention", "mlp", "experts"}
 PRECISIONS = ("bf16", "fp32", "fp8")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEVICES_HINT = "'auto', 'cpu', 'cuda' or 'cuda:N'"
 SECTIONS = ("model", "train", "data", "parallel")
 
@@ -59,6 +60,7 @@ class TrainConfig:
     fp8_backend: str = "auto"             # FP8 GEMM kernels: 'auto' (fastest available), 'reference' (dequantize + fp32 matmul, for checking)
     device: str = "auto"                  # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'
     compile: bool = False                 # torch.compile each transformer block
+    compile_mode: str = "default"         # with compile: torch.compile's mode ('reduce-overhead' replays each block's kernels as CUDA graphs)
     recompute: str = "none"               # activation recomputation: 'none', 'selective', 'full'
     seed: int = 0                         # seeds weights, data order and every RNG
     deterministic: bool = True            # on the CPU, use deterministic kernels (bit-reproducible runs)
@@ -162,6 +164,9 @@ class RunConfig:
             raise UserError(f"train.fp8_backend = {t.fp8_backend!r} is invalid: use 'auto' or 'reference'")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
             raise UserError(f"train.device = {t.device!r} is invalid: use {DEVICES_HINT}")
+        if t.compile_mode not in COMPILE_MODES:
+            raise UserError(f"train.compile_mode = {t.compile_mode!r} is invalid: use one of "
+                            f"{', '.join(repr(m) for m in COMPILE_MODES)}")
         if t.recompute not in ("none", "selective", "full"):
             raise UserError(f"train.recompute = {t.recompute!r} is invalid: use 'none', 'selective' or 'full'")
         if t.seq_len > self.model.max_position_embeddings:

@@ -13,7 +13,7 @@ from dsv3.model.moe import max_violation
 @torch.no_grad()
 def evaluate(model, data, *, seq_len: int, batch_size: int, max_batches: int | None, device: torch.device,
              autocast_dtype: torch.dtype | None = None, document_mask: bool = False, rank: int = 0,
-             world_size: int = 1, all_reduce=None) -> dict:
+             world_size: int = 1, all_reduce=None, before_forward=None) -> dict:
     """{'loss', 'ppl', 'loss_mtp_k'..., 'maxvio', 'tokens'} on the validation split.
 
     Each batch's mean loss is weighted by its count of non-ignored labels, so the result is the mean over
@@ -25,7 +25,8 @@ def evaluate(model, data, *, seq_len: int, batch_size: int, max_batches: int | N
     so ``max_batches`` covers the same validation tokens on one process and on several.
     Data parallel: each rank evaluates its slice of every batch (``rank``/``world_size``) and ``all_reduce``
     (an in-place sum of a tensor over the data-parallel ranks) adds the sums; every rank runs every batch, even one whose slice is all padding, because expert
-    parallel forwards are collectives.
+    parallel forwards are collectives. ``before_forward`` (if given) is called before each forward (the
+    trainer's CUDA-graph step marker).
     """
     was_training = model.training
     model.eval()
@@ -44,6 +45,8 @@ def evaluate(model, data, *, seq_len: int, batch_size: int, max_batches: int | N
             n = int((labels != IGNORE_INDEX).sum())
             if n == 0 and world_size == 1:
                 continue
+            if before_forward is not None:
+                before_forward()
             with ctx:
                 out = model(ids, labels, doc_ids=doc_ids, return_logits=False)
             for k, v in out.losses.items():

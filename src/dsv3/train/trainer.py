@@ -93,6 +93,10 @@ class Trainer:
         self.all_reduce = all_reduce or self.layout.count_all_reduce  # exists only after wrap()
         from dsv3.kernels import cross_entropy
         cross_entropy.COMPILE_CHUNKS = None if t.compile else False   # the fused loss compiles only if asked
+        if t.compile and t.compile_mode in ("reduce-overhead", "max-autotune") and self.layout.pp > 1:
+            raise UserError(f"train.compile_mode = {t.compile_mode!r} (CUDA graphs) does not work with parallel.pp > 1: "
+                            "the pipeline holds several micro-batches' graphs at once; use 'default' or "
+                            "'max-autotune-no-cudagraphs'")
         if t.compile:
             if self.layout.pp > 1:
                 # Pipeline backward passes keep the graph (retain_graph=True: DualPipeV's input-gradient pass
@@ -100,8 +104,13 @@ class Trainer:
                 # when they donate their saved buffers.
                 import torch._functorch.config as functorch_config
                 functorch_config.donated_buffer = False
+            mode = None if t.compile_mode == "default" else t.compile_mode
             for layer in list(self.model.layers) + list(self.model.mtp):
-                layer.compile()
+                layer.compile(mode=mode)
+        # CUDA graphs (compile_mode 'reduce-overhead' / 'max-autotune'): each forward starts a new replay
+        # generation, so the previous micro-batch's graph outputs (consumed by its backward) may be reused
+        self._cudagraphs = t.compile and t.compile_mode in ("reduce-overhead", "max-autotune") \
+            and self.device.type == "cuda"
         self.optimizer = self.layout.build_optimizer(self.model, t)
         dp = self.layout.dp
         mb = t.micro_batch_size or t.batch_size // dp   # per-rank micro-batch
@@ -194,6 +203,7 @@ class Trainer:
             for i, mb in enumerate(mbs):
                 w = lay.dp * int((mb["labels"] != IGNORE_INDEX).sum()) / max(n_target, 1)
                 with lay.no_sync(last=i == len(mbs) - 1):
+                    self._before_forward()
                     with ctx:
                         out = self.model(mb["input_ids"], mb["labels"], doc_ids=mb.get("doc_ids"), mtp_lambda=lam,
                                          balance_alpha=t.balance_alpha, return_logits=False)
@@ -292,6 +302,10 @@ class Trainer:
             old[s] = signal.signal(s, self._on_signal)
         return old
 
+    def _before_forward(self) -> None:
+        if self._cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+
     # ------------------------------------------------------------------- eval
     def evaluate_alone(self, model) -> dict:
         t = self.t
@@ -304,7 +318,8 @@ class Trainer:
         return evaluate(self.model, self.data, seq_len=t.seq_len, batch_size=t.micro_batch_size or t.batch_size,
                         max_batches=t.eval_batches, device=self.device, autocast_dtype=self.autocast,
                         document_mask=self.cfg.data.document_mask, rank=self.layout.dp_rank,
-                        world_size=self.layout.dp, all_reduce=self.layout.count_all_reduce)
+                        world_size=self.layout.dp, all_reduce=self.layout.count_all_reduce,
+                        before_forward=self._before_forward)
 
     def _run_eval(self) -> dict:
         # ranks may hold different numbers of evaluation batches (one may hold none): the parameters must not
