@@ -65,3 +65,19 @@ def test_compile_mode_is_validated():
     assert resolve(apply_overrides({}, [])).train.compile_mode == "default" and "default" in COMPILE_MODES
     with pytest.raises(UserError, match="train.compile_mode = 'cudagraphs' is invalid: use one of 'default'"):
         resolve(apply_overrides({}, ['train.compile_mode="cudagraphs"']))
+
+
+def test_cudagraph_replay_failure_becomes_one_user_error_line():
+    """The experimental CUDA-graph compile modes: torch's replay error becomes a UserError naming the setting and
+    the fix; other errors, and the same error under compile_mode 'default', pass through."""
+    from dsv3.train.cli import _cudagraph_user_error
+    from dsv3.train.config import apply_overrides, resolve
+
+    torch_error = RuntimeError("Error: accessing tensor output of CUDAGraphs that has been overwritten by a "
+                               "subsequent run. Stack trace: ...\nmore")
+    cg = resolve(apply_overrides({}, ['train.compile_mode="reduce-overhead"']))
+    err = _cudagraph_user_error(torch_error, cg)
+    assert isinstance(err, UserError) and "\n" not in str(err)
+    assert "train.compile_mode = 'reduce-overhead'" in str(err) and "set train.compile_mode = 'default'" in str(err)
+    assert _cudagraph_user_error(RuntimeError("CUDA out of memory"), cg) is None
+    assert _cudagraph_user_error(torch_error, resolve(apply_overrides({}, []))) is None

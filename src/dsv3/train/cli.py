@@ -149,6 +149,9 @@ def run_train(args: argparse.Namespace) -> int:
         trainer.layout.barrier()
         return _train_and_report(trainer, cfg, run_dir, data, ckpt, quiet=args.quiet)
     except Exception as e:
+        cudagraph_error = _cudagraph_user_error(e, cfg)
+        if cudagraph_error is not None:
+            raise cudagraph_error from None
         if trainer.layout.distributed and not isinstance(e, UserError):
             # A failure on one rank leaves the others blocked in a collective, and tearing the process group
             # down would then block this rank too, hiding the error: print it now and leave at once
@@ -164,6 +167,18 @@ def run_train(args: argparse.Namespace) -> int:
         raise
     finally:
         trainer.close()
+
+
+def _cudagraph_user_error(e: Exception, cfg: RunConfig) -> UserError | None:
+    """CUDA-graph replay failures of the experimental ``train.compile_mode`` settings, as one clear line: on
+    2026-11-26 'reduce-overhead' trained EP=2 on two H200s but stopped a one-GPU run in its first backward
+    ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run")."""
+    mode = cfg.train.compile_mode
+    if isinstance(e, UserError) or mode not in ("reduce-overhead", "max-autotune") or "CUDAGraphs" not in str(e):
+        return None
+    first = str(e).strip().splitlines()[0][:160]
+    return UserError(f"train.compile_mode = {mode!r} (CUDA graphs, experimental) failed: {first}; "
+                     "set train.compile_mode = 'default'")
 
 
 def _train_and_report(trainer, cfg: RunConfig, run_dir: Path, data: Path, ckpt, quiet: bool) -> int:
