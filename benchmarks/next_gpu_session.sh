@@ -6,8 +6,10 @@
 #                                         #   (ran 2026-11-26 session 4: found the compiled-gradient defect)
 #   benchmarks/next_gpu_session.sh dist   # two GPUs: distributed.py (one, dp2, ep2, pp2_dualpipev with trace) with
 #                                         #   the measured rates; results copied to $OUT as each run lands
-#                                         #   RUNS=one,dp2,dp2_sync: the A/B of the overlapped ZeRO-1 parameter sync
-#                                         #   (2026-11-26 session 7, not yet measured on GPUs)
+#                                         #   RUNS=one,dp2,dp2_sync: the A/B of the ZeRO-1 levers (session 8: 0.956 vs 0.920)
+#                                         #   RUNS=one,ep2,ep2_cg: EP=2 with the blocks as CUDA graphs against the
+#                                         #   default, same machine (session 8 had only ep2_cg: 0.76 estimated)
+#                                         #   STEPS (default 20): steps per run, medians over steps 4+
 #   benchmarks/next_gpu_session.sh ep2    # two GPUs: corpus + the 10-minute EP=2 real-corpus run in the background
 #   benchmarks/next_gpu_session.sh one    # one GPU: the same run on one GPU (the control: today's code, same data)
 #   benchmarks/next_gpu_session.sh step   # one GPU (#5): test_moe_compile.py first (the padded-layout compiled-dx
