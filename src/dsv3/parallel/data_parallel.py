@@ -37,16 +37,23 @@ class _Bucket:
         self.pending = len(params)
         self.flat: torch.Tensor | None = None
         self.work = None
-        # grad_as_bucket_view: one persistent flat buffer; each parameter's gradient lives in its slice
+        # grad_as_bucket_view: one persistent flat buffer; each parameter's gradient lives in its slice.
+        # Allocated at the first backward (``ensure_views``), not here: the buckets are rebuilt once when the
+        # optimizer's owners are known, and two sets of gradient-sized buffers would then coexist.
+        self.as_view = as_view
         self.buffer: torch.Tensor | None = None
         self.views: list[torch.Tensor] = []
-        if as_view:
-            self.buffer = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype,
-                                      device=params[0].device)
+
+    def ensure_views(self) -> list[torch.Tensor]:
+        """The bucket's flat buffer (allocated on first use) as one view per parameter, in ``params`` order."""
+        if self.buffer is None:
+            p0 = self.params[0]
+            self.buffer = torch.zeros(sum(p.numel() for p in self.params), dtype=p0.dtype, device=p0.device)
             offsets = [0]
-            for p in params:
+            for p in self.params:
                 offsets.append(offsets[-1] + p.numel())
-            self.views = [self.buffer[a:b].view_as(p) for p, a, b in zip(params, offsets, offsets[1:])]
+            self.views = [self.buffer[a:b].view_as(p) for p, a, b in zip(self.params, offsets, offsets[1:])]
+        return self.views
 
     def reset(self) -> None:
         self.pending, self.flat, self.work = len(self.params), None, None
@@ -67,10 +74,10 @@ class GradReducer:
 
     ``grad_as_bucket_view`` (the default): each bucket is one persistent flat buffer and every gradient lives in
     its slice, so the reduction runs in place. Without it a bucket is flattened (``cat``: 8 bytes per fp32
-    parameter), pre-divided (8) and copied back (8); with it only the pre-divide touches the gradient. The first
-    backward of a step may still produce a fresh gradient tensor (autograd steals it when ``p.grad`` is None,
-    as after ``zero_grad(set_to_none=True)``): the hook copies it into the slice and points ``p.grad`` there,
-    and later micro-batches accumulate into the slice in place.
+    parameter), pre-divided (8) and copied back (8). With it, and the 1/dp folded into the caller's loss
+    (``fold_average_into_loss``, as the trainer does), the only extra pass is the first backward's: autograd
+    hands over a fresh gradient tensor when ``p.grad`` is None (after ``zero_grad(set_to_none=True)``), so the
+    hook copies it into the slice (8) and points ``p.grad`` there; later micro-batches accumulate in place.
     """
 
     def __init__(self, model: nn.Module, mesh: Mesh, expert_params: Iterable[nn.Parameter] = (),
@@ -143,8 +150,8 @@ class GradReducer:
     def _on_grad(self, p: nn.Parameter) -> None:
         i = self._bucket_of[id(p)]
         b = self.buckets[i]
-        if b.buffer is not None:
-            self._attach(p, b.views[self._slot_of[id(p)]])
+        if b.as_view:
+            self._attach(p, b.ensure_views()[self._slot_of[id(p)]])
         if not self._sync:
             return
         b.pending -= 1
@@ -167,8 +174,8 @@ class GradReducer:
             p.grad = view
 
     def _launch(self, b: _Bucket) -> None:
-        if b.buffer is not None:
-            for p, view in zip(b.params, b.views):   # parameters no backward reached this step: zeros
+        if b.as_view:
+            for p, view in zip(b.params, b.ensure_views()):   # parameters no backward reached this step: zeros
                 self._attach(p, view)
             b.flat = b.buffer
         else:
@@ -199,7 +206,7 @@ class GradReducer:
                     p.grad = None
                 b.reset()
                 continue
-            if b.buffer is not None:      # reduced in place: p.grad is already the result
+            if b.as_view:                 # reduced in place: p.grad is already the result
                 b.reset()
                 continue
             offset = 0

@@ -232,8 +232,9 @@ def trainer_options(precision: str = "bf16", recompute: str = "none", *, ep: int
       (4) and mul_ (8): 20.
     * dp > 1: ``GradReducer`` flattens each bucket (cat: 8), pre-divides it (mul_: 8) and copies the result
       back into ``.grad`` (8): 24 bytes for every local parameter (expert buckets too, even with no peer).
-      With ``parallel.grad_as_bucket_view`` (the default) the gradients live in the buckets and the trainer's
-      loss weights carry the 1/dp (pp = 1): only the first micro-batch's gradient is copied into its slice (8);
+      With ``parallel.grad_as_bucket_view`` (the default) the gradients live in the buckets: the first
+      micro-batch's gradient is copied into its slice (8), and with pp = 1 the trainer's loss weights carry the
+      1/dp, so nothing else (a pipeline still pre-divides: 16);
       the gradients are all-reduced in fp32, and ZeRO-1 (ZeroRedundancyOptimizer) broadcasts the updated fp32
       parameters from their owners (``weight_bytes = 4``). With ``parallel.overlap_param_sync`` (the default,
       pp = 1 only) the broadcasts are waited for layer by layer in the next step's forward, so only the part
@@ -258,7 +259,8 @@ def trainer_options(precision: str = "bf16", recompute: str = "none", *, ep: int
         ep_host_syncs=ep_host_syncs if ep > 1 else 0, ep_chunks=ep_chunks if ep > 1 else 1,
         host_syncs_per_microbatch=1, step_host_syncs=4, misc_kernels=True,
         clip_bytes=12.0 if (ep == 1 and dp == 1) else 20.0,
-        dp_allreduce=not (reduce_to_owner and pp == 1), dp_bucket_bytes=(0.0 if dp == 1 else 8.0 if grad_as_bucket_view and pp == 1 else 24.0),
+        dp_allreduce=not (reduce_to_owner and pp == 1),
+        dp_bucket_bytes=0.0 if dp == 1 else (8.0 if pp == 1 else 16.0) if grad_as_bucket_view else 24.0,
         overlap_param_sync=overlap_param_sync and pp == 1).check()
 
 
