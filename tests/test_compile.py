@@ -1,6 +1,7 @@
 """Compiled blocks (train.compile) with activation recomputation: the same loss and gradients as eager, and
 expert selections counted once. (A checkpoint with a context_fn inside a compiled block broke the first GPU
 run; this keeps that class of failure in CI, on the CPU's inductor.)"""
+import pytest
 import torch
 
 from dsv3.config import preset
@@ -57,3 +58,65 @@ def test_compiled_blocks_with_the_fp8_recipe_match_eager():
     worst = max(((p.grad - q.grad).norm() / p.grad.norm()).item()
                 for p, q in zip(eager.parameters(), compiled.parameters()) if p.grad is not None and p.grad.norm() > 0)
     assert worst < 1e-2, worst  # observed 1.4e-3
+
+
+def test_cudagraph_mode_blocks_return_a_clone_and_keep_their_names(monkeypatch):
+    """compile_blocks in a CUDA-graph mode (the compiler stubbed: CUDA graphs need a GPU): each block's forward is
+    the compiled one with mode 'reduce-overhead', its hidden state comes back as a fresh tensor (so the next
+    block never takes a CUDA-graph output of the same function), and the model's parameter names, loss and
+    gradients are those of the plain model."""
+    from dsv3.train import compile_blocks as cb
+
+    calls = []
+
+    def fake_compile(fn, mode=None):
+        def run(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            calls.append(out[0])
+            return out
+        assert mode == "reduce-overhead"
+        return run
+
+    monkeypatch.setattr(cb.torch, "compile", fake_compile)
+    torch.manual_seed(0)
+    cfg = preset("tiny").replace(num_hidden_layers=2, vocab_size=256)
+    plain, wrapped = DeepseekV3(cfg), DeepseekV3(cfg)
+    wrapped.load_state_dict(plain.state_dict())
+    cb.compile_blocks(list(wrapped.layers) + list(wrapped.mtp), "reduce-overhead")
+    assert list(dict(wrapped.named_parameters())) == list(dict(plain.named_parameters()))
+    ids = torch.randint(0, 256, (2, 32))
+    a, b = plain(ids, ids, return_logits=False), wrapped(ids, ids, return_logits=False)
+    assert len(calls) == cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    a.loss.backward()
+    b.loss.backward()
+    assert torch.equal(a.loss, b.loss)
+    for (n, p), q in zip(plain.named_parameters(), wrapped.parameters()):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), n
+    # the clone: a block's returned hidden state is not the compiled function's own output tensor
+    h = wrapped.layers[0](torch.randn(1, 4, cfg.hidden_size), *wrapped.rotary(torch.arange(4)))[0]
+    assert h.data_ptr() != calls[-1].data_ptr() and torch.equal(h, calls[-1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_gpu_cudagraph_blocks_train_like_eager():
+    """compile_mode 'reduce-overhead' on one GPU, two micro-batches as the trainer runs them (a step marker before
+    each forward): the accumulated gradients match eager. On 2026-11-26 this setting stopped in its first
+    backward (CUDA-graph output overwritten) before compile_blocks cloned each block's hidden state."""
+    from dsv3.train.compile_blocks import compile_blocks
+
+    torch.manual_seed(0)
+    cfg = preset("tiny").replace(num_hidden_layers=3, vocab_size=256)
+    eager = DeepseekV3(cfg).cuda()
+    graphed = DeepseekV3(cfg).cuda()
+    graphed.load_state_dict(eager.state_dict())
+    compile_blocks(list(graphed.layers) + list(graphed.mtp), "reduce-overhead")
+    batches = [torch.randint(0, 256, (2, 64), device="cuda") for _ in range(6)]
+    for step in range(3):          # warm-up, recording, replay
+        for m in (eager, graphed):
+            m.zero_grad(set_to_none=True)
+            for ids in batches[2 * step:2 * step + 2]:
+                torch.compiler.cudagraph_mark_step_begin()
+                m(ids, ids, return_logits=False).loss.backward()
+        for (n, p), q in zip(eager.named_parameters(), graphed.parameters()):
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"step {step} {n}: {m}")

@@ -60,7 +60,7 @@ class TrainConfig:
     fp8_backend: str = "auto"             # FP8 GEMM kernels: 'auto' (fastest available), 'reference' (dequantize + fp32 matmul, for checking)
     device: str = "auto"                  # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'
     compile: bool = False                 # torch.compile each transformer block
-    compile_mode: str = "default"         # with compile: torch.compile's mode; 'reduce-overhead' (CUDA graphs) is experimental: faster EP=2, failed on one GPU
+    compile_mode: str = "default"         # with compile: torch.compile's mode; 'reduce-overhead' (CUDA graphs) is experimental (dsv3.train.compile_blocks)
     recompute: str = "none"               # activation recomputation: 'none', 'selective', 'full'
     seed: int = 0                         # seeds weights, data order and every RNG
     deterministic: bool = True            # on the CPU, use deterministic kernels (bit-reproducible runs)

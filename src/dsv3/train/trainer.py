@@ -27,6 +27,7 @@ from dsv3.errors import UserError
 from dsv3.fp8.weight_cache import reuse_quantized_weights
 from dsv3.model import DeepseekV3
 from dsv3.train import balance, checkpoint, metrics, schedules
+from dsv3.train.compile_blocks import CUDAGRAPH_MODES, compile_blocks
 from dsv3.train.config import RunConfig
 from dsv3.train.distributed import Layout
 from dsv3.train.evaluate import evaluate
@@ -93,7 +94,7 @@ class Trainer:
         self.all_reduce = all_reduce or self.layout.count_all_reduce  # exists only after wrap()
         from dsv3.kernels import cross_entropy
         cross_entropy.COMPILE_CHUNKS = None if t.compile else False   # the fused loss compiles only if asked
-        if t.compile and t.compile_mode in ("reduce-overhead", "max-autotune") and self.layout.pp > 1:
+        if t.compile and t.compile_mode in CUDAGRAPH_MODES and self.layout.pp > 1:
             raise UserError(f"train.compile_mode = {t.compile_mode!r} (CUDA graphs) does not work with parallel.pp > 1: "
                             "the pipeline holds several micro-batches' graphs at once; use 'default' or "
                             "'max-autotune-no-cudagraphs'")
@@ -104,13 +105,10 @@ class Trainer:
                 # when they donate their saved buffers.
                 import torch._functorch.config as functorch_config
                 functorch_config.donated_buffer = False
-            mode = None if t.compile_mode == "default" else t.compile_mode
-            for layer in list(self.model.layers) + list(self.model.mtp):
-                layer.compile(mode=mode)
+            compile_blocks(list(self.model.layers) + list(self.model.mtp), t.compile_mode)
         # CUDA graphs (compile_mode 'reduce-overhead' / 'max-autotune'): each forward starts a new replay
         # generation, so the previous micro-batch's graph outputs (consumed by its backward) may be reused
-        self._cudagraphs = t.compile and t.compile_mode in ("reduce-overhead", "max-autotune") \
-            and self.device.type == "cuda"
+        self._cudagraphs = t.compile and t.compile_mode in CUDAGRAPH_MODES and self.device.type == "cuda"
         self.optimizer = self.layout.build_optimizer(self.model, t)
         dp = self.layout.dp
         mb = t.micro_batch_size or t.batch_size // dp   # per-rank micro-batch
