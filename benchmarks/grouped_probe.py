@@ -18,14 +18,11 @@ TK = 16384 * 6
 per = TK // E
 offs = torch.arange(1, E + 1, device=dev, dtype=torch.int32) * per
 
+from fp8_linear import bench as _bench   # median ms of CUDA-event-timed calls (benchmarks/ is the script's path)
+
+
 def bench(fn, iters=20):
-    for _ in range(3): fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); fn(); e.record(); torch.cuda.synchronize(); ts.append(s.elapsed_time(e))
-    ts.sort(); return ts[len(ts)//2]
+    return _bench(fn, iters, warmup=3)
 
 x = torch.randn(TK, D, device=dev, dtype=torch.bfloat16, requires_grad=True)
 wg = (torch.randn(E, F_, D, device=dev, dtype=torch.bfloat16) * 0.02).requires_grad_()
