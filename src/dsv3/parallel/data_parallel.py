@@ -111,8 +111,7 @@ class GradReducer:
             cur_key, cur_group, cur_owner = key, group, owner
         if cur:
             self.buckets.append(_Bucket(cur_group, cur, cur_owner, self.as_view))
-        self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
-        self._slot_of = {id(p): j for b in self.buckets for j, p in enumerate(b.params)}
+        self._place = {id(p): (i, j) for i, b in enumerate(self.buckets) for j, p in enumerate(b.params)}
         self._next = 0          # next bucket to launch (index order)
         self._ready = [False] * len(self.buckets)
 
@@ -148,10 +147,10 @@ class GradReducer:
 
     # ----------------------------------------------------------------- machinery
     def _on_grad(self, p: nn.Parameter) -> None:
-        i = self._bucket_of[id(p)]
+        i, slot = self._place[id(p)]
         b = self.buckets[i]
         if b.as_view:
-            self._attach(p, b.ensure_views()[self._slot_of[id(p)]])
+            self._attach(p, b.ensure_views()[slot])
         if not self._sync:
             return
         b.pending -= 1
@@ -280,6 +279,10 @@ class ShardedOptimizer:
             if parts[kind]:
                 self.parts.append(zero_class(parts[kind], optimizer_class=optimizer_class, process_group=pg,
                                              parameters_as_bucket_view=True, **defaults))
+        # id(param) -> (global rank of its owner, the group it is broadcast over), for the groups of more than
+        # one rank; the partition is fixed, so this is worked out once, not per step and parameter
+        self._source = {id(p): (dist.get_global_rank(z.process_group, r), z.process_group)
+                        for z in self.parts if z.world_size > 1 for p, r in z._param_to_rank.items()}
 
     @property
     def param_groups(self) -> list[dict]:
@@ -292,7 +295,6 @@ class ShardedOptimizer:
         for z in self.parts:
             z.step()
         if self._groups:   # every parameter now awaits its owner's values; the next forward fetches them
-            self._owners = [(z, z._param_to_rank) for z in self.parts if z.world_size > 1]
             self._pending = {id(p): None for g in self._groups for p in g}
             self._next_group = 0
 
@@ -301,14 +303,12 @@ class ShardedOptimizer:
         per parameter from its owner, dense and expert shards interleaved in forward order."""
         while self._next_group <= min(last, len(self._groups) - 1):
             for p in self._groups[self._next_group]:
-                for z, owner in self._owners:
-                    if p in owner:
-                        src = dist.get_global_rank(z.process_group, owner[p])
-                        self._pending[id(p)] = dist.broadcast(p.data, src=src, group=z.process_group,
-                                                              async_op=True)
-                        break
+                source = self._source.get(id(p))
+                if source is None:                      # a one-rank group: already current
+                    self._pending.pop(id(p), None)
                 else:
-                    self._pending.pop(id(p), None)      # a one-rank group: already current
+                    src, group = source
+                    self._pending[id(p)] = dist.broadcast(p.data, src=src, group=group, async_op=True)
             self._next_group += 1
 
     def _wait_group(self, i: int) -> None:
@@ -323,11 +323,9 @@ class ShardedOptimizer:
 
     def owners(self) -> dict[int, int]:
         """id(param) -> global rank of the rank that steps it (ZeroRedundancyOptimizer's partition)."""
-        out = {}
-        for z in self.parts:
-            for p, r in z._param_to_rank.items():
-                out[id(p)] = dist.get_global_rank(z.process_group, r) if z.world_size > 1 else dist.get_rank()
-        return out
+        me = dist.get_rank()
+        return {id(p): self._source[id(p)][0] if id(p) in self._source else me
+                for z in self.parts for p in z._param_to_rank}
 
     def wait_params(self) -> None:
         """Every parameter is current (``overlap_param_sync``): the broadcasts not launched yet are launched, in
