@@ -15,7 +15,8 @@ from pathlib import Path
 
 from dsv3.errors import UserError
 from dsv3.train import checkpoint, rundir
-from dsv3.train.config import RunConfig, apply_overrides, config_help, load_toml, resolve, save_json
+from dsv3.train.config import (CUDAGRAPH_MODES, RunConfig, apply_overrides, config_help, load_toml, resolve,
+                               save_json)
 
 
 def register(subparsers) -> None:
@@ -175,8 +176,6 @@ def _cudagraph_user_error(e: Exception, cfg: RunConfig) -> UserError | None:
     ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run"; see
     ``dsv3.train.compile_blocks`` for the fix, not yet run on a GPU)."""
     mode = cfg.train.compile_mode
-    from dsv3.train.compile_blocks import CUDAGRAPH_MODES
-
     if isinstance(e, UserError) or mode not in CUDAGRAPH_MODES or "CUDAGraphs" not in str(e):
         return None
     first = str(e).strip().splitlines()[0][:160]

@@ -6,8 +6,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-# torch.compile modes that replay the compiled code as CUDA graphs (cudagraph trees)
-CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+from dsv3.train.config import CUDAGRAPH_MODES
 
 
 def compile_blocks(layers: Iterable[nn.Module], mode: str = "default") -> None:

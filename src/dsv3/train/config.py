@@ -20,7 +20,8 @@ from dsv3.errors import UserError
 
 FP8_FAMILIES = {"attention", "mlp", "experts"}
 PRECISIONS = ("bf16", "fp32", "fp8")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")   # torch.compile modes that replay CUDA graphs
+COMPILE_MODES = ("default", *CUDAGRAPH_MODES, "max-autotune-no-cudagraphs")
 DEVICES_HINT = "'auto', 'cpu', 'cuda' or 'cuda:N'"
 SECTIONS = ("model", "train", "data", "parallel")
 

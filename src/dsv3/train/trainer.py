@@ -27,8 +27,8 @@ from dsv3.errors import UserError
 from dsv3.fp8.weight_cache import reuse_quantized_weights
 from dsv3.model import DeepseekV3
 from dsv3.train import balance, checkpoint, metrics, schedules
-from dsv3.train.compile_blocks import CUDAGRAPH_MODES, compile_blocks
-from dsv3.train.config import RunConfig
+from dsv3.train.compile_blocks import compile_blocks
+from dsv3.train.config import CUDAGRAPH_MODES, RunConfig
 from dsv3.train.distributed import Layout
 from dsv3.train.evaluate import evaluate
 from dsv3.train.profiling import profile_one_step
