@@ -256,18 +256,17 @@ def main() -> None:
             print({k: round(res[k], 4) for k in ("sim_step_s_1gpu", "sim_rel_err_1gpu")}, flush=True)
         return
     dp2 = train("dp2", out, data, 2, common, ["--set", f"train.batch_size={2 * per_gpu}"])
-    if "dp2_sync" in RUNS:   # A/B: ZeRO-1 as before session 7 (all-reduce of flattened copies; broadcast
-        # waited inside the step)
-        dp2_sync = train("dp2_sync", out, data, 2, common, ["--set", f"train.batch_size={2 * per_gpu}",
-                                                            "--set", "parallel.overlap_param_sync=false",
-                                                            "--set", "parallel.reduce_to_owner=false",
-                                                            "--set", "parallel.grad_as_bucket_view=false"])
-        res["dp_scaling_without_param_sync_overlap"] = dp2_sync["tokens_per_s"] / (2 * one["tokens_per_s"])
-    if "dp2_allreduce" in RUNS:   # A/B of parallel.reduce_to_owner alone (the other DP levers on)
-        dp2_ar = train("dp2_allreduce", out, data, 2, common, ["--set", f"train.batch_size={2 * per_gpu}",
-                                                                "--set", "parallel.reduce_to_owner=false"])
-        res["dp_scaling_allreduce"] = dp2_ar["tokens_per_s"] / (2 * one["tokens_per_s"])
-    if RUNS <= {"one", "dp2", "dp2_sync", "dp2_allreduce"}:   # the DP A/B alone: no EP or pipeline runs
+    # A/B runs of the ZeRO-1 switches: run -> (result key, the parallel.* switches it turns off). dp2_sync is
+    # ZeRO-1 as before session 7 (all-reduce of flattened copies, broadcast waited inside the step).
+    dp_variants = {"dp2_sync": ("dp_scaling_without_param_sync_overlap",
+                                ("overlap_param_sync", "reduce_to_owner", "grad_as_bucket_view")),
+                   "dp2_allreduce": ("dp_scaling_allreduce", ("reduce_to_owner",))}
+    for name, (key, off) in dp_variants.items():
+        if name in RUNS:
+            r = train(name, out, data, 2, common, ["--set", f"train.batch_size={2 * per_gpu}",
+                                                   *(a for k in off for a in ("--set", f"parallel.{k}=false"))])
+            res[key] = r["tokens_per_s"] / (2 * one["tokens_per_s"])
+    if RUNS <= {"one", "dp2", *dp_variants}:   # the DP A/B alone: no EP or pipeline runs
         res["dp_scaling"] = dp2["tokens_per_s"] / (2 * one["tokens_per_s"])
         res["runs"] = {"one": one, "dp2": dp2}
         (out / "distributed.json").write_text(json.dumps(res, indent=2) + "\n")
