@@ -205,7 +205,7 @@ def main() -> None:
     ap.add_argument("--runs", default="one,dp2,ep2,pp2_dualpipev",
                     help="which runs to make now (also dp2_sync: DP=2 with parallel.overlap_param_sync, "
                          "reduce_to_owner and grad_as_bucket_view off; dp2_allreduce: reduce_to_owner off; one_cg, dp2_cg, "
-                         "ep2_cg: train.compile_mode = 'reduce-overhead'); the "
+                         "ep2_cg: train.compile_mode = 'reduce-overhead'; ep2_fp8d, ep2_cg_fp8d: parallel.fp8_dispatch on); the "
                          "others are read from OUT/NAME/result.json of an earlier call "
                          "(e.g. the one-GPU baseline on a free GPU while another job runs)")
     args = ap.parse_args()
@@ -237,15 +237,28 @@ def main() -> None:
     res["device"] = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     res["torch"] = torch.__version__
     one = train("one", out, data, 1, common, ["--set", f"train.batch_size={per_gpu}"])
-    cg_runs = {"ep2_cg": (2, ["--set", "parallel.ep=2"]), "one_cg": (1, []), "dp2_cg": (2, [])}
-    if RUNS & cg_runs.keys():   # A/B: the compiled blocks replayed as CUDA graphs (train.compile_mode)
-        for name, (nproc, extra) in cg_runs.items():
+    # A/B runs against the one-GPU step: run -> (processes, its settings). _cg: the compiled blocks replayed as
+    # CUDA graphs (train.compile_mode); _fp8d: EP's dispatch payload in E4M3 with 1x128 scales (V3's recipe).
+    cg = ["--set", 'train.compile_mode="reduce-overhead"']
+    ep = ["--set", "parallel.ep=2"]
+    fp8d = ["--set", "parallel.fp8_dispatch=true"]
+    variant_runs = {"one_cg": (1, cg), "dp2_cg": (2, cg), "ep2_cg": (2, ep + cg), "ep2_fp8d": (2, ep + fp8d),
+                    "ep2_cg_fp8d": (2, ep + cg + fp8d)}
+    if RUNS & variant_runs.keys():
+        for name, (nproc, extra) in variant_runs.items():
             if name in RUNS:
-                r = train(name, out, data, nproc, common, ["--set", f"train.batch_size={nproc * per_gpu}", *extra,
-                                                           "--set", 'train.compile_mode="reduce-overhead"'])
+                try:  # an A/B variant that fails is recorded; the others still run
+                    r = train(name, out, data, nproc, common, ["--set", f"train.batch_size={nproc * per_gpu}", *extra])
+                except SystemExit as e:
+                    res[f"{name}_error"] = str(e)
+                    continue
                 res[f"{name}_step_s"] = r["step_s"]
                 res[f"{name}_scaling"] = r["tokens_per_s"] / (nproc * one["tokens_per_s"])
-        if RUNS <= {"one"} | cg_runs.keys():
+        if "ep2" in RUNS and not RUNS & {"dp2", "pp2_dualpipev"}:   # the EP A/B: default EP=2 on the same machine
+            r = train("ep2", out, data, 2, common, ["--set", f"train.batch_size={2 * per_gpu}", *ep])
+            res["ep2_step_s"] = r["step_s"]
+            res["ep2_scaling"] = r["tokens_per_s"] / (2 * one["tokens_per_s"])
+        if RUNS <= {"one", "ep2"} | variant_runs.keys():
             res["one_step_s"] = one["step_s"]
             (out / "distributed.json").write_text(json.dumps(res, indent=2) + "\n")
             print({k: round(v, 4) for k, v in res.items() if k.endswith(("_step_s", "_scaling"))}, flush=True)

@@ -3,14 +3,18 @@
 For each M (tokens) and (K, N) of DeepSeek-V3's big linears it times, forward
 + backward (3 GEMMs, 6*M*K*N FLOPs):
 
-* ``fp8_linear``: dsv3.fp8.linear.fp8_linear, quantization included;
+* ``fp8_linear``: dsv3.fp8.linear.fp8_linear, every quantization included (the weight's too, every call);
+* ``fp8_linear_wcached``: the same inside ``reuse_quantized_weights()``, as the trainer runs it: the weight's
+  128x128 blocks are made once per optimizer step and reused by every micro-batch (timed here after the
+  first call made them), the activations and gradients quantized every call;
 * ``scaled_mm_x3``: the three blockwise torch._scaled_mm calls alone on
   pre-quantized operands (fprop 1x128 x 128x128, dgrad 1x128 x 128x128,
   wgrad 1x128 x 1x128), i.e. the ceiling for this recipe with cuBLAS;
 * ``bf16_linear``: F.linear forward + backward in BF16.
 
 ``linear_fraction_of_scaled_mm`` = time(scaled_mm_x3) / time(fp8_linear): the
-share of the FP8 layer's time spent in the GEMMs (1.0 = quantization is free).
+share of the FP8 layer's time spent in the GEMMs (1.0 = quantization is free);
+``linear_fraction_wcached`` the same with the weight quantized once per step.
 
 Before timing it checks the GPU path against the CPU reference path on a
 small shape and exits non-zero on a mismatch.
@@ -32,7 +36,8 @@ import torch.nn.functional as F
 from dsv3.fp8.blocks import quantize_activation_tiles, quantize_weight_blocks
 from dsv3.fp8.gemm import fp8_gemm_nt, scaled_mm_blockwise_available
 from dsv3.fp8.linear import fp8_linear
-from dsv3.fp8.triton_quant import quantize_tiles
+from dsv3.fp8.triton_quant import quantize_blocks, quantize_tiles, quantize_tiles_both
+from dsv3.fp8.weight_cache import reuse_quantized_weights
 
 V3_SHAPES = [(7168, 2048), (2048, 7168), (7168, 18432)]  # (K in, N out)
 
@@ -107,10 +112,15 @@ def run_shape(m: int, k: int, n: int, iters: int) -> dict:
         fp8_gemm_nt(dq, ds, "tile", wtq, wts, "block", torch.bfloat16, "scaled_mm")
         fp8_gemm_nt(dtq, dts, "tile", xtq, xts, "tile", torch.float32, "scaled_mm")
 
-    def quant_only():  # the five quantizations of one fwd+bwd, as fp8_linear runs them
+    def quant_only():  # the quantizations of one fwd+bwd, as fp8_linear runs them (x and dy along both axes)
+        quantize_tiles_both(x.detach())
+        quantize_blocks(w32.detach())
+        quantize_tiles_both(gy)
+
+    def quant_separate():  # the same as five one-axis passes (the kernels before quantize_tiles_both)
         quantize_tiles(x.detach())
         quantize_tiles(x.detach().t())
-        quantize_weight_blocks(w32.detach())
+        quantize_blocks(w32.detach())
         quantize_tiles(gy)
         quantize_tiles(gy.t())
 
@@ -123,14 +133,20 @@ def run_shape(m: int, k: int, n: int, iters: int) -> dict:
 
     flops = 6.0 * m * k * n
     out = {"M": m, "K": k, "N": n, "flops": flops}
-    for name, fn in (("fp8_linear", fp8_step), ("scaled_mm_x3", gemm3), ("bf16_linear", bf16_step),
-                     ("quantize_only", quant_only), ("quantize_torch_ref", quant_torch)):
-        ms = bench(fn, iters)
+    for name, fn in (("fp8_linear", fp8_step), ("fp8_linear_wcached", fp8_step), ("scaled_mm_x3", gemm3),
+                     ("bf16_linear", bf16_step), ("quantize_only", quant_only),
+                     ("quantize_separate_passes", quant_separate), ("quantize_torch_ref", quant_torch)):
+        if name == "fp8_linear_wcached":
+            with reuse_quantized_weights():
+                ms = bench(fn, iters)
+        else:
+            ms = bench(fn, iters)
         out[f"{name}_ms"] = ms
         if not name.startswith("quantize"):
             out[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12
         x.grad = w32.grad = w16.grad = None
     out["linear_fraction_of_scaled_mm"] = out["scaled_mm_x3_ms"] / out["fp8_linear_ms"]
+    out["linear_fraction_wcached"] = out["scaled_mm_x3_ms"] / out["fp8_linear_wcached_ms"]
     out["fp8_speedup_vs_bf16"] = out["bf16_linear_ms"] / out["fp8_linear_ms"]
     return out
 
@@ -164,15 +180,16 @@ def main(argv=None) -> int:
         "shapes": [],
     }
     if ok:
-        print(f"{'M':>6} {'K':>6} {'N':>6} | {'fp8 lin':>8} {'mm x3':>8} {'bf16':>8} TFLOP/s | "
-              f"{'quant ms':>8} {'frac':>5} {'vs bf16':>7}")
+        print(f"{'M':>6} {'K':>6} {'N':>6} | {'fp8 lin':>8} {'w cached':>8} {'mm x3':>8} {'bf16':>8} TFLOP/s | "
+              f"{'quant ms':>8} {'frac':>5} {'frac wc':>7} {'vs bf16':>7}")
         for m in args.m:
             for k, n in V3_SHAPES:
                 r = run_shape(m, k, n, args.iters)
                 results["shapes"].append(r)
-                print(f"{m:>6} {k:>6} {n:>6} | {r['fp8_linear_tflops']:8.0f} {r['scaled_mm_x3_tflops']:8.0f} "
-                      f"{r['bf16_linear_tflops']:8.0f}         | {r['quantize_only_ms']:8.3f} "
-                      f"{r['linear_fraction_of_scaled_mm']:5.2f} {r['fp8_speedup_vs_bf16']:7.2f}", flush=True)
+                print(f"{m:>6} {k:>6} {n:>6} | {r['fp8_linear_tflops']:8.0f} {r['fp8_linear_wcached_tflops']:8.0f} "
+                      f"{r['scaled_mm_x3_tflops']:8.0f} {r['bf16_linear_tflops']:8.0f}         | "
+                      f"{r['quantize_only_ms']:8.3f} {r['linear_fraction_of_scaled_mm']:5.2f} "
+                      f"{r['linear_fraction_wcached']:7.2f} {r['fp8_speedup_vs_bf16']:7.2f}", flush=True)
                 torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

@@ -21,6 +21,8 @@
 #   TESTS=tests/test_fp8_linear.py CONFIGS=small STEP_ARGS="--peers none --fp8" benchmarks/next_gpu_session.sh step
 #                                         # one GPU (#6): the FP8 step with the FP8 linear as custom ops (session 7,
 #                                         #   not yet timed) against BF16, same run
+#   benchmarks/next_gpu_session.sh fp8lin # one GPU (#6): FP8 quantizer/linear/grouped GPU tests and the CUDA-graph
+#                                         #   block test, fp8_linear.py, fp8_grouped.py, the small FP8 step vs BF16
 #   benchmarks/next_gpu_session.sh ep2wait  # (or onewait) the next call: waits for it, returns its records in run_ep2.tar.gz;
 #                                         #   compare here with the committed one-GPU run:
 #                                         #   compare_runs.py raw/2026-11-25-two-gpu-session/run_one RUN_EP2 ...
@@ -46,7 +48,7 @@ case "${1:-}" in
         --rates benchmarks/results/raw/2026-11-26-distributed/rates-small-h200x2.json > $S/distributed.log 2>&1
      echo "rc=$?" >> $S/distributed.log) &
     bg=$!
-    save() { for r in one one_cg dp2 dp2_cg dp2_sync dp2_allreduce ep2 ep2_cg pp2_dualpipev; do [ -d $D/$r ] || continue; mkdir -p $S/$r
+    save() { for r in one one_cg dp2 dp2_cg dp2_sync dp2_allreduce ep2 ep2_cg ep2_fp8d ep2_cg_fp8d pp2_dualpipev; do [ -d $D/$r ] || continue; mkdir -p $S/$r
       cp $D/$r/result.json $D/$r/metrics.jsonl $D/$r/expert_load.jsonl $S/$r/ 2>/dev/null
       [ -d $D/$r/traces ] && cp -r $D/$r/traces $S/$r/
       cp $D/$r/profile/*.txt $D/$r/profile/*.summary.json $S/$r/ 2>/dev/null; done
@@ -94,6 +96,22 @@ case "${1:-}" in
         --profile-dir $S --out $S/train_step.json ${STEP_ARGS:-} 2>&1 | grep -v Warn > $S/train_step.log
     grep -E "^\[|device" $S/train_step.log
     gzip -f $S/*.trace.json 2>/dev/null; tar czf $OUT/step.tar.gz -C /tmp step ;;
+  fp8lin)
+    # one GPU (#6, session 9): the FP8 quantizer and linear GPU tests (+ the CUDA-graph block test of #9), the
+    # FP8 linear against the blockwise _scaled_mm GEMMs alone (x and dy quantized along both axes in one read),
+    # the grouped expert kernels, and the small FP8 step against BF16; everything packed in $OUT/fp8lin.tar.gz
+    S=/tmp/fp8lin; mkdir -p $S
+    nvidia-smi --query-gpu=name --format=csv,noheader | tee $S/gpu.txt
+    timeout ${TEST_S:-240} python3 -m pytest -q ${TESTS:-tests/test_fp8_triton.py tests/test_fp8_linear.py \
+        tests/test_fp8_grouped.py tests/test_compile.py} 2>&1 | grep -E "^E  |passed|failed|^FAILED" | head -30 \
+        | tee $S/gpu_tests.txt
+    timeout 150 python3 benchmarks/fp8_linear.py --out $S/fp8_linear.json 2>&1 | grep -v Warn | tee $S/fp8_linear.log
+    timeout 120 python3 benchmarks/fp8_grouped.py --out $S/fp8_grouped.json 2>&1 | grep -v Warn > $S/fp8_grouped.log
+    tail -8 $S/fp8_grouped.log
+    timeout ${STEP_S:-200} python3 benchmarks/train_step.py --configs small --peers none --fp8 --steps ${STEPS:-12} \
+        --out $S/train_step.json 2>&1 | grep -v Warn > $S/train_step.log
+    grep -E "^\[|device|fp8|FP8" $S/train_step.log | head -20
+    tar czf $OUT/fp8lin.tar.gz -C /tmp fp8lin ;;
   *)
-    echo "usage: $0 fp8|dist|ep2|ep2wait|one|onewait|step" >&2; exit 2 ;;
+    echo "usage: $0 fp8|dist|ep2|ep2wait|one|onewait|step|fp8lin" >&2; exit 2 ;;
 esac

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from dsv3.fp8 import triton_grouped
 from dsv3.fp8.gemm import fp8_gemm_nt
-from dsv3.fp8.triton_quant import quantize_tiles
+from dsv3.fp8.triton_quant import quantize_tiles, quantize_tiles_axes
 from dsv3.fp8.weight_cache import weight_blocks, weight_blocks_transposed
 
 __all__ = ["fp8_grouped_mm", "FP8GroupedMMFunction", "group_bounds", "quantize_tokens_grouped",
@@ -80,18 +80,19 @@ class FP8GroupedMMFunction(torch.autograd.Function):
                 raise ValueError(f"x [T, {k}] does not match w {tuple(w.shape)} (expected [E, N, {k}])")
         e_count = ws[0].shape[0]
         key = ws[0] if len(ws) == 1 else tuple(ws)
-        xq, xs = quantize_tiles(x, pow2_scale, backend)
         wq, ws_ = weight_blocks(key, pow2_scale)  # [E, N, K], [E, nb, kb]
         n = wq.shape[1]
         wgrad = any(ctx.needs_input_grad[5:])
         ctx.fast = fast
         if fast:  # one Triton launch for all groups; the group ends stay on the device
             bounds = None
+            # x^T tiled along tokens over all rows at once (groups start at multiples of 128, so no tile
+            # mixes two groups), from the same read of x as its tiles along K
+            xq, xs, xtq, xts = quantize_tiles_axes(x, True, wgrad, pow2_scale, backend)
+            saved = [xtq, xts] if wgrad else []
             y = triton_grouped.grouped_fp8_nt(xq, xs, wq, ws_, offs, out_dtype=x.dtype)
-            # x^T tiled along tokens over all rows at once: groups start at multiples of 128, so no tile
-            # mixes two groups
-            saved = list(quantize_tiles(x.t(), pow2_scale, backend)) if wgrad else []
         else:
+            xq, xs = quantize_tiles(x, pow2_scale, backend)
             bounds = group_bounds(offs, e_count)
             if bounds and bounds[-1][1] > t:
                 raise ValueError(f"offs ends at {bounds[-1][1]} but x has {t} rows")
@@ -117,12 +118,12 @@ class FP8GroupedMMFunction(torch.autograd.Function):
         dx = dw = None
         wgrad = any(ctx.needs_input_grad[5:])
         if ctx.fast:
+            # dy along N (dgrad) and dy^T along tokens (wgrad), from one read of dy when both are needed
+            dyq, dys, dytq, dyts = quantize_tiles_axes(dy, ctx.needs_input_grad[0], wgrad, pow2_scale, backend)
             if ctx.needs_input_grad[0]:
-                dyq, dys = quantize_tiles(dy, pow2_scale, backend)
                 wtq, wts = weight_blocks_transposed(ctx.key, wq, ws, pow2_scale)
                 dx = triton_grouped.grouped_fp8_nt(dyq, dys, wtq, wts, offs, out_dtype=x_dtype)
             if wgrad:
-                dytq, dyts = quantize_tiles(dy.t(), pow2_scale, backend)
                 dw = triton_grouped.grouped_fp8_wgrad(dytq, dyts, xt[0], xt[1], offs, out_dtype=torch.float32)
         else:
             if ctx.needs_input_grad[0]:

@@ -17,7 +17,8 @@ the transposed scale grid (no second rounding).
 
 wgrad reduces over tokens, so both of its operands are tiled along the token
 axis. The forward therefore quantizes x twice from the same high-precision
-values, along K (for fprop) and along T (for wgrad), and saves only the latter,
+values, along K (for fprop) and along T (for wgrad; on CUDA both in one read of x,
+``quantize_tiles_both``; dy likewise in the backward), and saves only the latter,
 in FP8: the activation kept for backward costs 1 byte per element plus one fp32
 per 128, instead of 2 bytes in BF16. The weight's FP8 copy and its scales are
 saved too (1 byte per weight element), which avoids quantizing W again.
@@ -31,33 +32,33 @@ from torch import Tensor
 
 from dsv3.fp8.blocks import BLOCK, FP8_DTYPE, TILE
 from dsv3.fp8.gemm import fp8_gemm_nt
-from dsv3.fp8.triton_quant import quantize_tiles
+from dsv3.fp8.triton_quant import quantize_tiles_axes
 from dsv3.fp8.weight_cache import weight_blocks, weight_blocks_transposed
 
 __all__ = ["fp8_linear", "FP8Linear", "FP8LinearFunction"]
 
 
-def _fprop(x2: Tensor, weight: Tensor, pow2_scale: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(y = x2 W^T in x2's dtype, W's FP8 blocks, their scales): x tiled 1x128 along K, W from the weight cache."""
+def _fprop(x2: Tensor, weight: Tensor, pow2_scale: bool, backend: str, xq: Tensor, xs: Tensor
+           ) -> tuple[Tensor, Tensor, Tensor]:
+    """(y = x2 W^T in x2's dtype, W's FP8 blocks, their scales): x tiled 1x128 along K (``xq``, ``xs``), W from
+    the weight cache."""
     if TILE != BLOCK:
         raise AssertionError("dgrad reuses W's blocks as W^T's: tile and block must match")
-    xq, xs = quantize_tiles(x2, pow2_scale, backend)
     wq, ws = weight_blocks(weight, pow2_scale)  # once per step inside reuse_quantized_weights()
     return fp8_gemm_nt(xq, xs, "tile", wq, ws, "block", out_dtype=x2.dtype, backend=backend), wq, ws
 
 
-def _dgrad(dy2: Tensor, weight: Tensor, wq: Tensor, ws: Tensor, pow2_scale: bool, backend: str,
+def _dgrad(dyq: Tensor, dys: Tensor, weight: Tensor, wq: Tensor, ws: Tensor, pow2_scale: bool, backend: str,
            x_dtype: torch.dtype) -> Tensor:
-    """dx = dy W: dy tiled along N, W^T [K, N] in FP8 as the same bytes and block grid, transposed."""
-    dyq, dys = quantize_tiles(dy2, pow2_scale, backend)
+    """dx = dy W: dy tiled along N (``dyq``, ``dys``), W^T [K, N] in FP8 as the same bytes and block grid,
+    transposed."""
     wtq, wts = weight_blocks_transposed(weight, wq, ws, pow2_scale)
     return fp8_gemm_nt(dyq, dys, "tile", wtq, wts, "block", out_dtype=x_dtype, backend=backend)
 
 
-def _wgrad(dy2: Tensor, xtq: Tensor, xts: Tensor, pow2_scale: bool, backend: str, w_dtype: torch.dtype) -> Tensor:
-    """dW = dy^T x, both tiled along tokens; fp32 out (the optimizer's gradients are fp32, design.md
-    section 3), then the weight's dtype."""
-    dytq, dyts = quantize_tiles(dy2.t(), pow2_scale, backend)
+def _wgrad(dytq: Tensor, dyts: Tensor, xtq: Tensor, xts: Tensor, backend: str, w_dtype: torch.dtype) -> Tensor:
+    """dW = dy^T x, both tiled along tokens (``dytq`` is dy^T [N, T]); fp32 out (the optimizer's gradients are
+    fp32, design.md section 3), then the weight's dtype."""
     return fp8_gemm_nt(dytq, dyts, "tile", xtq, xts, "tile", out_dtype=torch.float32, backend=backend).to(w_dtype)
 
 
@@ -69,14 +70,11 @@ class FP8LinearFunction(torch.autograd.Function):
         k = x.shape[-1]
         n = weight.shape[0]
         x2 = x.reshape(-1, k)
-        y, wq, ws = _fprop(x2, weight, pow2_scale, backend)
+        # x tiled along K for fprop and, for wgrad, x^T tiled along tokens, both from the high-precision x
+        xq, xs, xtq, xts = quantize_tiles_axes(x2, True, ctx.needs_input_grad[1], pow2_scale, backend)
+        y, wq, ws = _fprop(x2, weight, pow2_scale, backend, xq, xs)
         if bias is not None:
             y = y + bias.to(y.dtype)
-        if ctx.needs_input_grad[1]:
-            # x^T tiled along tokens, straight from the high-precision x.
-            xtq, xts = quantize_tiles(x2.t(), pow2_scale, backend)
-        else:
-            xtq = xts = None
         ctx.save_for_backward(xtq, xts, wq, ws)
         ctx.w = weight  # the cache key of W^T's FP8 copy
         ctx.meta = (x.shape, x.dtype, weight.dtype, bias is not None, pow2_scale, backend)
@@ -88,10 +86,12 @@ class FP8LinearFunction(torch.autograd.Function):
         x_shape, x_dtype, w_dtype, has_bias, pow2_scale, backend = ctx.meta
         dy2 = dy.reshape(-1, wq.shape[0])
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = _dgrad(dy2, ctx.w, wq, ws, pow2_scale, backend, x_dtype).reshape(x_shape)
-        if ctx.needs_input_grad[1]:
-            dw = _wgrad(dy2, xtq, xts, pow2_scale, backend, w_dtype)
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dyq, dys, dytq, dyts = quantize_tiles_axes(dy2, need_dx, need_dw, pow2_scale, backend)
+        if need_dx:
+            dx = _dgrad(dyq, dys, ctx.w, wq, ws, pow2_scale, backend, x_dtype).reshape(x_shape)
+        if need_dw:
+            dw = _wgrad(dytq, dyts, xtq, xts, backend, w_dtype)
         if has_bias and ctx.needs_input_grad[2]:
             db = dy2.float().sum(0)
         return dx, dw, db, None, None
@@ -109,10 +109,10 @@ def _fp8_linear_op(x2: Tensor, weight: Tensor, pow2_scale: bool, backend: str, s
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """(y [M, N] in x's dtype, x^T [K, M] in FP8 tiled along tokens, its scales) for x2 [M, K] and weight
     [N, K]; the last two are empty unless ``save_xt`` (the weight gradient will be needed)."""
-    y, _, _ = _fprop(x2, weight, pow2_scale, backend)
+    xq, xs, xtq, xts = quantize_tiles_axes(x2, True, save_xt, pow2_scale, backend)
+    y, _, _ = _fprop(x2, weight, pow2_scale, backend, xq, xs)
     if not save_xt:
         return y, x2.new_empty(0, dtype=FP8_DTYPE), x2.new_empty(0, dtype=torch.float32)
-    xtq, xts = quantize_tiles(x2.t(), pow2_scale, backend)
     return y, xtq, xts
 
 
@@ -132,11 +132,12 @@ def _fp8_linear_backward_op(dy2: Tensor, xtq: Tensor, xts: Tensor, weight: Tenso
     not needed; W's FP8 blocks come from the weight cache (computed once per optimizer step in its scope)."""
     dx = dy2.new_empty(0, dtype=x_dtype)
     dw = weight.new_empty(0)
+    dyq, dys, dytq, dyts = quantize_tiles_axes(dy2, need_dx, need_dw, pow2_scale, backend)
     if need_dx:
         wq, ws = weight_blocks(weight, pow2_scale)
-        dx = _dgrad(dy2, weight, wq, ws, pow2_scale, backend, x_dtype)
+        dx = _dgrad(dyq, dys, weight, wq, ws, pow2_scale, backend, x_dtype)
     if need_dw:
-        dw = _wgrad(dy2, xtq, xts, pow2_scale, backend, weight.dtype)
+        dw = _wgrad(dytq, dyts, xtq, xts, backend, weight.dtype)
     return dx, dw
 
 

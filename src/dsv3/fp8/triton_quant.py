@@ -30,7 +30,7 @@ try:  # Triton is an optional (gpu) extra; the CPU never needs it.
 except ImportError:  # pragma: no cover - depends on the install
     HAVE_TRITON = False
 
-__all__ = ["quantize_tiles", "quantize_activation_tiles_triton", "quantize_blocks", "quantize_weight_blocks_triton",
+__all__ = ["quantize_tiles", "quantize_tiles_both", "quantize_tiles_axes", "quantize_activation_tiles_triton", "quantize_tiles_both_triton", "quantize_blocks", "quantize_weight_blocks_triton",
            "HAVE_TRITON"]
 
 
@@ -66,6 +66,30 @@ if HAVE_TRITON:
         q = tl.minimum(tl.maximum(q, -448.0), 448.0)
         tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], q.to(tl.float8e4nv), mask=mask)
         tl.store(s_ptr + rm.to(tl.int64) * KT + pid_k, s, mask=rm < M)
+
+    @triton.jit
+    def _quant_tiles_both_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, sxm, sxk, KT, MT,
+                                 TILE_SIDE: tl.constexpr, POW2: tl.constexpr):
+        # One 128 x 128 tile of x, read once, quantized twice: per row over its 128 columns (q [M, K], tiles
+        # along K) and per column over its 128 rows, written transposed (qt [K, M], tiles along M). The same
+        # arithmetic as _quant_tiles_kernel on x and on x.t(), so both outputs are those of the reference.
+        pid_m = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rm = pid_m * TILE_SIDE + tl.arange(0, TILE_SIDE)
+        rk = pid_k * TILE_SIDE + tl.arange(0, TILE_SIDE)
+        mask = (rm[:, None] < M) & (rk[None, :] < K)
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :].to(tl.int64) * sxk,
+                    mask=mask, other=0.0).to(tl.float32)
+        ax = tl.abs(x)
+        s_row = _scale_inv(tl.max(ax, axis=1), POW2)
+        q = tl.minimum(tl.maximum(tl.math.div_rn(x, s_row[:, None]), -448.0), 448.0)
+        tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], q.to(tl.float8e4nv), mask=mask)
+        tl.store(s_ptr + rm.to(tl.int64) * KT + pid_k, s_row, mask=rm < M)
+        s_col = _scale_inv(tl.max(ax, axis=0), POW2)
+        qt = tl.minimum(tl.maximum(tl.math.div_rn(x, s_col[None, :]), -448.0), 448.0)
+        qt = tl.trans(qt.to(tl.float8e4nv))  # [K tile, M tile]: stores run along M, contiguous in qt
+        tl.store(qt_ptr + rk[:, None].to(tl.int64) * M + rm[None, :], qt, mask=(rk[:, None] < K) & (rm[None, :] < M))
+        tl.store(st_ptr + rk.to(tl.int64) * MT + pid_m, s_col, mask=rk < K)
 
     @triton.jit
     def _quant_blocks_kernel(w_ptr, q_ptr, s_ptr, M, N, MB, NB, s_we, s_wm, s_wn,
@@ -104,6 +128,46 @@ def quantize_activation_tiles_triton(x: Tensor, pow2_scale: bool = False) -> tup
     _quant_tiles_kernel[grid](x, q, s, m, k, x.stride(0), x.stride(1), kt,
                               BLOCK_M=block_m, TILE_K=TILE, POW2=pow2_scale, num_warps=4)
     return q, s
+
+
+def quantize_tiles_both_triton(x: Tensor, pow2_scale: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton: ``quantize_activation_tiles(x)`` and ``quantize_activation_tiles(x.t())`` of a 2-D CUDA tensor
+    from one read of x (any strides), bit-identical to the two reference calls."""
+    if x.dim() != 2:
+        raise ValueError("the Triton quantizer takes 2-D inputs; reshape first")
+    m, k = x.shape
+    kt, mt = -(-k // TILE), -(-m // TILE)
+    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty(m, kt, dtype=torch.float32, device=x.device)
+    qt = torch.empty(k, m, dtype=FP8_DTYPE, device=x.device)
+    st = torch.empty(k, mt, dtype=torch.float32, device=x.device)
+    if m and k:
+        _quant_tiles_both_kernel[(mt, kt)](x, q, s, qt, st, m, k, x.stride(0), x.stride(1), kt, mt,
+                                           TILE_SIDE=TILE, POW2=pow2_scale, num_warps=8)
+    return q, s, qt, st
+
+
+def quantize_tiles_both(x: Tensor, pow2_scale: bool = False, backend: str = "auto"
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(*quantize_tiles(x), *quantize_tiles(x.t()))`` for a 2-D ``x``: 1x128 tiles along each axis, as a linear
+    layer needs them (fprop/dgrad tile along the features, wgrad along the tokens). On CUDA one Triton kernel
+    reads x once; elsewhere (or ``backend="reference"``) the two torch reference calls."""
+    if backend != "reference" and HAVE_TRITON and x.is_cuda and x.dim() == 2:
+        return quantize_tiles_both_triton(x, pow2_scale)
+    return (*quantize_activation_tiles(x, TILE, pow2_scale), *quantize_activation_tiles(x.t(), TILE, pow2_scale))
+
+
+def quantize_tiles_axes(t2: Tensor, along_cols: bool, along_rows: bool, pow2_scale: bool = False,
+                        backend: str = "auto") -> tuple[Tensor | None, ...]:
+    """(q, s, qt, st) of a 2-D ``t2``: 1x128 tiles along its last dim (``along_cols``; tiles of ``t2``) and/or
+    along its first (``along_rows``; tiles of ``t2.t()``), None for what is not asked. Both read ``t2`` once."""
+    if along_cols and along_rows:
+        return quantize_tiles_both(t2, pow2_scale, backend)
+    if along_cols:
+        return (*quantize_tiles(t2, pow2_scale, backend), None, None)
+    if along_rows:
+        return (None, None, *quantize_tiles(t2.t(), pow2_scale, backend))
+    return (None, None, None, None)
 
 
 def quantize_tiles(x: Tensor, pow2_scale: bool = False, backend: str = "auto") -> tuple[Tensor, Tensor]:

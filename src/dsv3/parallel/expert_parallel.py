@@ -59,7 +59,7 @@ the product are recomputed, elementwise), the combine output in the compute dtyp
 than the C = 1 path, whose autograd also keeps silu(a) and h.
 
 FP8 dispatch (``fp8_dispatch=True``, V3's recipe): rows are quantized to E4M3 with one fp32 scale per 1x128
-tile (``quantize_activation_tiles``), payload and scales are sent, and the receiver dequantizes to the
+tile (``quantize_tiles``: Triton on CUDA, bit-identical to ``quantize_activation_tiles``), payload and scales are sent, and the receiver dequantizes to the
 compute dtype. The combine is sent in BF16. Gradient path: the backward of the FP8 dispatch treats
 quantize->dequantize as the identity (straight-through) and sends the activation gradient back with a BF16
 all-to-all, the combine-style transfer; the backward of the BF16 combine is the reverse BF16 all-to-all.
@@ -88,7 +88,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.errors import UserError
-from dsv3.fp8.blocks import dequantize_activation_tiles, quantize_activation_tiles
+from dsv3.fp8.blocks import dequantize_activation_tiles
+from dsv3.fp8.triton_quant import quantize_tiles
 from dsv3.model.moe import (Experts, Routing, _GatherCopies, _grouped_mm_ok, combine_copies, compute_dtype,
                             fp8_expert_gemm, fusable_gate_up, grouped_linear, grouped_swiglu, sort_copies)
 from dsv3.parallel.transport import CollectiveTransport, LocalTransport, Transport, all_to_all
@@ -131,7 +132,7 @@ class _FP8Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, transport, in_splits, out_splits, out_dtype):
         ctx.transport, ctx.in_splits, ctx.out_splits, ctx.x_dtype = transport, in_splits, out_splits, x.dtype
-        q, s = quantize_activation_tiles(x)
+        q, s = quantize_tiles(x)  # one Triton pass on CUDA, the torch reference elsewhere (same bits)
         q = transport.all_to_all(q, in_splits, out_splits)
         s = transport.all_to_all(s, in_splits, out_splits)
         return dequantize_activation_tiles(q, s, dtype=out_dtype)
@@ -394,7 +395,7 @@ class _ChunkedRouted(torch.autograd.Function):
         x_sorted = x_TD[p.src_token]                  # all chunks' send buffers, chunk after chunk
         p.src_token = None                            # the backward needs only the chunk-local indices
         if p.fp8:
-            q_sorted, s_sorted = quantize_activation_tiles(x_sorted)
+            q_sorted, s_sorted = quantize_tiles(x_sorted)
 
         def dispatch(c):
             sl, a, b = p.copies(c), p.send_splits[c], p.recv_splits[c]
