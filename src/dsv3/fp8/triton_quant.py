@@ -69,27 +69,38 @@ if HAVE_TRITON:
 
     @triton.jit
     def _quant_tiles_both_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, sxm, sxk, KT, MT,
-                                 TILE_SIDE: tl.constexpr, POW2: tl.constexpr):
-        # One 128 x 128 tile of x, read once, quantized twice: per row over its 128 columns (q [M, K], tiles
-        # along K) and per column over its 128 rows, written transposed (qt [K, M], tiles along M). The same
-        # arithmetic as _quant_tiles_kernel on x and on x.t(), so both outputs are those of the reference.
+                                 TILE_SIDE: tl.constexpr, CHUNK: tl.constexpr, POW2: tl.constexpr):
+        # One 128 x 128 tile of x, read from memory once, quantized twice: per row over its 128 columns (q [M, K],
+        # tiles along K) and per column over its 128 rows, written transposed (qt [K, M], tiles along M). The
+        # same arithmetic as _quant_tiles_kernel on x and on x.t(), so both outputs are the reference's.
+        # The tile is walked in [128, CHUNK] column slices (fewer registers): the first walk takes the column
+        # tiles whole and the row maxima; the second re-reads the slices (from cache) for the row tiles.
         pid_m = tl.program_id(0)
         pid_k = tl.program_id(1)
         rm = pid_m * TILE_SIDE + tl.arange(0, TILE_SIDE)
-        rk = pid_k * TILE_SIDE + tl.arange(0, TILE_SIDE)
-        mask = (rm[:, None] < M) & (rk[None, :] < K)
-        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :].to(tl.int64) * sxk,
-                    mask=mask, other=0.0).to(tl.float32)
-        ax = tl.abs(x)
-        s_row = _scale_inv(tl.max(ax, axis=1), POW2)
-        q = tl.minimum(tl.maximum(tl.math.div_rn(x, s_row[:, None]), -448.0), 448.0)
-        tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], q.to(tl.float8e4nv), mask=mask)
+        row_amax = tl.zeros([TILE_SIDE], dtype=tl.float32)
+        for c in tl.static_range(TILE_SIDE // CHUNK):
+            rk = pid_k * TILE_SIDE + c * CHUNK + tl.arange(0, CHUNK)
+            mask = (rm[:, None] < M) & (rk[None, :] < K)
+            x = tl.load(x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :].to(tl.int64) * sxk,
+                        mask=mask, other=0.0).to(tl.float32)
+            ax = tl.abs(x)
+            row_amax = tl.maximum(row_amax, tl.max(ax, axis=1))
+            s_col = _scale_inv(tl.max(ax, axis=0), POW2)
+            qt = tl.minimum(tl.maximum(tl.math.div_rn(x, s_col[None, :]), -448.0), 448.0)
+            qt = tl.trans(qt.to(tl.float8e4nv))  # [CHUNK, 128]: stores run along M, contiguous in qt
+            tl.store(qt_ptr + rk[:, None].to(tl.int64) * M + rm[None, :], qt,
+                     mask=(rk[:, None] < K) & (rm[None, :] < M))
+            tl.store(st_ptr + rk.to(tl.int64) * MT + pid_m, s_col, mask=rk < K)
+        s_row = _scale_inv(row_amax, POW2)
         tl.store(s_ptr + rm.to(tl.int64) * KT + pid_k, s_row, mask=rm < M)
-        s_col = _scale_inv(tl.max(ax, axis=0), POW2)
-        qt = tl.minimum(tl.maximum(tl.math.div_rn(x, s_col[None, :]), -448.0), 448.0)
-        qt = tl.trans(qt.to(tl.float8e4nv))  # [K tile, M tile]: stores run along M, contiguous in qt
-        tl.store(qt_ptr + rk[:, None].to(tl.int64) * M + rm[None, :], qt, mask=(rk[:, None] < K) & (rm[None, :] < M))
-        tl.store(st_ptr + rk.to(tl.int64) * MT + pid_m, s_col, mask=rk < K)
+        for c in tl.static_range(TILE_SIDE // CHUNK):
+            rk = pid_k * TILE_SIDE + c * CHUNK + tl.arange(0, CHUNK)
+            mask = (rm[:, None] < M) & (rk[None, :] < K)
+            x = tl.load(x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :].to(tl.int64) * sxk,
+                        mask=mask, other=0.0).to(tl.float32)
+            q = tl.minimum(tl.maximum(tl.math.div_rn(x, s_row[:, None]), -448.0), 448.0)
+            tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], q.to(tl.float8e4nv), mask=mask)
 
     @triton.jit
     def _quant_blocks_kernel(w_ptr, q_ptr, s_ptr, M, N, MB, NB, s_we, s_wm, s_wn,
@@ -130,9 +141,15 @@ def quantize_activation_tiles_triton(x: Tensor, pow2_scale: bool = False) -> tup
     return q, s
 
 
-def quantize_tiles_both_triton(x: Tensor, pow2_scale: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+BOTH_CHUNK = 32      # column slice of the two-axis kernel (benchmarks/fp8_quant_probe.py sweeps it)
+BOTH_NUM_WARPS = 4
+
+
+def quantize_tiles_both_triton(x: Tensor, pow2_scale: bool = False, chunk: int | None = None,
+                               num_warps: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Triton: ``quantize_activation_tiles(x)`` and ``quantize_activation_tiles(x.t())`` of a 2-D CUDA tensor
-    from one read of x (any strides), bit-identical to the two reference calls."""
+    from one read of x (any strides), bit-identical to the two reference calls. ``chunk`` (a power of two
+    <= 128) and ``num_warps`` are tuning knobs with measured defaults."""
     if x.dim() != 2:
         raise ValueError("the Triton quantizer takes 2-D inputs; reshape first")
     m, k = x.shape
@@ -143,7 +160,8 @@ def quantize_tiles_both_triton(x: Tensor, pow2_scale: bool = False) -> tuple[Ten
     st = torch.empty(k, mt, dtype=torch.float32, device=x.device)
     if m and k:
         _quant_tiles_both_kernel[(mt, kt)](x, q, s, qt, st, m, k, x.stride(0), x.stride(1), kt, mt,
-                                           TILE_SIDE=TILE, POW2=pow2_scale, num_warps=8)
+                                           TILE_SIDE=TILE, CHUNK=chunk or BOTH_CHUNK, POW2=pow2_scale,
+                                           num_warps=num_warps or BOTH_NUM_WARPS)
     return q, s, qt, st
 
 
@@ -177,7 +195,7 @@ def quantize_tiles(x: Tensor, pow2_scale: bool = False, backend: str = "auto") -
     return quantize_activation_tiles(x, TILE, pow2_scale)
 
 
-def quantize_weight_blocks_triton(w: Tensor, pow2_scale: bool = False) -> tuple[Tensor, Tensor]:
+def quantize_weight_blocks_triton(w: Tensor, pow2_scale: bool = False, num_warps: int = 8) -> tuple[Tensor, Tensor]:
     """Triton twin of ``blocks.quantize_weight_blocks`` (128x128) for a CUDA [..., M, N] tensor, bit-identical."""
     if w.dim() < 2:
         raise ValueError(f"quantize_weight_blocks expects a matrix, got shape {tuple(w.shape)}")
@@ -189,7 +207,7 @@ def quantize_weight_blocks_triton(w: Tensor, pow2_scale: bool = False) -> tuple[
     s = torch.empty(e, mb, nb, dtype=torch.float32, device=w.device)
     if e and m and n:
         _quant_blocks_kernel[(e, mb, nb)](w3, q, s, m, n, mb, nb, w3.stride(0), w3.stride(1), w3.stride(2),
-                                          BLOCK_SIDE=BLOCK, POW2=pow2_scale, num_warps=8)
+                                          BLOCK_SIDE=BLOCK, POW2=pow2_scale, num_warps=num_warps)
     return q.reshape(*lead, m, n), s.reshape(*lead, mb, nb)
 
 
