@@ -141,8 +141,14 @@ def quantize_activation_tiles_triton(x: Tensor, pow2_scale: bool = False) -> tup
     return q, s
 
 
-BOTH_CHUNK = 32      # column slice of the two-axis kernel (benchmarks/fp8_quant_probe.py sweeps it)
-BOTH_NUM_WARPS = 4
+# The two-axis kernel's tuning, from benchmarks/fp8_quant_probe.py (H100, torch 2.11, triton 3.6, bf16 input):
+# column slice 64 with 8 warps was the fastest of {32, 64, 128} x {4, 8, 16} at every shape. Against the one-axis
+# kernel run twice it wins on narrow tensors (8192 x 2048: 0.066 vs 0.107 ms) and loses on wide ones (8192 x 7168:
+# 0.179 vs 0.149; 16384 x 18432: 0.853 vs 0.726): its transposed FP8 store runs at about half of copy bandwidth.
+# So quantize_tiles_axes takes it only up to BOTH_MAX_COLS columns.
+BOTH_CHUNK = 64
+BOTH_NUM_WARPS = 8
+BOTH_MAX_COLS = 4096
 
 
 def quantize_tiles_both_triton(x: Tensor, pow2_scale: bool = False, chunk: int | None = None,
@@ -178,9 +184,12 @@ def quantize_tiles_both(x: Tensor, pow2_scale: bool = False, backend: str = "aut
 def quantize_tiles_axes(t2: Tensor, along_cols: bool, along_rows: bool, pow2_scale: bool = False,
                         backend: str = "auto") -> tuple[Tensor | None, ...]:
     """(q, s, qt, st) of a 2-D ``t2``: 1x128 tiles along its last dim (``along_cols``; tiles of ``t2``) and/or
-    along its first (``along_rows``; tiles of ``t2.t()``), None for what is not asked. Both read ``t2`` once."""
-    if along_cols and along_rows:
+    along its first (``along_rows``; tiles of ``t2.t()``), None for what is not asked. Both at once read a
+    narrow ``t2`` once (the two-axis kernel), a wide one twice (the faster there; see BOTH_MAX_COLS)."""
+    if along_cols and along_rows and (t2.dim() != 2 or t2.shape[1] <= BOTH_MAX_COLS):
         return quantize_tiles_both(t2, pow2_scale, backend)
+    if along_cols and along_rows:
+        return (*quantize_tiles(t2, pow2_scale, backend), *quantize_tiles(t2.t(), pow2_scale, backend))
     if along_cols:
         return (*quantize_tiles(t2, pow2_scale, backend), None, None)
     if along_rows:
