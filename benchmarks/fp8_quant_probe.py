@@ -24,7 +24,10 @@ import torch
 from dsv3.fp8.blocks import quantize_activation_tiles, quantize_weight_blocks
 from dsv3.fp8.triton_quant import quantize_tiles, quantize_tiles_both_triton, quantize_weight_blocks_triton
 
-ACT_SHAPES = [(8192, 7168), (8192, 2048), (16384, 7168), (16384, 18432)]
+# V3 linears at 8192-16384 tokens, and the small preset: attention inputs (16384 x 1536) and routed experts
+# (~100k token copies x 1536 into gate/up, x 512 into down)
+ACT_SHAPES = [(8192, 7168), (8192, 2048), (16384, 7168), (16384, 18432), (16384, 1536), (16384, 2048),
+              (102016, 1536), (102016, 512)]
 WEIGHT_SHAPES = [(2048, 7168), (7168, 2048), (18432, 7168)]
 CHUNKS = (128, 64, 32)
 WARPS = (4, 8, 16)
