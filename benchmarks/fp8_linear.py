@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from dsv3.fp8.blocks import quantize_activation_tiles, quantize_weight_blocks
 from dsv3.fp8.gemm import fp8_gemm_nt, scaled_mm_blockwise_available
 from dsv3.fp8.linear import fp8_linear
-from dsv3.fp8.triton_quant import quantize_blocks, quantize_tiles, quantize_tiles_both
+from dsv3.fp8.triton_quant import quantize_blocks, quantize_tiles
 from dsv3.fp8.weight_cache import reuse_quantized_weights
 
 V3_SHAPES = [(7168, 2048), (2048, 7168), (7168, 18432)]  # (K in, N out)
@@ -116,12 +116,7 @@ def run_shape(m: int, k: int, n: int, iters: int) -> dict:
         fp8_gemm_nt(dq, ds, "tile", wtq, wts, "block", torch.bfloat16, "scaled_mm")
         fp8_gemm_nt(dtq, dts, "tile", xtq, xts, "tile", torch.float32, "scaled_mm")
 
-    def quant_only():  # the quantizations of one fwd+bwd, as fp8_linear runs them (x and dy along both axes)
-        quantize_tiles_both(x.detach())
-        quantize_blocks(w32.detach())
-        quantize_tiles_both(gy)
-
-    def quant_separate():  # the same as five one-axis passes (the kernels before quantize_tiles_both)
+    def quant_only():  # the five quantizations of one fwd+bwd, as fp8_linear runs them
         quantize_tiles(x.detach())
         quantize_tiles(x.detach().t())
         quantize_blocks(w32.detach())
@@ -138,8 +133,7 @@ def run_shape(m: int, k: int, n: int, iters: int) -> dict:
     flops = 6.0 * m * k * n
     out = {"M": m, "K": k, "N": n, "flops": flops}
     for name, fn in (("fp8_linear", fp8_step), ("fp8_linear_wcached", fp8_step), ("scaled_mm_x3", gemm3),
-                     ("bf16_linear", bf16_step), ("quantize_only", quant_only),
-                     ("quantize_separate_passes", quant_separate), ("quantize_torch_ref", quant_torch)):
+                     ("bf16_linear", bf16_step), ("quantize_only", quant_only), ("quantize_torch_ref", quant_torch)):
         if name == "fp8_linear_wcached":
             with reuse_quantized_weights():
                 ms = bench(fn, iters)

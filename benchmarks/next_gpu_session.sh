@@ -98,7 +98,7 @@ case "${1:-}" in
     gzip -f $S/*.trace.json 2>/dev/null; tar czf $OUT/step.tar.gz -C /tmp step ;;
   fp8lin)
     # one GPU (#6, session 9): the FP8 quantizer and linear GPU tests (+ the CUDA-graph block test of #9), the
-    # FP8 linear against the blockwise _scaled_mm GEMMs alone (x and dy quantized along both axes in one read),
+    # FP8 linear against the blockwise _scaled_mm GEMMs alone (with and without the per-step weight cache),
     # the grouped expert kernels, and the small FP8 step against BF16; everything packed in $OUT/fp8lin.tar.gz
     S=/tmp/fp8lin; mkdir -p $S
     nvidia-smi --query-gpu=name --format=csv,noheader | tee $S/gpu.txt

@@ -1,10 +1,10 @@
-"""Triton quantizers (1x128 tiles along one axis or both, 128x128 blocks) vs the torch reference: bit-identical on the GPU."""
+"""Triton quantizers (1x128 tiles, 128x128 blocks) vs the torch reference: bit-identical on the GPU (skipped on CPU)."""
 
 import pytest
 import torch
 
 from dsv3.fp8.blocks import quantize_activation_tiles
-from dsv3.fp8.triton_quant import HAVE_TRITON, quantize_tiles, quantize_tiles_axes, quantize_tiles_both
+from dsv3.fp8.triton_quant import HAVE_TRITON, quantize_tiles, quantize_tiles_axes
 
 gpu = pytest.mark.skipif(not (torch.cuda.is_available() and HAVE_TRITON), reason="needs CUDA and Triton")
 
@@ -50,31 +50,14 @@ def test_triton_weight_blocks_match_reference_bitwise(shape, pow2):
     assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8))
 
 
-def test_cpu_both_axes_are_the_two_reference_calls():
+
+def test_both_axes_are_the_two_one_axis_quantizations():
     x = torch.randn(300, 130)
-    q, s, qt, st = quantize_tiles_both(x)
+    q, s, qt, st = quantize_tiles_axes(x, True, True)
     for got, ref in zip((q, s, qt, st), (*quantize_activation_tiles(x), *quantize_activation_tiles(x.t()))):
         assert got.shape == ref.shape and torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
     assert quantize_tiles_axes(x, False, False) == (None, None, None, None)
     q1, s1, none1, none2 = quantize_tiles_axes(x, True, False)
     assert none1 is None and none2 is None and torch.equal(s1, s)
-
-
-@gpu
-@pytest.mark.parametrize("shape", [(1, 1), (77, 208), (256, 7168), (300, 129), (4096, 2048), (129, 4096)])
-@pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("pow2", [False, True])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_triton_both_axes_match_reference_bitwise(shape, transposed, pow2, dtype):
-    """One read of x, tiles along each axis: the reference's quantization of x and of x.t(), bit for bit."""
-    torch.manual_seed(0)
-    x = torch.randn(*shape, device="cuda", dtype=torch.float32) * torch.logspace(-6, 4, shape[-1], device="cuda")
-    x = x.to(dtype)
-    x[0, : min(128, shape[1])] = 0  # an all-zero row tile
-    x[:, 0] = 0  # an all-zero column tile
-    if transposed:
-        x = x.t()
-    got = quantize_tiles_both(x, pow2)
-    ref = (*quantize_activation_tiles(x, pow2_scale=pow2), *quantize_activation_tiles(x.t(), pow2_scale=pow2))
-    for g, r in zip(got, ref):
-        assert g.shape == r.shape and torch.equal(g.view(torch.uint8), r.view(torch.uint8))
+    none1, none2, qt1, st1 = quantize_tiles_axes(x, False, True)
+    assert none1 is None and none2 is None and torch.equal(st1, st) and qt1.shape == (130, 300)

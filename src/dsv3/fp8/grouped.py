@@ -86,8 +86,8 @@ class FP8GroupedMMFunction(torch.autograd.Function):
         ctx.fast = fast
         if fast:  # one Triton launch for all groups; the group ends stay on the device
             bounds = None
-            # x^T tiled along tokens over all rows at once (groups start at multiples of 128, so no tile
-            # mixes two groups), from the same read of x as its tiles along K
+            # x^T tiled along tokens over all rows at once: groups start at multiples of 128, so no tile
+            # mixes two groups
             xq, xs, xtq, xts = quantize_tiles_axes(x, True, wgrad, pow2_scale, backend)
             saved = [xtq, xts] if wgrad else []
             y = triton_grouped.grouped_fp8_nt(xq, xs, wq, ws_, offs, out_dtype=x.dtype)
@@ -118,7 +118,7 @@ class FP8GroupedMMFunction(torch.autograd.Function):
         dx = dw = None
         wgrad = any(ctx.needs_input_grad[5:])
         if ctx.fast:
-            # dy along N (dgrad) and dy^T along tokens (wgrad), from one read of dy when both are needed
+            # dy along N (dgrad) and dy^T along tokens (wgrad), as needed
             dyq, dys, dytq, dyts = quantize_tiles_axes(dy, ctx.needs_input_grad[0], wgrad, pow2_scale, backend)
             if ctx.needs_input_grad[0]:
                 wtq, wts = weight_blocks_transposed(ctx.key, wq, ws, pow2_scale)

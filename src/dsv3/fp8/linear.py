@@ -17,8 +17,7 @@ the transposed scale grid (no second rounding).
 
 wgrad reduces over tokens, so both of its operands are tiled along the token
 axis. The forward therefore quantizes x twice from the same high-precision
-values, along K (for fprop) and along T (for wgrad; on CUDA both in one read of x,
-``quantize_tiles_both``; dy likewise in the backward), and saves only the latter,
+values, along K (for fprop) and along T (for wgrad), and saves only the latter,
 in FP8: the activation kept for backward costs 1 byte per element plus one fp32
 per 128, instead of 2 bytes in BF16. The weight's FP8 copy and its scales are
 saved too (1 byte per weight element), which avoids quantizing W again.

@@ -30,8 +30,8 @@ try:  # Triton is an optional (gpu) extra; the CPU never needs it.
 except ImportError:  # pragma: no cover - depends on the install
     HAVE_TRITON = False
 
-__all__ = ["quantize_tiles", "quantize_tiles_both", "quantize_tiles_axes", "quantize_activation_tiles_triton", "quantize_tiles_both_triton", "quantize_blocks", "quantize_weight_blocks_triton",
-           "HAVE_TRITON"]
+__all__ = ["quantize_tiles", "quantize_tiles_axes", "quantize_activation_tiles_triton", "quantize_blocks",
+           "quantize_weight_blocks_triton", "HAVE_TRITON"]
 
 
 if HAVE_TRITON:
@@ -66,41 +66,6 @@ if HAVE_TRITON:
         q = tl.minimum(tl.maximum(q, -448.0), 448.0)
         tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], q.to(tl.float8e4nv), mask=mask)
         tl.store(s_ptr + rm.to(tl.int64) * KT + pid_k, s, mask=rm < M)
-
-    @triton.jit
-    def _quant_tiles_both_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, sxm, sxk, KT, MT,
-                                 TILE_SIDE: tl.constexpr, CHUNK: tl.constexpr, POW2: tl.constexpr):
-        # One 128 x 128 tile of x, read from memory once, quantized twice: per row over its 128 columns (q [M, K],
-        # tiles along K) and per column over its 128 rows, written transposed (qt [K, M], tiles along M). The
-        # same arithmetic as _quant_tiles_kernel on x and on x.t(), so both outputs are the reference's.
-        # The tile is walked in [128, CHUNK] column slices (fewer registers): the first walk takes the column
-        # tiles whole and the row maxima; the second re-reads the slices (from cache) for the row tiles.
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        rm = pid_m * TILE_SIDE + tl.arange(0, TILE_SIDE)
-        row_amax = tl.zeros([TILE_SIDE], dtype=tl.float32)
-        for c in tl.static_range(TILE_SIDE // CHUNK):
-            rk = pid_k * TILE_SIDE + c * CHUNK + tl.arange(0, CHUNK)
-            mask = (rm[:, None] < M) & (rk[None, :] < K)
-            x = tl.load(x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :].to(tl.int64) * sxk,
-                        mask=mask, other=0.0).to(tl.float32)
-            ax = tl.abs(x)
-            row_amax = tl.maximum(row_amax, tl.max(ax, axis=1))
-            s_col = _scale_inv(tl.max(ax, axis=0), POW2)
-            qt = tl.minimum(tl.maximum(tl.math.div_rn(x, s_col[None, :]), -448.0), 448.0)
-            qt = tl.trans(qt.to(tl.float8e4nv))  # [CHUNK, 128]: stores run along M, contiguous in qt
-            tl.store(qt_ptr + rk[:, None].to(tl.int64) * M + rm[None, :], qt,
-                     mask=(rk[:, None] < K) & (rm[None, :] < M))
-            tl.store(st_ptr + rk.to(tl.int64) * MT + pid_m, s_col, mask=rk < K)
-        s_row = _scale_inv(row_amax, POW2)
-        tl.store(s_ptr + rm.to(tl.int64) * KT + pid_k, s_row, mask=rm < M)
-        for c in tl.static_range(TILE_SIDE // CHUNK):
-            rk = pid_k * TILE_SIDE + c * CHUNK + tl.arange(0, CHUNK)
-            mask = (rm[:, None] < M) & (rk[None, :] < K)
-            x = tl.load(x_ptr + rm[:, None].to(tl.int64) * sxm + rk[None, :].to(tl.int64) * sxk,
-                        mask=mask, other=0.0).to(tl.float32)
-            q = tl.minimum(tl.maximum(tl.math.div_rn(x, s_row[:, None]), -448.0), 448.0)
-            tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], q.to(tl.float8e4nv), mask=mask)
 
     @triton.jit
     def _quant_blocks_kernel(w_ptr, q_ptr, s_ptr, M, N, MB, NB, s_we, s_wm, s_wn,
@@ -141,60 +106,22 @@ def quantize_activation_tiles_triton(x: Tensor, pow2_scale: bool = False) -> tup
     return q, s
 
 
-# The two-axis kernel's tuning, from benchmarks/fp8_quant_probe.py (H100, torch 2.11, triton 3.6, bf16 input):
-# column slice 64 with 8 warps was the fastest of {32, 64, 128} x {4, 8, 16} at every shape. Against the one-axis
-# kernel run twice it wins on narrow tensors (8192 x 2048: 0.066 vs 0.107 ms) and loses on wide ones (8192 x 7168:
-# 0.179 vs 0.149; 16384 x 18432: 0.853 vs 0.726): its transposed FP8 store runs at about half of copy bandwidth.
-# So quantize_tiles_axes takes it only up to BOTH_MAX_COLS columns.
-BOTH_CHUNK = 64
-BOTH_NUM_WARPS = 8
-BOTH_MAX_COLS = 4096
-
-
-def quantize_tiles_both_triton(x: Tensor, pow2_scale: bool = False, chunk: int | None = None,
-                               num_warps: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Triton: ``quantize_activation_tiles(x)`` and ``quantize_activation_tiles(x.t())`` of a 2-D CUDA tensor
-    from one read of x (any strides), bit-identical to the two reference calls. ``chunk`` (a power of two
-    <= 128) and ``num_warps`` are tuning knobs with measured defaults."""
-    if x.dim() != 2:
-        raise ValueError("the Triton quantizer takes 2-D inputs; reshape first")
-    m, k = x.shape
-    kt, mt = -(-k // TILE), -(-m // TILE)
-    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty(m, kt, dtype=torch.float32, device=x.device)
-    qt = torch.empty(k, m, dtype=FP8_DTYPE, device=x.device)
-    st = torch.empty(k, mt, dtype=torch.float32, device=x.device)
-    if m and k:
-        _quant_tiles_both_kernel[(mt, kt)](x, q, s, qt, st, m, k, x.stride(0), x.stride(1), kt, mt,
-                                           TILE_SIDE=TILE, CHUNK=chunk or BOTH_CHUNK, POW2=pow2_scale,
-                                           num_warps=num_warps or BOTH_NUM_WARPS)
-    return q, s, qt, st
-
-
-def quantize_tiles_both(x: Tensor, pow2_scale: bool = False, backend: str = "auto"
-                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(*quantize_tiles(x), *quantize_tiles(x.t()))`` for a 2-D ``x``: 1x128 tiles along each axis, as a linear
-    layer needs them (fprop/dgrad tile along the features, wgrad along the tokens). On CUDA one Triton kernel
-    reads x once; elsewhere (or ``backend="reference"``) the two torch reference calls."""
-    if backend != "reference" and HAVE_TRITON and x.is_cuda and x.dim() == 2:
-        return quantize_tiles_both_triton(x, pow2_scale)
-    return (*quantize_activation_tiles(x, TILE, pow2_scale), *quantize_activation_tiles(x.t(), TILE, pow2_scale))
-
-
 def quantize_tiles_axes(t2: Tensor, along_cols: bool, along_rows: bool, pow2_scale: bool = False,
                         backend: str = "auto") -> tuple[Tensor | None, ...]:
     """(q, s, qt, st) of a 2-D ``t2``: 1x128 tiles along its last dim (``along_cols``; tiles of ``t2``) and/or
-    along its first (``along_rows``; tiles of ``t2.t()``), None for what is not asked. Both at once read a
-    narrow ``t2`` once (the two-axis kernel), a wide one twice (the faster there; see BOTH_MAX_COLS)."""
-    if along_cols and along_rows and (t2.dim() != 2 or t2.shape[1] <= BOTH_MAX_COLS):
-        return quantize_tiles_both(t2, pow2_scale, backend)
-    if along_cols and along_rows:
-        return (*quantize_tiles(t2, pow2_scale, backend), *quantize_tiles(t2.t(), pow2_scale, backend))
+    along its first (``along_rows``; tiles of ``t2.t()``), None for what is not asked.
+
+    Two one-axis passes when both are asked. A kernel that read ``t2`` once and wrote both (its column tiles
+    transposed) measured slower at every shape tried (2026-11-26, H100: 0.179 vs 0.156 ms at 8192 x 7168,
+    0.447 vs 0.395 at 102016 x 1536; the small FP8 step 323.7 vs 293.9 ms): its transposed FP8 stores ran
+    at half of copy bandwidth, where the one-axis kernel on ``t2.t()`` reads strided but writes contiguously.
+    """
+    q = s = qt = st = None
     if along_cols:
-        return (*quantize_tiles(t2, pow2_scale, backend), None, None)
+        q, s = quantize_tiles(t2, pow2_scale, backend)
     if along_rows:
-        return (None, None, *quantize_tiles(t2.t(), pow2_scale, backend))
-    return (None, None, None, None)
+        qt, st = quantize_tiles(t2.t(), pow2_scale, backend)
+    return q, s, qt, st
 
 
 def quantize_tiles(x: Tensor, pow2_scale: bool = False, backend: str = "auto") -> tuple[Tensor, Tensor]:
