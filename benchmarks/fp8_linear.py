@@ -148,12 +148,41 @@ def run_shape(m: int, k: int, n: int, iters: int) -> dict:
     return out
 
 
+def profile_shape(m: int, k: int, n: int) -> int:
+    """Kernel and host-op table of weight-cached fp8_linear forward + backward calls (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w32 = torch.randn(n, k, device="cuda", requires_grad=True)
+    gy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        torch.autograd.grad(fp8_linear(x, w32, backend="scaled_mm"), (x, w32), gy)
+
+    with reuse_quantized_weights():
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(8):
+                step()
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="JSON results path")
     p.add_argument("--m", type=int, nargs="+", default=[8192, 16384])
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--profile", default=None, metavar="MxKxN",
+                   help="instead of the sweep: profile 8 weight-cached fp8_linear calls at this shape and print the "
+                        "kernel table (CUDA time per kernel, host time per op), to see where the layer's time goes")
     args = p.parse_args(argv)
+    if args.profile:
+        return profile_shape(*(int(v) for v in args.profile.split("x")))
     if not torch.cuda.is_available():
         print("CUDA required", file=sys.stderr)
         return 2
