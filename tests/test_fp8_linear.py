@@ -204,15 +204,15 @@ def test_gpu_fp8_linear_fwd_bwd_matches_reference(t, k, n):
 # ---------------------------------------------------------------- custom op (what compiled blocks run)
 
 def test_custom_op_equals_the_autograd_function_and_passes_opcheck():
-    """fp8_linear (the dsv3::fp8_linear custom ops) against FP8LinearFunction, the same recipe written as an
-    autograd.Function: y, dx and dW bit for bit; torch.library.opcheck validates the schemas, fake shapes and
-    the autograd registration."""
-    from dsv3.fp8.linear import FP8LinearFunction
+    """fp8_linear_op (the dsv3::fp8_linear custom ops, what compiled graphs run) against FP8LinearFunction
+    (what eager fp8_linear runs), the same recipe written as an autograd.Function: y, dx and dW bit for bit;
+    torch.library.opcheck validates the schemas, fake shapes and the autograd registration."""
+    from dsv3.fp8.linear import FP8LinearFunction, fp8_linear_op
     torch.manual_seed(7)
     x = torch.randn(3, 100, 256, requires_grad=True)
     w = torch.randn(384, 256, requires_grad=True)
     gy = torch.randn(3, 100, 384)
-    y_op = fp8_linear(x, w)
+    y_op = fp8_linear_op(x, w)
     y_fn = FP8LinearFunction.apply(x, w, None, False, "auto")
     assert torch.equal(y_op, y_fn)
     for a, b in zip(torch.autograd.grad(y_op, (x, w), gy), torch.autograd.grad(y_fn, (x, w), gy)):

@@ -19,8 +19,9 @@ wgrad reduces over tokens, so both of its operands are tiled along the token
 axis. The forward therefore quantizes x twice from the same high-precision
 values, along K (for fprop) and along T (for wgrad), and saves only the latter,
 in FP8: the activation kept for backward costs 1 byte per element plus one fp32
-per 128, instead of 2 bytes in BF16. The weight's FP8 copy and its scales are
-saved too (1 byte per weight element), which avoids quantizing W again.
+per 128, instead of 2 bytes in BF16. The weight is saved as itself; its FP8
+blocks come from ``dsv3.fp8.weight_cache`` (made once per optimizer step inside
+the trainer's scope, re-made in backward outside one).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dsv3.fp8.gemm import fp8_gemm_nt
 from dsv3.fp8.triton_quant import quantize_tiles_axes
 from dsv3.fp8.weight_cache import weight_blocks, weight_blocks_transposed
 
-__all__ = ["fp8_linear", "FP8Linear", "FP8LinearFunction"]
+__all__ = ["fp8_linear", "fp8_linear_op", "FP8Linear", "FP8LinearFunction"]
 
 
 def _fprop(x2: Tensor, weight: Tensor, pow2_scale: bool, backend: str, xq: Tensor, xs: Tensor
@@ -71,24 +72,26 @@ class FP8LinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, k)
         # x tiled along K for fprop and, for wgrad, x^T tiled along tokens, both from the high-precision x
         xq, xs, xtq, xts = quantize_tiles_axes(x2, True, ctx.needs_input_grad[1], pow2_scale, backend)
-        y, wq, ws = _fprop(x2, weight, pow2_scale, backend, xq, xs)
+        y, _, _ = _fprop(x2, weight, pow2_scale, backend, xq, xs)
         if bias is not None:
             y = y + bias.to(y.dtype)
-        ctx.save_for_backward(xtq, xts, wq, ws)
-        ctx.w = weight  # the cache key of W^T's FP8 copy
+        # the weight itself, not its FP8 copy: backward takes the blocks from the per-step weight cache (as
+        # the custom op below does), so nothing weight-sized is kept per micro-batch
+        ctx.save_for_backward(xtq, xts, weight)
         ctx.meta = (x.shape, x.dtype, weight.dtype, bias is not None, pow2_scale, backend)
         return y.reshape(*x.shape[:-1], n)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        xtq, xts, wq, ws = ctx.saved_tensors
+        xtq, xts, weight = ctx.saved_tensors
         x_shape, x_dtype, w_dtype, has_bias, pow2_scale, backend = ctx.meta
-        dy2 = dy.reshape(-1, wq.shape[0])
+        dy2 = dy.reshape(-1, weight.shape[0])
         dx = dw = db = None
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dyq, dys, dytq, dyts = quantize_tiles_axes(dy2, need_dx, need_dw, pow2_scale, backend)
         if need_dx:
-            dx = _dgrad(dyq, dys, ctx.w, wq, ws, pow2_scale, backend, x_dtype).reshape(x_shape)
+            wq, ws = weight_blocks(weight, pow2_scale)
+            dx = _dgrad(dyq, dys, weight, wq, ws, pow2_scale, backend, x_dtype).reshape(x_shape)
         if need_dw:
             dw = _wgrad(dytq, dyts, xtq, xts, backend, w_dtype)
         if has_bias and ctx.needs_input_grad[2]:
@@ -154,6 +157,9 @@ def _fp8_linear_setup(ctx, inputs, output):
     _, xtq, xts = output
     ctx.save_for_backward(xtq, xts, weight)
     ctx.meta = (pow2_scale, backend, x2.dtype)
+    # x^T's FP8 copy and scales are outputs only to be saved; without this, autograd would fill zero
+    # "gradients" for them (a [K, M] memset per call, seen in the profile of benchmarks/fp8_linear.py)
+    ctx.set_materialize_grads(False)
 
 
 def _fp8_linear_grad(ctx, dy2, _dxtq, _dxts):
@@ -178,17 +184,29 @@ def fp8_linear(
     """FP8 ``F.linear``: ``x [..., K]``, ``weight [N, K]`` -> ``[..., N]`` in ``x.dtype``.
 
     ``backend`` picks the GEMM (``"auto"``, ``"reference"``, ``"scaled_mm"``;
-    see ``dsv3.fp8.gemm.fp8_gemm_nt``). Runs as the custom ops above (one graph node under torch.compile).
+    see ``dsv3.fp8.gemm.fp8_gemm_nt``). Under torch.compile it runs as the custom ops above (one graph node);
+    eagerly as ``FP8LinearFunction`` (same numbers).
     """
     # autocast off inside: the recipe fixes every precision itself (the reference GEMM must stay fp32, and
     # CPU autocast cannot even concatenate float8 tensors)
     with torch.autocast(x.device.type, enabled=False):
-        k = x.shape[-1]
-        save_xt = torch.is_grad_enabled() and weight.requires_grad
-        y, _, _ = torch.ops.dsv3.fp8_linear(x.reshape(-1, k).contiguous(), weight, pow2_scale, backend, save_xt)
-        if bias is not None:
-            y = y + bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        if not torch.compiler.is_compiling():
+            # Eager: the autograd.Function, the same math bit for bit with far less host time per call than
+            # the custom op's Python autograd wrapper (2026-11-26, H100, 8192x7168x2048: ~0.7 ms of host time
+            # per forward + backward through the custom op, more than the layer's 0.86 ms of GPU time)
+            return FP8LinearFunction.apply(x, weight, bias, pow2_scale, backend)
+        return fp8_linear_op(x, weight, bias, pow2_scale, backend)
+
+
+def fp8_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None = None, pow2_scale: bool = False,
+                  backend: str = "auto") -> Tensor:
+    """``fp8_linear`` through the ``dsv3::fp8_linear`` custom ops (what compiled graphs run), in any mode."""
+    k = x.shape[-1]
+    save_xt = torch.is_grad_enabled() and weight.requires_grad
+    y, _, _ = torch.ops.dsv3.fp8_linear(x.reshape(-1, k).contiguous(), weight, pow2_scale, backend, save_xt)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 class FP8Linear(nn.Linear):
