@@ -19,7 +19,10 @@ def compile_blocks(layers: Iterable[nn.Module], mode: str = "default") -> None:
     overwritten by a subsequent run" (2026-11-26; the pattern of pytorch/pytorch#152887, ``z = f(f(x))``). EP=2,
     whose blocks are cut at the eager exchange so no call takes its own function's output, trained. The clone
     (one copy of the residual stream per block, ~25 us at ``small``'s size) gives every call a fresh input.
-    Not yet confirmed on a GPU: ``tests/test_compile.py``'s CUDA test is the check."""
+    It is not enough: on an H100 (2026-11-26, session 9) ``tests/test_compile.py``'s CUDA test still fails the
+    same way, now inside the MoE's resume function after the routed experts' graph break (the shared experts),
+    i.e. one layer's replay overwrites activations the previous layer saved for backward. Per-layer graphs
+    (not one function shared by every layer) are the next thing to try."""
     if mode not in CUDAGRAPH_MODES:
         for layer in layers:
             layer.compile(mode=None if mode == "default" else mode)
