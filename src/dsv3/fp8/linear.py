@@ -38,14 +38,12 @@ from dsv3.fp8.weight_cache import weight_blocks, weight_blocks_transposed
 __all__ = ["fp8_linear", "fp8_linear_op", "FP8Linear", "FP8LinearFunction"]
 
 
-def _fprop(x2: Tensor, weight: Tensor, pow2_scale: bool, backend: str, xq: Tensor, xs: Tensor
-           ) -> tuple[Tensor, Tensor, Tensor]:
-    """(y = x2 W^T in x2's dtype, W's FP8 blocks, their scales): x tiled 1x128 along K (``xq``, ``xs``), W from
-    the weight cache."""
+def _fprop(x2: Tensor, weight: Tensor, pow2_scale: bool, backend: str, xq: Tensor, xs: Tensor) -> Tensor:
+    """y = x2 W^T in x2's dtype: x tiled 1x128 along K (``xq``, ``xs``), W's blocks from the weight cache."""
     if TILE != BLOCK:
         raise AssertionError("dgrad reuses W's blocks as W^T's: tile and block must match")
     wq, ws = weight_blocks(weight, pow2_scale)  # once per step inside reuse_quantized_weights()
-    return fp8_gemm_nt(xq, xs, "tile", wq, ws, "block", out_dtype=x2.dtype, backend=backend), wq, ws
+    return fp8_gemm_nt(xq, xs, "tile", wq, ws, "block", out_dtype=x2.dtype, backend=backend)
 
 
 def _dgrad(dyq: Tensor, dys: Tensor, weight: Tensor, wq: Tensor, ws: Tensor, pow2_scale: bool, backend: str,
@@ -72,7 +70,7 @@ class FP8LinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, k)
         # x tiled along K for fprop and, for wgrad, x^T tiled along tokens, both from the high-precision x
         xq, xs, xtq, xts = quantize_tiles_axes(x2, True, ctx.needs_input_grad[1], pow2_scale, backend)
-        y, _, _ = _fprop(x2, weight, pow2_scale, backend, xq, xs)
+        y = _fprop(x2, weight, pow2_scale, backend, xq, xs)
         if bias is not None:
             y = y + bias.to(y.dtype)
         # the weight itself, not its FP8 copy: backward takes the blocks from the per-step weight cache (as
@@ -112,7 +110,7 @@ def _fp8_linear_op(x2: Tensor, weight: Tensor, pow2_scale: bool, backend: str, s
     """(y [M, N] in x's dtype, x^T [K, M] in FP8 tiled along tokens, its scales) for x2 [M, K] and weight
     [N, K]; the last two are empty unless ``save_xt`` (the weight gradient will be needed)."""
     xq, xs, xtq, xts = quantize_tiles_axes(x2, True, save_xt, pow2_scale, backend)
-    y, _, _ = _fprop(x2, weight, pow2_scale, backend, xq, xs)
+    y = _fprop(x2, weight, pow2_scale, backend, xq, xs)
     if not save_xt:
         return y, x2.new_empty(0, dtype=FP8_DTYPE), x2.new_empty(0, dtype=torch.float32)
     return y, xtq, xts
