@@ -22,6 +22,7 @@ import torch
 
 from dsv3.fp8.blocks import quantize_activation_tiles, quantize_weight_blocks
 from dsv3.fp8.triton_quant import quantize_tiles, quantize_weight_blocks_triton
+from fp8_linear import bench   # CUDA-event timer (benchmarks/ is the script's path)
 
 # V3 linears at 8192-16384 tokens, and the small preset: attention inputs (16384 x 1536) and routed experts
 # (~100k token copies x 1536 into gate/up, x 512 into down)
@@ -31,21 +32,9 @@ WEIGHT_SHAPES = [(2048, 7168), (7168, 2048), (18432, 7168)]
 WARPS = (4, 8, 16)
 
 
-def ms(fn, iters: int = 20, inner: int = 5) -> float:
-    """Median milliseconds per call over ``iters`` timings of ``inner`` back-to-back calls (CUDA events)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(inner):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b) / inner)
-    return sorted(out)[len(out) // 2]
+def ms(fn) -> float:
+    """Median milliseconds per call, 20 timings of 5 back-to-back calls (CUDA events)."""
+    return bench(fn, iters=20, warmup=3, inner=5)
 
 
 def same(a, b) -> bool:
