@@ -22,7 +22,8 @@ def compile_blocks(layers: Iterable[nn.Module], mode: str = "default") -> None:
     It is not enough: on an H100 (2026-11-26, session 9) ``tests/test_compile.py``'s CUDA test still fails the
     same way, now inside the MoE's resume function after the routed experts' graph break (the shared experts),
     i.e. one layer's replay overwrites activations the previous layer saved for backward. Per-layer graphs
-    (not one function shared by every layer) are the next thing to try."""
+    (not one function shared by every layer) are the next thing to try; turning off
+    ``torch._dynamo.config.inline_inbuilt_nn_modules`` is not the way: it is deprecated and a no-op on torch 2.13."""
     if mode not in CUDAGRAPH_MODES:
         for layer in layers:
             layer.compile(mode=None if mode == "default" else mode)
