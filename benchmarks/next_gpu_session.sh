@@ -7,10 +7,9 @@
 #   benchmarks/next_gpu_session.sh dist   # two GPUs: distributed.py (one, dp2, ep2, pp2_dualpipev with trace) with
 #                                         #   the measured rates; results copied to $OUT as each run lands
 #                                         #   RUNS=one,dp2,dp2_sync: the A/B of the ZeRO-1 levers (session 8: 0.956 vs 0.920)
-#                                         #   RUNS=one,one_cg,ep2,ep2_cg: the blocks as CUDA graphs against the default,
-#                                         #   same machine (session 8 had only ep2_cg: 0.76 estimated; one_cg failed
-#                                         #   before compile_blocks cloned each block's output: run
-#                                         #   TESTS=tests/test_compile.py ... step first, on one GPU)
+#                                         #   RUNS=one,ep2,ep2_cg,ep2_fp8d: CUDA graphs and FP8 dispatch against the
+#                                         #   default EP=2, same machine (session 9: 0.608 / 0.626 / 0.496); one_cg
+#                                         #   still fails on one GPU (tests/test_compile.py's CUDA test is the check)
 #                                         #   STEPS (default 20): steps per run, medians over steps 4+
 #   benchmarks/next_gpu_session.sh ep2    # two GPUs: corpus + the 10-minute EP=2 real-corpus run in the background
 #   benchmarks/next_gpu_session.sh one    # one GPU: the same run on one GPU (the control: today's code, same data)
