@@ -204,9 +204,10 @@ def main() -> None:
                          "medians over steps 4+, so one slower profiled step does not move them")
     ap.add_argument("--runs", default="one,dp2,ep2,pp2_dualpipev",
                     help="which runs to make now (also dp2_sync: DP=2 with parallel.overlap_param_sync, "
-                         "reduce_to_owner and grad_as_bucket_view off; dp2_allreduce: reduce_to_owner off; one_cg, dp2_cg, "
-                         "ep2_cg: train.compile_mode = 'reduce-overhead'; ep2_fp8d, ep2_cg_fp8d: parallel.fp8_dispatch on); the "
-                         "others are read from OUT/NAME/result.json of an earlier call "
+                         "reduce_to_owner and grad_as_bucket_view off; dp2_allreduce: reduce_to_owner off; one_cg, "
+                         "dp2_cg, ep2_cg: train.compile_mode = 'reduce-overhead'; ep2_fp8d, ep2_cg_fp8d: "
+                         "parallel.fp8_dispatch on); the others are read from OUT/NAME/result.json of an "
+                         "earlier call "
                          "(e.g. the one-GPU baseline on a free GPU while another job runs)")
     args = ap.parse_args()
     RUNS.update(args.runs.split(","))

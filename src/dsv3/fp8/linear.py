@@ -46,10 +46,10 @@ def _fprop(x2: Tensor, weight: Tensor, pow2_scale: bool, backend: str, xq: Tenso
     return fp8_gemm_nt(xq, xs, "tile", wq, ws, "block", out_dtype=x2.dtype, backend=backend)
 
 
-def _dgrad(dyq: Tensor, dys: Tensor, weight: Tensor, wq: Tensor, ws: Tensor, pow2_scale: bool, backend: str,
-           x_dtype: torch.dtype) -> Tensor:
-    """dx = dy W: dy tiled along N (``dyq``, ``dys``), W^T [K, N] in FP8 as the same bytes and block grid,
-    transposed."""
+def _dgrad(dyq: Tensor, dys: Tensor, weight: Tensor, pow2_scale: bool, backend: str, x_dtype: torch.dtype) -> Tensor:
+    """dx = dy W: dy tiled along N (``dyq``, ``dys``), W^T [K, N] in FP8 as the same bytes and block grid as
+    the forward's W, transposed (both from the weight cache)."""
+    wq, ws = weight_blocks(weight, pow2_scale)
     wtq, wts = weight_blocks_transposed(weight, wq, ws, pow2_scale)
     return fp8_gemm_nt(dyq, dys, "tile", wtq, wts, "block", out_dtype=x_dtype, backend=backend)
 
@@ -88,8 +88,7 @@ class FP8LinearFunction(torch.autograd.Function):
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dyq, dys, dytq, dyts = quantize_tiles_axes(dy2, need_dx, need_dw, pow2_scale, backend)
         if need_dx:
-            wq, ws = weight_blocks(weight, pow2_scale)
-            dx = _dgrad(dyq, dys, weight, wq, ws, pow2_scale, backend, x_dtype).reshape(x_shape)
+            dx = _dgrad(dyq, dys, weight, pow2_scale, backend, x_dtype).reshape(x_shape)
         if need_dw:
             dw = _wgrad(dytq, dyts, xtq, xts, backend, w_dtype)
         if has_bias and ctx.needs_input_grad[2]:
@@ -134,8 +133,7 @@ def _fp8_linear_backward_op(dy2: Tensor, xtq: Tensor, xts: Tensor, weight: Tenso
     dw = weight.new_empty(0)
     dyq, dys, dytq, dyts = quantize_tiles_axes(dy2, need_dx, need_dw, pow2_scale, backend)
     if need_dx:
-        wq, ws = weight_blocks(weight, pow2_scale)
-        dx = _dgrad(dyq, dys, weight, wq, ws, pow2_scale, backend, x_dtype)
+        dx = _dgrad(dyq, dys, weight, pow2_scale, backend, x_dtype)
     if need_dw:
         dw = _wgrad(dytq, dyts, xtq, xts, backend, weight.dtype)
     return dx, dw

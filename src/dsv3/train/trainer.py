@@ -95,9 +95,9 @@ class Trainer:
         from dsv3.kernels import cross_entropy
         cross_entropy.COMPILE_CHUNKS = None if t.compile else False   # the fused loss compiles only if asked
         if t.compile and t.compile_mode in CUDAGRAPH_MODES and self.layout.pp > 1:
-            raise UserError(f"train.compile_mode = {t.compile_mode!r} (CUDA graphs) does not work with parallel.pp > 1: "
-                            "the pipeline holds several micro-batches' graphs at once; use 'default' or "
-                            "'max-autotune-no-cudagraphs'")
+            raise UserError(f"train.compile_mode = {t.compile_mode!r} (CUDA graphs) does not work with "
+                            "parallel.pp > 1: the pipeline holds several micro-batches' graphs at once; use "
+                            "'default' or 'max-autotune-no-cudagraphs'")
         if t.compile:
             if self.layout.pp > 1:
                 # Pipeline backward passes keep the graph (retain_graph=True: DualPipeV's input-gradient pass
