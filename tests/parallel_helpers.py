@@ -217,7 +217,8 @@ def parallel_worker(rank: int, world_size: int, cfg: ModelConfig, batches, paral
             spans = [(b.buffer.data_ptr(), b.buffer.data_ptr() + b.buffer.numel() * b.buffer.element_size())
                      for b in par.reducer.buckets if b.buffer is not None]
             rec.setdefault("grads_in_buckets", []).append(sum(
-                1 for p in model.parameters() if p.grad is not None and any(a <= p.grad.data_ptr() < e for a, e in spans)))
+                1 for p in model.parameters()
+                if p.grad is not None and any(a <= p.grad.data_ptr() < e for a, e in spans)))
         norm = par.clip_grad_norm_(STEP["clip"])
         rec["loss"].append(par.global_mean(total))
         rec["norm"].append(float(norm))

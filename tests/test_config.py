@@ -61,7 +61,8 @@ def test_compile_mode_is_validated():
     """train.compile_mode takes torch.compile's modes by name; anything else is one clear UserError."""
     from dsv3.train.config import COMPILE_MODES, apply_overrides, resolve
 
-    assert resolve(apply_overrides({}, ['train.compile_mode="reduce-overhead"'])).train.compile_mode == "reduce-overhead"
+    cfg = resolve(apply_overrides({}, ['train.compile_mode="reduce-overhead"']))
+    assert cfg.train.compile_mode == "reduce-overhead"
     assert resolve(apply_overrides({}, [])).train.compile_mode == "default" and "default" in COMPILE_MODES
     with pytest.raises(UserError, match="train.compile_mode = 'cudagraphs' is invalid: use one of 'default'"):
         resolve(apply_overrides({}, ['train.compile_mode="cudagraphs"']))

@@ -1,4 +1,5 @@
-"""Triton quantizers (1x128 tiles, 128x128 blocks) vs the torch reference: bit-identical on the GPU (skipped on CPU)."""
+"""Triton quantizers (1x128 tiles, 128x128 blocks) vs the torch reference: bit-identical on the GPU (skipped on
+CPU); the two-axis helper against the two one-axis reference calls."""
 
 import pytest
 import torch
@@ -48,7 +49,6 @@ def test_triton_weight_blocks_match_reference_bitwise(shape, pow2):
     q2, s2 = quantize_weight_blocks(w, 128, pow2)
     assert torch.equal(s, s2)
     assert torch.equal(q.view(torch.uint8), q2.view(torch.uint8))
-
 
 
 def test_both_axes_are_the_two_one_axis_quantizations():
