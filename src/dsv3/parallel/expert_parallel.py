@@ -62,7 +62,8 @@ FP8 dispatch (``fp8_dispatch=True``, V3's recipe): rows are quantized to E4M3 wi
 tile (``quantize_tiles``: Triton on CUDA, bit-identical to ``quantize_activation_tiles``), payload and scales
 are sent, and the receiver dequantizes to the compute dtype. The combine is sent in BF16. Gradient path: the
 backward of the FP8 dispatch treats quantize->dequantize as the identity (straight-through) and sends the
-activation gradient back with a BF16 all-to-all, the combine-style transfer; the backward of the BF16 combine is the reverse BF16 all-to-all.
+activation gradient back with a BF16 all-to-all, the combine-style transfer; the backward of the BF16 combine
+is the reverse BF16 all-to-all.
 Tiles are per row, so chunking does not change what is sent: FP8 dispatch works with any ``ep_chunks``.
 
 FP8 experts (``train.precision = "fp8"``: ``convert_to_fp8`` set ``fp8_recipe`` on the ``Experts`` module
