@@ -93,7 +93,7 @@ from dsv3.fp8.blocks import dequantize_activation_tiles
 from dsv3.fp8.triton_quant import quantize_tiles
 from dsv3.model.moe import (Experts, Routing, _GatherCopies, _grouped_mm_ok, combine_copies, compute_dtype,
                             fp8_expert_gemm, fusable_gate_up, grouped_linear, grouped_swiglu, sort_copies)
-from dsv3.parallel.transport import CollectiveTransport, LocalTransport, Transport, all_to_all
+from dsv3.parallel.transport import CollectiveTransport, LocalTransport, Transport, all_to_all, backward_transport
 
 EXPERT_PARAMS = ("gate_proj", "up_proj", "down_proj")
 FP8_CHUNKS_ERROR = ("parallel.ep_chunks > 1 does not support train.precision = 'fp8' yet; "
@@ -140,7 +140,7 @@ class _FP8Dispatch(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        g = ctx.transport.all_to_all(grad.to(torch.bfloat16), ctx.out_splits, ctx.in_splits)
+        g = backward_transport(ctx.transport).all_to_all(grad.to(torch.bfloat16), ctx.out_splits, ctx.in_splits)
         return g.to(ctx.x_dtype), None, None, None, None
 
 
@@ -442,7 +442,7 @@ class _ChunkedRouted(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_out):
-        p, t = ctx.plan, ctx.plan.transport
+        p, t = ctx.plan, backward_transport(ctx.plan.transport)
         C, K, D, dtype = p.C, p.K, p.D, p.dtype
         weight_TK, wg, wu, wd, *rest = ctx.saved_tensors
         xs, as_, bs, ys = rest[:C], rest[C:2 * C], rest[2 * C:3 * C], rest[3 * C:]
@@ -560,13 +560,15 @@ def _moe_layers(model: nn.Module):
 
 
 def apply_expert_parallel(model: nn.Module, ep_group, *, fp8_dispatch: bool = False,
-                          transport: Transport | None = None, chunks: int = 1) -> nn.Module:
+                          transport: Transport | None = None, chunks: int = 1, backward_group=None) -> nn.Module:
     """Shard every MoE's routed experts over ``ep_group`` (in place; returns the model).
 
     Call after the weights are initialized or loaded (full [E, ...] tensors, identical on every rank) and
     BEFORE building the optimizer (the expert parameters are replaced by their [E/ep, ...] slices).
     ``ep_group`` None (or of size 1) with no transport leaves the model unchanged. ``chunks``
     (``parallel.ep_chunks``) > 1 overlaps the all-to-alls with the experts (module docstring).
+    ``backward_group``: the same ranks as ``ep_group`` as a second communicator for the gradients' transfers
+    (``parallel.fb_overlap``: a forward and a backward in flight at once must not share NCCL's queue).
     """
     if chunks < 1:
         from dsv3.errors import UserError
@@ -577,7 +579,7 @@ def apply_expert_parallel(model: nn.Module, ep_group, *, fp8_dispatch: bool = Fa
                 return model
             transport = LocalTransport()
         else:
-            transport = CollectiveTransport(ep_group)
+            transport = CollectiveTransport(ep_group, backward_group)
     for moe in _moe_layers(model):
         if moe.config.n_routed_experts % transport.size:
             from dsv3.errors import UserError

@@ -15,6 +15,10 @@ Groups a rank belongs to:
 * ``edp_group``  ("expert data parallel") the dp/ep ranks holding the SAME experts; expert gradients are
   reduced here and only here (as V3 runs EP64 inside its DP and reduces each expert over its replicas).
 * ``pp_group``   the pp ranks with the same dp_rank (one per stage); only the global grad norm uses it here.
+* ``ep_bwd_group`` (``parallel.fb_overlap`` only) the ep_group's ranks again, as a second communicator for
+  the backward's all-to-alls: NCCL runs one communicator's collectives in issue order on one stream, so with
+  one group the forward of micro-batch i+1 would queue its dispatch behind every transfer of micro-batch i's
+  backward, which it is meant to run beside.
 
 Validation (``validate_layout``) is a pure function of (world size, config): every rank computes the same
 verdict from the same inputs and raises the same ``UserError`` BEFORE any rendezvous or collective, so a
@@ -48,6 +52,7 @@ class ParallelConfig:
     node_limited_routing: bool = False  # routing groups = the experts of one EP rank (n_group = ep)
     fp8_dispatch: bool = False        # send dispatch payloads as E4M3 + 1x128 scales (combine stays BF16)
     ep_chunks: int = 1                # MoE token chunks per layer: chunk i+1 moves while chunk i computes
+    fb_overlap: bool = False          # pp = 1, CUDA: micro-batch i+1's forward runs beside micro-batch i's backward
     schedule: str = "1f1b"            # pipeline schedule when pp > 1: '1f1b' or 'dualpipev'
     microbatches: int = 0             # pipeline micro-batches per step; 0 = batch / micro_batch_size
     trace: bool = False               # write a per-rank Chrome trace of the pipeline schedule
@@ -95,6 +100,9 @@ def validate_layout(world_size: int, pc: ParallelConfig, model: ModelConfig | No
     if pc.ep_chunks > 1 and pc.pp > 1 and pc.schedule == "dualpipev":
         raise UserError("parallel.ep_chunks > 1 does not combine with parallel.schedule = 'dualpipev' (its split "
                         "backward would run the chunked expert backward twice); set ep_chunks = 1 or use '1f1b'")
+    if pc.fb_overlap and pc.pp > 1:
+        raise UserError("parallel.fb_overlap is for pp = 1 (pipeline schedules pair forwards and backwards "
+                        "themselves); set fb_overlap = false or pp = 1")
     if pc.bucket_mb <= 0 or pc.timeout_s <= 0:
         raise UserError("parallel.bucket_mb and parallel.timeout_s must be > 0")
     pp = pc.pp
@@ -162,6 +170,7 @@ class Mesh:
     ep_group: Any = None
     edp_group: Any = None
     pp_group: Any = None
+    ep_bwd_group: Any = None
     # (src pp rank, dst pp rank) -> a two-rank group that carries only src -> dst pipeline messages
     p2p_groups: dict = dataclasses.field(default_factory=dict)
 
@@ -247,6 +256,11 @@ def build_groups(mesh: Mesh) -> Mesh:
             g = dist.new_group(members)
             if mesh.rank in members:
                 setattr(mesh, f"{kind}_group", g)
+    if mesh.config.fb_overlap and mesh.ep > 1:
+        for members in ranks["ep"]:
+            g = dist.new_group(members)
+            if mesh.rank in members:
+                mesh.ep_bwd_group = g
     if mesh.pp > 1:
         build_p2p_groups(mesh, ranks["pp"])
     return mesh

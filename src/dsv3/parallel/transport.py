@@ -15,7 +15,10 @@ ranks of a group must issue them in the same order (``expert_parallel`` does: it
 chunk count). ``LocalTransport`` returns its input and a handle that is already done.
 
 Autograd: the backward of an all-to-all with splits (in, out) is the all-to-all of the output gradient with
-splits (out, in): every row's gradient goes back to the rank the row came from.
+splits (out, in): every row's gradient goes back to the rank the row came from. Gradients travel over
+``backward_transport(t)``: ``t.for_backward`` where a transport has one (``CollectiveTransport`` built with a
+``backward_group``: a second communicator over the same ranks, so that a forward's transfers never wait in
+NCCL's queue behind a concurrent backward's; ``parallel.fb_overlap``), else ``t`` itself.
 """
 from __future__ import annotations
 
@@ -63,12 +66,16 @@ class _Pending:
 
 
 class CollectiveTransport:
-    """all_to_all_single over a torch.distributed process group (NCCL or gloo)."""
+    """all_to_all_single over a torch.distributed process group (NCCL or gloo); the gradients of its
+    differentiable transfers over ``backward_group`` when given (the same ranks, another communicator)."""
 
-    def __init__(self, group):
+    def __init__(self, group, backward_group=None):
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.for_backward = self if backward_group is None else CollectiveTransport(backward_group)
+        if self.for_backward.size != self.size or self.for_backward.rank != self.rank:
+            raise ValueError("backward_group must hold the same ranks as group, in the same order")
 
     def all_to_all(self, x: torch.Tensor, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:
         x = x.contiguous()
@@ -108,7 +115,12 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.transport.all_to_all(grad, ctx.out_splits, ctx.in_splits), None, None, None
+        return backward_transport(ctx.transport).all_to_all(grad, ctx.out_splits, ctx.in_splits), None, None, None
+
+
+def backward_transport(t: Transport) -> Transport:
+    """The transport that carries the gradients of ``t``'s transfers (``t.for_backward``, else ``t``)."""
+    return getattr(t, "for_backward", t)
 
 
 def all_to_all(x: torch.Tensor, transport: Transport, in_splits: list[int], out_splits: list[int]) -> torch.Tensor:

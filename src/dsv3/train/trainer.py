@@ -26,7 +26,7 @@ from dsv3.data.loader import IGNORE_INDEX, PackedLoader
 from dsv3.errors import UserError
 from dsv3.fp8.weight_cache import reuse_quantized_weights
 from dsv3.model import DeepseekV3
-from dsv3.train import balance, checkpoint, metrics, schedules
+from dsv3.train import balance, checkpoint, metrics, overlap, schedules
 from dsv3.train.compile_blocks import compile_blocks
 from dsv3.train.config import CUDAGRAPH_MODES, RunConfig
 from dsv3.train.distributed import Layout
@@ -109,6 +109,15 @@ class Trainer:
         # CUDA graphs (compile_mode 'reduce-overhead' / 'max-autotune'): each forward starts a new replay
         # generation, so the previous micro-batch's graph outputs (consumed by its backward) may be reused
         self._cudagraphs = t.compile and t.compile_mode in CUDAGRAPH_MODES and self.device.type == "cuda"
+        # parallel.fb_overlap: two streams for the forwards (dsv3.train.overlap); on the CPU the plain loop
+        self._fb_streams = None
+        if self.layout.pc.fb_overlap:
+            if self._cudagraphs:
+                raise UserError(f"parallel.fb_overlap does not combine with train.compile_mode = "
+                                f"{t.compile_mode!r} (CUDA graphs replay on one stream); set fb_overlap = false or "
+                                "compile_mode = 'default'")
+            if self.device.type == "cuda":
+                self._fb_streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
         self.optimizer = self.layout.build_optimizer(self.model, t)
         dp = self.layout.dp
         mb = t.micro_batch_size or t.batch_size // dp   # per-rank micro-batch
@@ -197,18 +206,24 @@ class Trainer:
             with fp8_scope:
                 pipelined = self._pipeline_backward(mbs, n_target, lam, ctx)
             return self._finish_step(start, step, global_batch, lr, lam, gamma, *pipelined)
+        weights = [lay.dp * int((mb["labels"] != IGNORE_INDEX).sum()) / max(n_target, 1) for mb in mbs]
+
+        def forward(i, mb):
+            self._before_forward()
+            with ctx:
+                return self.model(mb["input_ids"], mb["labels"], doc_ids=mb.get("doc_ids"), mtp_lambda=lam,
+                                  balance_alpha=t.balance_alpha, return_logits=False)
+
+        def backward(i, mb, out):
+            nonlocal total
+            with lay.no_sync(last=i == len(mbs) - 1):   # the gradient reduction starts in the last backward
+                (out.loss * (weights[i] * lay.grad_loss_scale)).backward()
+            total = total + out.loss.detach().float() * weights[i]
+            for k, v in out.losses.items():
+                parts[k] = parts.get(k, 0) + v.detach().float() * weights[i]
+
         with fp8_scope:
-            for i, mb in enumerate(mbs):
-                w = lay.dp * int((mb["labels"] != IGNORE_INDEX).sum()) / max(n_target, 1)
-                with lay.no_sync(last=i == len(mbs) - 1):
-                    self._before_forward()
-                    with ctx:
-                        out = self.model(mb["input_ids"], mb["labels"], doc_ids=mb.get("doc_ids"), mtp_lambda=lam,
-                                         balance_alpha=t.balance_alpha, return_logits=False)
-                    (out.loss * (w * lay.grad_loss_scale)).backward()
-                total = total + out.loss.detach().float() * w
-                for k, v in out.losses.items():
-                    parts[k] = parts.get(k, 0) + v.detach().float() * w
+            overlap.accumulate(mbs, forward, backward, self._fb_streams)
         lay.finish_gradients()
 
         loss = lay.global_mean(total)
