@@ -30,6 +30,7 @@ from dsv3.plan.flops import training_flops_per_token  # noqa: E402
 DEVICE = "cuda"  # --device cpu runs a smoke test of the weight plumbing (timings meaningless)
 OURS_OPTIMIZER = "dsv3"  # --ours-optimizer
 AB_FLAGS: list[str] = []  # --ab
+FB_OVERLAP = 0  # --fb-overlap N
 COMPILE_OPTIONS: dict = {}  # Inductor options of ours' compiled blocks (an --ab inductor.NAME variant sets one)
 
 
@@ -84,8 +85,9 @@ def dsv3_adamw(params):
                                     moment_dtype=torch.bfloat16)
 
 
-def time_steps(model, loss_fn, x, steps: int, warmup: int = 3, make_opt=torch_adamw) -> dict:
-    """Median step time over `steps` timed steps of forward+backward+optimizer step."""
+def time_steps(model, loss_fn, x, steps: int, warmup: int = 3, make_opt=torch_adamw, fwd_bwd=None) -> dict:
+    """Median step time over `steps` timed steps of forward+backward+optimizer step. ``fwd_bwd(model, x)``, when
+    given, runs the forward and backward itself (e.g. over micro-batches) and returns the step's loss."""
     opt = make_opt(model.parameters())
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -93,8 +95,11 @@ def time_steps(model, loss_fn, x, steps: int, warmup: int = 3, make_opt=torch_ad
     for i in range(warmup + steps):
         sync()
         t = time.perf_counter()
-        loss = loss_fn(model, x)
-        loss.backward()
+        if fwd_bwd is None:
+            loss = loss_fn(model, x)
+            loss.backward()
+        else:
+            loss = fwd_bwd(model, x)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
@@ -233,6 +238,23 @@ def titan_loss(model, x):
 
 
 # ----------------------------------------------------------------------------------------------- driver
+def overlapped_fwd_bwd(n: int, streams):
+    """The step's batch as ``n`` equal micro-batches, each forward beside the previous backward on two CUDA
+    streams (``dsv3.train.overlap``, the trainer's ``parallel.fb_overlap``); the loss is the same token mean."""
+    from dsv3.train import overlap
+
+    def step(model, x):
+        losses = []
+
+        def backward(i, mb, loss):
+            (loss / n).backward()
+            losses.append(loss.detach())
+
+        overlap.accumulate(list(x.chunk(n)), lambda i, mb: ours_loss(model, mb), backward, streams)
+        return torch.stack(losses).mean()
+    return step
+
+
 def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: int, peers: list[str],
                profile_dir: str | None, fp8: bool = False) -> dict:
     from dsv3.hf import to_hf_state_dict
@@ -272,6 +294,15 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
             record("ours compiled + torch AdamW", out, ours_first)
         if profile_dir and compiled:
             profile(m, ours_loss, x, os.path.join(profile_dir, f"profile-{name}.txt"), make_opt=ours_opt)
+        if FB_OVERLAP > 1 and B % FB_OVERLAP == 0:
+            # the same batch as FB_OVERLAP micro-batches with forward/backward overlap (same tokens per step;
+            # on the CPU smoke test the plain loop)
+            m.load_state_dict(ours_sd)
+            streams = (torch.cuda.Stream(), torch.cuda.Stream()) if DEVICE == "cuda" else None
+            out = time_steps(m, ours_loss, x, steps, make_opt=ours_opt,
+                             fwd_bwd=overlapped_fwd_bwd(FB_OVERLAP, streams))
+            out["optimizer"] = OURS_OPTIMIZER
+            record(f"ours compiled, fb_overlap x{FB_OVERLAP}", out, ours_first)
         del m
         torch.cuda.empty_cache()
         for flag in (AB_FLAGS if compiled else ()):
@@ -352,12 +383,16 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
                 res["runs"]["torchtitan_error"] = repr(e)[:400]
             torch.cuda.empty_cache()
     ours_tok = res["runs"]["ours compiled"]["tokens_per_s"]
+    fbo = res["runs"].get(f"ours compiled, fb_overlap x{FB_OVERLAP}")
     for label, r in res["runs"].items():
         if isinstance(r, dict) and label != "ours compiled" and not label.startswith("ours fp8"):
             r["ours_over_peer"] = ours_tok / r["tokens_per_s"]
             r["first_loss_rel_diff"] = abs(r["first_loss"] - ours_first) / ours_first
-            print(f"[{name}] ours / {label}: {r['ours_over_peer']:.2f}x   first-loss rel diff "
-                  f"{r['first_loss_rel_diff']:.2e}", flush=True)
+            line = f"[{name}] ours / {label}: {r['ours_over_peer']:.2f}x"
+            if fbo is not None and not label.startswith("ours"):
+                r["ours_fb_overlap_over_peer"] = fbo["tokens_per_s"] / r["tokens_per_s"]
+                line += f" (with fb_overlap x{FB_OVERLAP}: {r['ours_fb_overlap_over_peer']:.2f}x)"
+            print(f"{line}   first-loss rel diff {r['first_loss_rel_diff']:.2e}", flush=True)
     return res
 
 
@@ -403,8 +438,12 @@ def main():
     ap.add_argument("--ab", default="", help="comma-separated switches of dsv3.model.moe (PERMUTE_KERNELS, "
                     "FUSED_GATE_UP_DGRAD) or inductor.OPTION (e.g. inductor.coordinate_descent_tuning): also time "
                     "ours with each one flipped from its default, same run")
+    ap.add_argument("--fb-overlap", type=int, default=0, metavar="N",
+                    help="also time ours with the batch as N micro-batches, each forward beside the previous "
+                         "backward on two CUDA streams (dsv3 train's parallel.fb_overlap); same tokens per step")
     args = ap.parse_args()
-    global DEVICE, OURS_OPTIMIZER, AB_FLAGS
+    global DEVICE, OURS_OPTIMIZER, AB_FLAGS, FB_OVERLAP
+    FB_OVERLAP = args.fb_overlap
     AB_FLAGS = [f for f in args.ab.split(",") if f]
     DEVICE = args.device
     OURS_OPTIMIZER = args.ours_optimizer
