@@ -79,6 +79,7 @@ class TrainConfig:
     tensorboard: bool = True              # write TensorBoard events to RUN_DIR/tb (if installed)
     profile_step: int = 0                 # run this step under torch.profiler on every rank: RUN_DIR/profile/rank{r}.txt (top kernels) and .json (Chrome trace); 0 = off
     sample_tokens: int = 64               # tokens of the greedy sample printed at the end; 0 = none
+    gc_every: int = 50                    # Python's automatic garbage collection off while training, one collection every N steps at the same step on every rank (a pause on one rank stalls its peers at the next collective); 0 = automatic
 
     def fp8_families(self) -> set[str]:
         """The GEMM families ``fp8_modules`` names (validated in ``RunConfig.check``)."""
@@ -125,7 +126,7 @@ class RunConfig:
                 raise UserError(f"train.{name} = {getattr(t, name)} is invalid: it must be >= 1")
         for name in ("micro_batch_size", "batch_ramp_start", "batch_ramp_steps", "batch_ramp_tokens",
                      "warmup_steps", "eval_every", "eval_batches", "expert_load_every", "sample_tokens",
-                     "profile_step"):
+                     "profile_step", "gc_every"):
             if getattr(t, name) < 0:
                 raise UserError(f"train.{name} = {getattr(t, name)} is invalid: it must be >= 0")
         for name in ("log_every", "save_every", "keep_checkpoints", "max_nan_skips"):

@@ -31,6 +31,7 @@ from dsv3.train.compile_blocks import compile_blocks
 from dsv3.train.config import CUDAGRAPH_MODES, RunConfig
 from dsv3.train.distributed import Layout
 from dsv3.train.evaluate import evaluate
+from dsv3.train.gc_schedule import ScheduledGC
 from dsv3.train.profiling import profile_one_step
 
 
@@ -374,8 +375,10 @@ class Trainer:
             self.metrics_log = self.eval_log = self.expert_log = self.tb = metrics.NullSink()
         old_handlers = self._install_signals()
         loop_start, first_step = time.perf_counter(), self.step
+        collector = ScheduledGC(t.gc_every).start()
         try:
             while self.step < end:
+                collector.step(self.step)
                 profiled = t.profile_step and self.step + 1 == t.profile_step
                 with profile_one_step(self.run_dir, self.device) if profiled else nullcontext():
                     record = self.train_step()
@@ -416,6 +419,7 @@ class Trainer:
             self.final_eval = self._run_eval() if t.eval_batches else {}
             return 0
         finally:
+            collector.stop()
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             for sink in (self.metrics_log, self.eval_log, self.expert_log, self.tb):
