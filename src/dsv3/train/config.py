@@ -79,7 +79,7 @@ class TrainConfig:
     tensorboard: bool = True              # write TensorBoard events to RUN_DIR/tb (if installed)
     profile_step: int = 0                 # run this step under torch.profiler on every rank: RUN_DIR/profile/rank{r}.txt (top kernels) and .json (Chrome trace); 0 = off
     sample_tokens: int = 64               # tokens of the greedy sample printed at the end; 0 = none
-    gc_every: int = 50                    # Python's automatic garbage collection off while training, one collection every N steps at the same step on every rank (a pause on one rank stalls its peers at the next collective); 0 = automatic
+    gc_every: int = 0                     # N > 0: Python's automatic garbage collection off while training, one collection every N steps at the same step on every rank (experimental: not faster on 2 x H200 EP=2); 0 = automatic
 
     def fp8_families(self) -> set[str]:
         """The GEMM families ``fp8_modules`` names (validated in ``RunConfig.check``)."""

@@ -9,6 +9,7 @@ its own files: the ranks' timelines differ, which is the point.
 """
 from __future__ import annotations
 
+import gc
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +40,10 @@ def profile_one_step(run_dir: Path, device: torch.device, rows: int = 40):
     prof.export_chrome_trace(str(out / f"rank{rank}.json"))
     summary = summarize_trace(out / f"rank{rank}.json")
     (out / f"rank{rank}.summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    # The profiler's event trees are reference cycles (~10^5 objects for an EP step): free them now, at the same
+    # step on every rank, not in a later automatic collection that pauses one rank while its peers wait
+    del prof
+    gc.collect()
 
 
 # Kernel kinds by name (first match wins). NCCL first: its kernels are communication whatever else they do.
