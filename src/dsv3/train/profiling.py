@@ -2,7 +2,7 @@
 
 For questions the metrics cannot answer (where does an EP=2 step's extra time go, how much of the GPU idles
 at a host sync): ``RUN/profile/rank{r}.txt`` holds the top operators and kernels by self time (device time on
-CUDA, CPU time otherwise), ``RUN/profile/rank{r}.json`` the Chrome trace (chrome://tracing, Perfetto), and
+CUDA, CPU time otherwise; on CUDA ``rank{r}.cpu.txt`` the same by host time), ``RUN/profile/rank{r}.json`` the Chrome trace (chrome://tracing, Perfetto), and
 ``RUN/profile/rank{r}.summary.json`` the step's GPU timeline in a few numbers (``summarize_trace``): busy and
 idle time, kernel time by kind, and how much of the communication no computation overlapped. Every rank writes
 its own files: the ranks' timelines differ, which is the point.
@@ -35,14 +35,16 @@ def profile_one_step(run_dir: Path, device: torch.device, rows: int = 40):
         if cuda:
             torch.cuda.synchronize(device)  # the step's kernels inside the window
     key = "self_device_time_total" if cuda else "self_cpu_time_total"  # device: torch >= 2.4 naming
-    table = prof.key_averages().table(sort_by=key, row_limit=rows)
-    (out / f"rank{rank}.txt").write_text(table + "\n")
+    averages = prof.key_averages()
+    (out / f"rank{rank}.txt").write_text(averages.table(sort_by=key, row_limit=rows) + "\n")
+    if cuda:  # where the host's time goes (a host-bound step, e.g. EP's, idles the GPU on it)
+        (out / f"rank{rank}.cpu.txt").write_text(averages.table(sort_by="self_cpu_time_total", row_limit=rows) + "\n")
     prof.export_chrome_trace(str(out / f"rank{rank}.json"))
     summary = summarize_trace(out / f"rank{rank}.json")
     (out / f"rank{rank}.summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     # The profiler's event trees are reference cycles (~10^5 objects for an EP step): free them now, at the same
     # step on every rank, not in a later automatic collection that pauses one rank while its peers wait
-    del prof
+    del prof, averages
     gc.collect()
 
 
