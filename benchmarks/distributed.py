@@ -69,6 +69,7 @@ def train(name: str, out: Path, data: Path, nproc: int, common: list[str], extra
     sh(cmd, env={"OMP_NUM_THREADS": "4"})
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     timed = recs[3:] if len(recs) > 4 else recs[1:]
+    timed = [r for r in timed if r.get("step") != PROFILE_STEP] or timed   # the profiled step is not a sample
     res = {"wall_s": time.perf_counter() - t, "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
            "step_s": statistics.median(r["step_time_s"] for r in timed), "losses": [r["loss"] for r in recs]}
     for key in ("ep_bytes_sent", "ep_recv_imbalance", "pp_bubble_fraction", "pp_recv_wait_s", "pp_step_s"):
@@ -81,6 +82,7 @@ def train(name: str, out: Path, data: Path, nproc: int, common: list[str], extra
 
 
 RUNS: set[str] = set()  # the runs this call makes; the others come from earlier calls' result.json
+PROFILE_STEP = 0        # the step each run profiles (left out of the medians)
 
 
 A2A = r'''
@@ -199,9 +201,10 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="a prepared data directory (default: prepare a stdlib corpus)")
     ap.add_argument("--rates", default=None, help="rates JSON from benchmarks/measure_rates.py (on top of the h100 "
                     "catalogue) for the simulator's predictions; default: the catalogue alone")
-    ap.add_argument("--profile-step", type=int, default=6,
-                    help="the step each run profiles (kernel tables in OUT/NAME/profile/); 0 = none. Tokens/s are "
-                         "medians over steps 4+, so one slower profiled step does not move them")
+    ap.add_argument("--profile-step", type=int, default=-1,
+                    help="the step each run profiles (kernel tables in OUT/NAME/profile/); -1 (default) = the last "
+                         "step, 0 = none. The profiled step is left out of the medians. Until session 10 it was "
+                         "step 6, and the steps after it ran slower in some EP runs (the profiler's garbage)")
     ap.add_argument("--runs", default="one,dp2,ep2,pp2_dualpipev",
                     help="which runs to make now (also dp2_sync: DP=2 with parallel.overlap_param_sync, "
                          "reduce_to_owner and grad_as_bucket_view off; dp2_allreduce: reduce_to_owner off; one_cg, "
@@ -211,6 +214,8 @@ def main() -> None:
                          "(e.g. the one-GPU baseline on a free GPU while another job runs)")
     args = ap.parse_args()
     RUNS.update(args.runs.split(","))
+    global PROFILE_STEP
+    PROFILE_STEP = args.steps if args.profile_step < 0 else args.profile_step
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     vocab = 32768 if args.preset == "small" else 512
@@ -227,7 +232,7 @@ def main() -> None:
               # two-GPU call out of time twice (2026-11-25 and 11-26)
               "--set", "train.save_final=false",
               # one profiled step per run (RUN/profile/rank{r}.txt): where EP=2's extra time goes
-              "--set", f"train.profile_step={args.profile_step}",
+              "--set", f"train.profile_step={PROFILE_STEP}",
               "--set", "train.batch_ramp_start=0", "--set", "train.warmup_steps=2",
               # configs/small.toml's peak LR: the trainer default (2e-3, sized for tiny) diverged on small
               "--set", f"train.lr={4.2e-4 if args.preset == 'small' else 2e-3}",

@@ -11,6 +11,13 @@
 #                                         #   default EP=2, same machine (session 9: 0.608 / 0.626 / 0.496); one_cg
 #                                         #   still fails on one GPU (tests/test_compile.py's CUDA test is the check)
 #                                         #   STEPS (default 20): steps per run, medians over steps 4+
+#                                         #   (the profiled step, now the last one, left out: session 10 saw
+#                                         #   EP steps slow down after a step-6 profile)
+#                                         #   RUNS=one,ep2,ep2_fbo / one,ep2,ep2_autogc: parallel.fb_overlap and
+#                                         #   train.gc_every A/Bs (session 10: neither paid; both opt-in)
+#                                         #   NEXT: RUNS=one,dp2,ep2 with the last-step profile, to re-measure
+#                                         #   ep_scaling without the step-6 aftermath; rank{r}.cpu.txt gives the
+#                                         #   EP step's host-time breakdown (the bound, session 10)
 #   benchmarks/next_gpu_session.sh ep2    # two GPUs: corpus + the 10-minute EP=2 real-corpus run in the background
 #   benchmarks/next_gpu_session.sh one    # one GPU: the same run on one GPU (the control: today's code, same data)
 #   benchmarks/next_gpu_session.sh step   # one GPU (#5): test_moe_compile.py first (the padded-layout compiled-dx
