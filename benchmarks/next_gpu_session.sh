@@ -13,7 +13,7 @@
 #                                         #   STEPS (default 20): steps per run, medians over steps 4+
 #                                         #   (the profiled step, now the last one, left out: session 10 saw
 #                                         #   EP steps slow down after a step-6 profile)
-#                                         #   RUNS=one,ep2,ep2_fbo / one,ep2,ep2_autogc: parallel.fb_overlap and
+#                                         #   RUNS=one,ep2,ep2_fbo / one,ep2,ep2_gc50: parallel.fb_overlap and
 #                                         #   train.gc_every A/Bs (session 10: neither paid; both opt-in)
 #                                         #   NEXT: RUNS=one,dp2,ep2 with the last-step profile, to re-measure
 #                                         #   ep_scaling without the step-6 aftermath; rank{r}.cpu.txt gives the
@@ -54,7 +54,7 @@ case "${1:-}" in
         --rates benchmarks/results/raw/2026-11-26-distributed/rates-small-h200x2.json > $S/distributed.log 2>&1
      echo "rc=$?" >> $S/distributed.log) &
     bg=$!
-    save() { for r in one one_cg one_fbo dp2 dp2_cg dp2_fbo dp2_sync dp2_allreduce ep2 ep2_cg ep2_fp8d ep2_cg_fp8d ep2_fbo ep2_fbo_fp8d one_autogc ep2_autogc pp2_dualpipev; do [ -d $D/$r ] || continue; mkdir -p $S/$r
+    save() { for r in one one_cg one_fbo dp2 dp2_cg dp2_fbo dp2_sync dp2_allreduce ep2 ep2_cg ep2_fp8d ep2_cg_fp8d ep2_fbo ep2_fbo_fp8d one_autogc ep2_autogc one_gc50 ep2_gc50 pp2_dualpipev; do [ -d $D/$r ] || continue; mkdir -p $S/$r
       cp $D/$r/result.json $D/$r/metrics.jsonl $D/$r/expert_load.jsonl $S/$r/ 2>/dev/null
       [ -d $D/$r/traces ] && cp -r $D/$r/traces $S/$r/
       cp $D/$r/profile/*.txt $D/$r/profile/*.summary.json $S/$r/ 2>/dev/null; done

@@ -2,9 +2,10 @@
 
 For questions the metrics cannot answer (where does an EP=2 step's extra time go, how much of the GPU idles
 at a host sync): ``RUN/profile/rank{r}.txt`` holds the top operators and kernels by self time (device time on
-CUDA, CPU time otherwise; on CUDA ``rank{r}.cpu.txt`` the same by host time), ``RUN/profile/rank{r}.json`` the Chrome trace (chrome://tracing, Perfetto), and
-``RUN/profile/rank{r}.summary.json`` the step's GPU timeline in a few numbers (``summarize_trace``): busy and
-idle time, kernel time by kind, and how much of the communication no computation overlapped. Every rank writes
+CUDA, CPU time otherwise; on CUDA ``rank{r}.cpu.txt`` the same by host time), ``RUN/profile/rank{r}.json``
+the Chrome trace (chrome://tracing, Perfetto), and ``RUN/profile/rank{r}.summary.json`` the step's GPU
+timeline in a few numbers (``summarize_trace``): busy and idle time, kernel time by kind, and how much of the
+communication no computation overlapped. Every rank writes
 its own files: the ranks' timelines differ, which is the point.
 """
 from __future__ import annotations
