@@ -242,10 +242,7 @@ class Trainer:
             raise UserError(f"parallel.microbatches = {pc.microbatches} but the batch splits into {len(mbs)} "
                             "micro-batches; set train.micro_batch_size = batch_size / microbatches")
         # n_target is global; times dp because the reducer averages over the data-parallel replicas
-        # from the host copy of the labels: no device sync between micro-batches
-        labels = batch["labels"]
-        weights = [lay.dp * int((labels[i:i + micro] != IGNORE_INDEX).sum()) / max(n_target, 1)
-                   for i in range(0, labels.shape[0], micro)]
+        weights = [lay.dp * int((mb["labels"] != IGNORE_INDEX).sum()) / max(n_target, 1) for mb in mbs]
         trace = str(self.run_dir / "traces") if pc.trace and self.step == self._trace_step else None
         loss, parts, counts = lay.pipeline_step(mbs, weights, lam, t.balance_alpha,
                                                 (lambda: ctx) if self.autocast else None, trace)
