@@ -27,6 +27,11 @@
 #   TESTS=tests/test_fp8_linear.py CONFIGS=small STEP_ARGS="--peers none --fp8" benchmarks/next_gpu_session.sh step
 #                                         # one GPU (#6): the FP8 step with the FP8 linear as custom ops (session 7,
 #                                         #   not yet timed) against BF16, same run
+#   TESTS=tests/test_train_optim_overlap.py CONFIGS=3b,small STEP_ARGS="--peers torchtitan --optimizer-overlap" \
+#       benchmarks/next_gpu_session.sh step
+#                                         # one GPU (#5): train.optimizer_overlap (session 10, NOT yet run on a
+#                                         #   GPU): its GPU parity test first, then the AdamW update beside the next
+#                                         #   forward against ours and torchtitan on 3.2B (AdamW: 15 ms of 187)
 #   benchmarks/next_gpu_session.sh fp8lin # one GPU (#6): FP8 quantizer/linear/grouped GPU tests and the CUDA-graph
 #                                         #   block test, fp8_linear.py, fp8_grouped.py, the small FP8 step vs BF16
 #   benchmarks/next_gpu_session.sh ep2wait  # (or onewait) the next call: waits for it, returns its records in run_ep2.tar.gz;

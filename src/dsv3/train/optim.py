@@ -66,42 +66,57 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        from dsv3.kernels.adamw import adamw_step_, can_fuse
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
-                state["step"] += 1
-                t = float(state["step"])
-                if self.fused is not False and can_fuse(p, (p.grad, state["exp_avg"], state["exp_avg_sq"])):
-                    adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr=lr, beta1=beta1, beta2=beta2,
-                                eps=eps, weight_decay=wd, step=int(t))
-                    continue
-                if self.fused:
-                    raise RuntimeError("fused=True needs CUDA, Triton and contiguous tensors")
-                g = p.grad.float()
-                m = state["exp_avg"].float().mul_(beta1).add_(g, alpha=1 - beta1)
-                v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                state["exp_avg"].copy_(m)
-                state["exp_avg_sq"].copy_(v)
-                bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
-                denom = (v.sqrt() / bc2 ** 0.5).add_(eps)
-                # decay and update in fp32, one rounding into a low-precision weight (as the fused kernels do)
-                p32 = p if p.dtype == torch.float32 else p.float()
-                if wd:
-                    p32.mul_(1 - lr * wd)
-                p32.add_(m / denom, alpha=-lr / bc1)
-                if p32 is not p:
-                    p.copy_(p32)
+                self._update(p, group)
         return loss
+
+    @torch.no_grad()
+    def step_params(self, params) -> None:
+        """The update of ``step`` for ``params`` only, in the given order (each with its own group's
+        settings): lets a caller update the parameters in the order the next forward needs them
+        (``dsv3.train.optim_overlap``). Over all parameters it is ``step``."""
+        group_of = self._group_of()
+        for p in params:
+            self._update(p, group_of[id(p)])
+
+    def _group_of(self) -> dict[int, dict]:
+        return {id(p): g for g in self.param_groups for p in g["params"]}
+
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        from dsv3.kernels.adamw import adamw_step_, can_fuse
+        if p.grad is None:
+            return
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, dtype=self.moment_dtype)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype)
+        state["step"] += 1
+        t = float(state["step"])
+        if self.fused is not False and can_fuse(p, (p.grad, state["exp_avg"], state["exp_avg_sq"])):
+            adamw_step_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr=lr, beta1=beta1, beta2=beta2,
+                        eps=eps, weight_decay=wd, step=int(t))
+            return
+        if self.fused:
+            raise RuntimeError("fused=True needs CUDA, Triton and contiguous tensors")
+        g = p.grad.float()
+        m = state["exp_avg"].float().mul_(beta1).add_(g, alpha=1 - beta1)
+        v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        state["exp_avg"].copy_(m)
+        state["exp_avg_sq"].copy_(v)
+        bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
+        denom = (v.sqrt() / bc2 ** 0.5).add_(eps)
+        # decay and update in fp32, one rounding into a low-precision weight (as the fused kernels do)
+        p32 = p if p.dtype == torch.float32 else p.float()
+        if wd:
+            p32.mul_(1 - lr * wd)
+        p32.add_(m / denom, alpha=-lr / bc1)
+        if p32 is not p:
+            p.copy_(p32)
