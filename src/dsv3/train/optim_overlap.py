@@ -67,18 +67,5 @@ class OverlappedOptimizerStep:
         for i in range(len(self.events)):
             self.wait_group(i)
 
-    # the optimizer's interface, for the trainer and checkpoints
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict:
-        self.wait_all()
-        return self.optimizer.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.wait_all()
-        self.optimizer.load_state_dict(state)

@@ -210,17 +210,18 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         ctx = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
         mbs = list(self._micro_batches(batch, micro))
+        # micro-batch weights from the host copy of the labels (no device sync); times dp because the reducer
+        # averages over the data-parallel replicas
+        labels = batch["labels"]
+        weights = [lay.dp * int((labels[i:i + micro] != IGNORE_INDEX).sum()) / max(n_target, 1)
+                   for i in range(0, labels.shape[0], micro)]
         # FP8: each weight is quantized once for all of this step's micro-batches (weights change only in the
         # optimizer step, after this scope)
         fp8_scope = reuse_quantized_weights() if t.precision == "fp8" else nullcontext()
         if lay.pp > 1:
             with fp8_scope:
-                pipelined = self._pipeline_backward(mbs, n_target, lam, ctx)
+                pipelined = self._pipeline_backward(mbs, weights, lam, ctx)
             return self._finish_step(start, step, global_batch, lr, lam, gamma, *pipelined)
-        # from the host copy of the labels: no device sync between micro-batches
-        labels = batch["labels"]
-        weights = [lay.dp * int((labels[i:i + micro] != IGNORE_INDEX).sum()) / max(n_target, 1)
-                   for i in range(0, labels.shape[0], micro)]
 
         def forward(i, mb):
             self._before_forward()
@@ -244,15 +245,13 @@ class Trainer:
         parts = {k: lay.global_mean(v) for k, v in parts.items()}
         return self._finish_step(start, step, global_batch, lr, lam, gamma, loss, parts, None)
 
-    def _pipeline_backward(self, mbs, n_target, lam, ctx):
+    def _pipeline_backward(self, mbs, weights, lam, ctx):
         """Forward+backward of all micro-batches through the pipeline schedule (every pp rank, same data)."""
         t, lay = self.t, self.layout
         pc = lay.pc
         if pc.microbatches and pc.microbatches != len(mbs):
             raise UserError(f"parallel.microbatches = {pc.microbatches} but the batch splits into {len(mbs)} "
                             "micro-batches; set train.micro_batch_size = batch_size / microbatches")
-        # n_target is global; times dp because the reducer averages over the data-parallel replicas
-        weights = [lay.dp * int((mb["labels"] != IGNORE_INDEX).sum()) / max(n_target, 1) for mb in mbs]
         trace = str(self.run_dir / "traces") if pc.trace and self.step == self._trace_step else None
         loss, parts, counts = lay.pipeline_step(mbs, weights, lam, t.balance_alpha,
                                                 (lambda: ctx) if self.autocast else None, trace)
