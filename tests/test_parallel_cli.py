@@ -63,8 +63,13 @@ EP2_PROFILED = ["--set", "train.profile_step=3", "--set", "parallel.ep=2"]
 EP2_FB_OVERLAP = ["--set", "train.micro_batch_size=4", "--set", "parallel.fb_overlap=true", "--set", "parallel.ep=2"]
 
 
-@pytest.mark.parametrize("layout", [EP2_PROFILED, EP2_FB_OVERLAP, ["--set", "parallel.ep=1"], PP_DUALPIPEV, PP_1F1B],
-                         ids=["ep2", "ep2-fb-overlap", "dp2", "pp2-dualpipev", "pp2-1f1b"])
+# EP=2 with the fixed-size exchanges (every token to every EP rank, no host read of splits)
+EP2_ALLGATHER = ["--set", 'parallel.ep_dispatch="allgather"', "--set", "parallel.ep=2"]
+
+
+@pytest.mark.parametrize("layout", [EP2_PROFILED, EP2_FB_OVERLAP, EP2_ALLGATHER, ["--set", "parallel.ep=1"],
+                                    PP_DUALPIPEV, PP_1F1B],
+                         ids=["ep2", "ep2-fb-overlap", "ep2-allgather", "dp2", "pp2-dualpipev", "pp2-1f1b"])
 def test_torchrun_two_processes_reproduce_single_process_losses(data_dir, single, tmp_path, layout):
     run = tmp_path / "run"
     r = _run([*COMMON, "--data", str(data_dir), "--out", str(run), "--set", "train.steps=8",
@@ -92,11 +97,13 @@ def test_torchrun_two_processes_reproduce_single_process_losses(data_dir, single
         assert json.loads((run / "traces" / "pp_rank0.json").read_text())
 
 
-@pytest.mark.parametrize("layout", [PP_DUALPIPEV[:6], ["--set", "parallel.ep=2"]], ids=["pp2-dualpipev", "ep2"])
+@pytest.mark.parametrize("layout", [PP_DUALPIPEV[:6], ["--set", "parallel.ep=2"], EP2_ALLGATHER],
+                         ids=["pp2-dualpipev", "ep2", "ep2-allgather"])
 def test_compiled_layout_matches_single_process(data_dir, single, tmp_path, layout):
     """Compiled blocks. DualPipeV's split backward (retain_graph=True): compiled backward functions must not
     donate their buffers (they did, and every rank failed at the first backward). EP: the block traces the
-    sort/gather before the dispatch and the un-sort/weighted sum after the combine, around the eager exchange."""
+    sort/gather before the dispatch and the un-sort/weighted sum after the combine, around the eager exchange.
+    EP "allgather": the whole MoE layer, functional collectives included, traces into the block."""
     run = tmp_path / "run"
     r = _run([*COMMON, "--data", str(data_dir), "--out", str(run), "--set", "train.steps=2",
               "--set", "model.vocab_size=512", "--set", "train.compile=true", *layout], 2)

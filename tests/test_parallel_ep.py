@@ -56,6 +56,23 @@ def test_ep2_matches_single_process(setup):
             assert step["ep_recv_imbalance"] >= 1.0
 
 
+def test_ep2_allgather_dispatch_matches_single_process(setup):
+    """parallel.ep_dispatch = 'allgather' (every token to every EP rank, fixed sizes, no host read): the same
+    losses, gradients and biases as one process; every token copy still computed by exactly one rank."""
+    cfg, batches, ref = setup
+    ranks = unwrap(run_ranks(parallel_worker, 2, cfg, batches, {"ep": 2, "ep_dispatch": "allgather"}, 2))
+    assert_matches_reference(ref, ranks)
+    copies = BATCH * SEQ * cfg.num_experts_per_tok * 2
+    D = cfg.hidden_size
+    for rec in ranks:
+        for step in rec["traffic"]:
+            assert step["ep_recv_rows_mean"] * 2 == copies
+            # per micro-batch and MoE layer, to the one peer: its T tokens' rows twice (dispatch, combine) in fp32
+            # plus K indices and weights (fp32 each); T summed over the step = this rank's tokens x 2 layers
+            tokens = BATCH // 2 * SEQ * 2
+            assert step["ep_bytes_sent"] == tokens * (2 * D * 4 + 2 * cfg.num_experts_per_tok * 4)
+
+
 def test_node_limited_routing_matches_and_bounds_ranks():
     """n_group = ep: with topk_group = 1 every token's copies stay on one EP rank; EP still equals 1 process."""
     cfg = node_limited_config(small_config(topk_group=1), 2)

@@ -262,6 +262,8 @@ def grouped_linear(x_MD: torch.Tensor, w_EOD: torch.Tensor, ends_E: torch.Tensor
     for e, end in enumerate(ends_E.tolist()):
         outs.append(F.linear(x_MD[start:end], w_EOD[e]))
         start = end
+    if start < x_MD.shape[0]:   # rows past the last group (EP "allgather": other ranks' copies): zeros here,
+        outs.append(x_MD.new_zeros(x_MD.shape[0] - start, w_EOD.shape[1]))   # never written by _grouped_mm
     return torch.cat(outs, dim=0) if outs else x_MD.new_zeros(0, w_EOD.shape[1])
 
 

@@ -98,6 +98,17 @@ from dsv3.parallel.transport import CollectiveTransport, LocalTransport, Transpo
 EXPERT_PARAMS = ("gate_proj", "up_proj", "down_proj")
 FP8_CHUNKS_ERROR = ("parallel.ep_chunks > 1 does not support train.precision = 'fp8' yet; "
                     "set parallel.ep_chunks = 1")
+DISPATCHES = ("alltoall", "allgather")
+
+
+def allgather_unsupported(fp8_dispatch: bool, chunks: int, fp8_experts: bool) -> str | None:
+    """Why ``parallel.ep_dispatch = "allgather"`` cannot run with these settings (None when it can)."""
+    what = [n for n, on in (("parallel.fp8_dispatch = true", fp8_dispatch), ("parallel.ep_chunks > 1", chunks > 1),
+                            ("train.precision = 'fp8'", fp8_experts)) if on]
+    if not what:
+        return None
+    return (f"parallel.ep_dispatch = 'allgather' does not support {' or '.join(what)} yet; "
+            f"set parallel.ep_dispatch = 'alltoall'")
 
 
 class TrafficMeter:
@@ -526,9 +537,13 @@ _chunked_forward_eager = torch.compiler.disable(_chunked_forward)
 class ExpertParallelExperts(nn.Module):
     """Drop-in for ``Experts`` holding experts [first, first + E/ep) under the same parameter names."""
 
-    def __init__(self, experts: Experts, transport: Transport, fp8_dispatch: bool = False, chunks: int = 1):
+    def __init__(self, experts: Experts, transport: Transport, fp8_dispatch: bool = False, chunks: int = 1,
+                 dispatch: str = "alltoall"):
         super().__init__()
         self.chunks = chunks     # parallel.ep_chunks: dispatch/combine pipelined over this many token chunks
+        if dispatch not in DISPATCHES:
+            raise UserError(f"parallel.ep_dispatch = {dispatch!r} is invalid: use 'alltoall' or 'allgather'")
+        self.dispatch = dispatch  # parallel.ep_dispatch ("allgather": dsv3.parallel.ep_allgather)
         ep, r = transport.size, transport.rank
         E = experts.num_experts
         self.num_experts = E
@@ -541,7 +556,14 @@ class ExpertParallelExperts(nn.Module):
         self.fp8_recipe = getattr(experts, "fp8_recipe", None)
         if self.fp8_recipe is not None and chunks > 1:
             raise UserError(FP8_CHUNKS_ERROR)
+        if dispatch == "allgather":
+            why = allgather_unsupported(fp8_dispatch, chunks, self.fp8_recipe is not None)
+            if why:
+                raise UserError(why)
         self.meter = TrafficMeter(ep)
+        # "allgather": (local copies computed, tokens, bytes sent to each peer), counted on the device (no host
+        # values inside the compiled block); read with the host meter by traffic_stats
+        self.register_buffer("allgather_stats", torch.zeros(3, dtype=torch.int64), persistent=False)
         sl = slice(self.first, self.first + self.num_local)
         for name in EXPERT_PARAMS:
             full = getattr(experts, name)
@@ -550,6 +572,10 @@ class ExpertParallelExperts(nn.Module):
     # Traced by a compiled block up to the dispatch and from the combine on; the middle runs eagerly
     # (``ep_experts_forward``: one graph break before it, one after).
     def forward(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        if self.dispatch == "allgather":
+            from dsv3.parallel.ep_allgather import allgather_experts_forward
+            return allgather_experts_forward(x_TD, routing, self.gate_proj, self.up_proj, self.down_proj,
+                                             self.transport, self.first, self.allgather_stats)
         return ep_experts_forward(x_TD, routing, self.gate_proj, self.up_proj, self.down_proj, self.transport,
                                   self.fp8_dispatch, self.meter, self.chunks, self.fp8_recipe)
 
@@ -560,7 +586,8 @@ def _moe_layers(model: nn.Module):
 
 
 def apply_expert_parallel(model: nn.Module, ep_group, *, fp8_dispatch: bool = False,
-                          transport: Transport | None = None, chunks: int = 1, backward_group=None) -> nn.Module:
+                          transport: Transport | None = None, chunks: int = 1, backward_group=None,
+                          dispatch: str = "alltoall") -> nn.Module:
     """Shard every MoE's routed experts over ``ep_group`` (in place; returns the model).
 
     Call after the weights are initialized or loaded (full [E, ...] tensors, identical on every rank) and
@@ -569,6 +596,8 @@ def apply_expert_parallel(model: nn.Module, ep_group, *, fp8_dispatch: bool = Fa
     (``parallel.ep_chunks``) > 1 overlaps the all-to-alls with the experts (module docstring).
     ``backward_group``: the same ranks as ``ep_group`` as a second communicator for the gradients' transfers
     (``parallel.fb_overlap``: a forward and a backward in flight at once must not share NCCL's queue).
+    ``dispatch`` (``parallel.ep_dispatch``): "alltoall" (token copies to their experts' ranks, uneven splits read
+    by the host) or "allgather" (fixed-size exchanges, no host sync: ``dsv3.parallel.ep_allgather``).
     """
     if chunks < 1:
         from dsv3.errors import UserError
@@ -585,7 +614,7 @@ def apply_expert_parallel(model: nn.Module, ep_group, *, fp8_dispatch: bool = Fa
             from dsv3.errors import UserError
             raise UserError(f"model.n_routed_experts = {moe.config.n_routed_experts} is not divisible by ep = "
                             f"{transport.size}")
-        moe.experts = ExpertParallelExperts(moe.experts, transport, fp8_dispatch, chunks)
+        moe.experts = ExpertParallelExperts(moe.experts, transport, fp8_dispatch, chunks, dispatch)
     return model
 
 
@@ -656,11 +685,15 @@ def traffic_stats(model: nn.Module, ep_group=None, reset: bool = True) -> dict[s
     mods = list(_ep_modules(model).values())
     if not mods:
         return {}
-    me = mods[0].transport.rank
+    me, size = mods[0].transport.rank, mods[0].transport.size
     sent = sum(b for m in mods for i, b in enumerate(m.meter.sent_bytes) if i != me)
     rows = sum(m.meter.recv_rows for m in mods)
     # on the parameters' device: NCCL reduces CUDA tensors only
     vals = torch.tensor([sent, rows], dtype=torch.float64, device=next(model.parameters()).device)
+    for m in mods:                               # "allgather" layers count on the device
+        if m.dispatch == "allgather":
+            st = m.allgather_stats.to(vals.device, torch.float64)
+            vals += torch.stack([st[2] * (size - 1), st[0]])
     mx, sm = vals.clone(), vals.clone()
     n = 1
     if ep_group is not None and dist.get_world_size(ep_group) > 1:
@@ -672,6 +705,7 @@ def traffic_stats(model: nn.Module, ep_group=None, reset: bool = True) -> dict[s
     if reset:
         for m in mods:
             m.meter.reset()
+            m.allgather_stats.zero_()
     return {"ep_bytes_sent": float(vals[0]), "ep_bytes_sent_max": float(mx[0]), "ep_bytes_sent_mean": float(mean[0]),
             "ep_send_imbalance": float(mx[0] / mean[0]) if mean[0] > 0 else 1.0,
             "ep_recv_rows_max": float(mx[1]), "ep_recv_rows_mean": float(mean[1]),

@@ -6,6 +6,11 @@ it with ``torch.distributed.all_to_all_single`` over a process group: NCCL on GP
 (torch 2.13's gloo does uneven splits; tested in tests/test_parallel_ep.py). Neither moves float8 dtypes, so
 FP8 payloads travel as their raw bytes (a uint8 view) and are viewed back on arrival.
 
+``Transport.all_gather(x)`` ([n, ...] -> [size*n, ...], block i from peer i) and ``Transport.all_to_all_equal(x)``
+([size*n, ...] -> the same shape, block i to peer i, block j of the result from peer j): the fixed-size
+exchanges of ``parallel.ep_dispatch = "allgather"`` (``dsv3.parallel.ep_allgather``), on torch's functional
+collectives so that torch.compile traces them (sizes come from shapes alone: no host read, no graph break).
+
 ``Transport.all_to_all_async(x, in_splits, out_splits) -> (out, handle)``: the same exchange, started and not
 waited for; ``out`` may be read only after ``handle.wait()``, and every handle must be waited on exactly once.
 On NCCL the transfer runs on the communicator's own stream, ordered after the work queued on the current
@@ -26,6 +31,7 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 _FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
@@ -40,6 +46,10 @@ class Transport(Protocol):
 
     def all_to_all_async(self, x: torch.Tensor, in_splits: list[int], out_splits: list[int]
                          ) -> tuple[torch.Tensor, "Handle"]: ...
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def all_to_all_equal(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
 class Handle(Protocol):
@@ -92,6 +102,14 @@ class CollectiveTransport:
         work = dist.all_to_all_single(recv, send, out_splits, in_splits, group=self.group, async_op=True)
         return out, _Pending(work, send, recv)
 
+    # Fixed-size exchanges (``parallel.ep_dispatch = "allgather"``): torch's functional collectives, which
+    # torch.compile traces into the block's graph (no graph break, no host values).
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), 0, self.group))
+
+    def all_to_all_equal(self, x: torch.Tensor) -> torch.Tensor:
+        return funcol.wait_tensor(funcol.all_to_all_single(x.contiguous(), None, None, self.group))
+
 
 class LocalTransport:
     """A group of one: all_to_all is the identity (ep = 1, and single-process tests of the EP code path)."""
@@ -105,6 +123,12 @@ class LocalTransport:
     def all_to_all_async(self, x: torch.Tensor, in_splits: list[int], out_splits: list[int]
                          ) -> tuple[torch.Tensor, _Done]:
         return x, _Done()
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def all_to_all_equal(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
 
 class _AllToAll(torch.autograd.Function):
