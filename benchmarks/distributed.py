@@ -210,7 +210,8 @@ def main() -> None:
                          "reduce_to_owner and grad_as_bucket_view off; dp2_allreduce: reduce_to_owner off; one_cg, "
                          "dp2_cg, ep2_cg: train.compile_mode = 'reduce-overhead'; ep2_fp8d, ep2_cg_fp8d: "
                          "parallel.fp8_dispatch on; one_fbo, dp2_fbo, ep2_fbo, ep2_fbo_fp8d: "
-                         "parallel.fb_overlap on; one_gc50, ep2_gc50: train.gc_every = 50); the others are read from "
+                         "parallel.fb_overlap on; one_gc50, ep2_gc50: train.gc_every = 50; ep2_ag, ep2_ag_cg: "
+                         "parallel.ep_dispatch = 'allgather', the second with CUDA graphs); the others are read from "
                          "OUT/NAME/result.json of an earlier call (e.g. the one-GPU baseline on a free GPU while "
                          "another job runs)")
     args = ap.parse_args()
@@ -251,12 +252,14 @@ def main() -> None:
     fp8d = ["--set", "parallel.fp8_dispatch=true"]
     fbo = ["--set", "parallel.fb_overlap=true"]   # micro-batch i+1's forward beside micro-batch i's backward
     gc50 = ["--set", "train.gc_every=50"]
+    ag = ["--set", 'parallel.ep_dispatch="allgather"']   # fixed-size exchanges: no host read of splits
     variant_runs = {"one_cg": (1, cg), "dp2_cg": (2, cg), "ep2_cg": (2, ep + cg), "ep2_fp8d": (2, ep + fp8d),
                     "ep2_cg_fp8d": (2, ep + cg + fp8d), "one_fbo": (1, fbo), "dp2_fbo": (2, fbo),
                     "ep2_fbo": (2, ep + fbo), "ep2_fbo_fp8d": (2, ep + fbo + fp8d),
                     # collections every 50 steps with automatic garbage collection off (session 10 ran the
                     # default-50 code against 'ep2_autogc' = train.gc_every 0, now the default)
-                    "one_gc50": (1, gc50), "ep2_gc50": (2, ep + gc50)}
+                    "one_gc50": (1, gc50), "ep2_gc50": (2, ep + gc50),
+                    "ep2_ag": (2, ep + ag), "ep2_ag_cg": (2, ep + ag + cg)}
     if RUNS & variant_runs.keys():
         for name, (nproc, extra) in variant_runs.items():
             if name in RUNS:

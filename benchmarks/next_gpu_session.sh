@@ -15,6 +15,8 @@
 #                                         #   EP steps slow down after a step-6 profile)
 #                                         #   RUNS=one,ep2,ep2_fbo / one,ep2,ep2_gc50: parallel.fb_overlap and
 #                                         #   train.gc_every A/Bs (session 10: neither paid; both opt-in)
+#                                         #   RUNS=one,ep2,ep2_ag,ep2_ag_cg: parallel.ep_dispatch = "allgather" (session
+#                                         #   11: fixed-size exchanges, no host sync) against the default EP=2
 #                                         #   NEXT: RUNS=one,dp2,ep2 with the last-step profile, to re-measure
 #                                         #   ep_scaling without the step-6 aftermath; rank{r}.cpu.txt gives the
 #                                         #   EP step's host-time breakdown (the bound, session 10)
@@ -55,11 +57,14 @@ case "${1:-}" in
     # (the device returns at most 8 files), so a call cut off at its limit still returns what finished.
     nvidia-smi --query-gpu=name --format=csv,noheader
     D=/tmp/dist; S=/tmp/stage; mkdir -p $D $S
+    # GPU tests first when asked (TESTS=...), their summary kept with the runs
+    [ -n "${TESTS:-}" ] && timeout ${TEST_S:-150} python3 -m pytest -q $TESTS 2>&1 | grep -E "^E  |passed|failed|^FAILED" \
+        | head -30 | tee $S/gpu_tests.txt
     (timeout ${DIST_S:-540} python3 benchmarks/distributed.py --out $D --steps ${STEPS:-20} --runs ${RUNS:-one,dp2,ep2,pp2_dualpipev} \
         --rates benchmarks/results/raw/2026-11-26-distributed/rates-small-h200x2.json > $S/distributed.log 2>&1
      echo "rc=$?" >> $S/distributed.log) &
     bg=$!
-    save() { for r in one one_cg one_fbo dp2 dp2_cg dp2_fbo dp2_sync dp2_allreduce ep2 ep2_cg ep2_fp8d ep2_cg_fp8d ep2_fbo ep2_fbo_fp8d one_autogc ep2_autogc one_gc50 ep2_gc50 pp2_dualpipev; do [ -d $D/$r ] || continue; mkdir -p $S/$r
+    save() { for r in one one_cg one_fbo dp2 dp2_cg dp2_fbo dp2_sync dp2_allreduce ep2 ep2_cg ep2_fp8d ep2_cg_fp8d ep2_fbo ep2_fbo_fp8d one_autogc ep2_autogc one_gc50 ep2_gc50 ep2_ag ep2_ag_cg pp2_dualpipev; do [ -d $D/$r ] || continue; mkdir -p $S/$r
       cp $D/$r/result.json $D/$r/metrics.jsonl $D/$r/expert_load.jsonl $S/$r/ 2>/dev/null
       [ -d $D/$r/traces ] && cp -r $D/$r/traces $S/$r/
       cp $D/$r/profile/*.txt $D/$r/profile/*.summary.json $S/$r/ 2>/dev/null; done
