@@ -114,18 +114,44 @@ def test_rank_with_no_local_copies_gives_zero_and_finite_gradients(nan_past_last
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def _fp32_reference(x, w, idx, weight):
+    """Output and gradients of the single-device path in fp32 (on CUDA its grouped GEMM is the per-expert loop)."""
+    leaves = [t.float() for t in _leaves(x, w, weight)]
+    leaves = [t.detach().requires_grad_(True) for t in leaves]
+    out = experts_forward_sorted(leaves[0], Routing(idx, leaves[4], None), *leaves[1:4])
+    return out, _grads(out, leaves)
+
+
+def _bf16_reference(x, w, idx, weight):
+    leaves = _leaves(x, w, weight)
+    out = experts_forward_sorted(leaves[0], Routing(idx, leaves[4], None), *leaves[1:4])
+    return out, _grads(out, leaves)
+
+
+NAMES = ["out", "x", "gate", "up", "down", "weight"]
+
+
+def _assert_as_accurate(got, bf16_ref, fp32_ref):
+    """BF16 results: no further from the fp32 reference than the single-device BF16 path is (x 1.5, + 1e-3),
+    and finite. Element-wise tolerances do not fit: two ranks' partials are rounded to BF16 before their sum,
+    so single elements differ by an ulp of the output, and near-zero elements by any relative amount."""
+    for name, a, b, r in zip(NAMES, got, bf16_ref, fp32_ref):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, r) <= 1.5 * _rel(b, r) + 1e-3, (name, _rel(a, r), _rel(b, r))
+
+
 @cuda
-def test_gpu_bf16_partials_match_the_grouped_path():
+def test_gpu_bf16_partials_as_accurate_as_the_grouped_path():
     x, w, idx, weight = _problem(T=512, D=256, F=128, E=16, K=4, device="cuda", dtype=torch.bfloat16)
-    ref_leaves = _leaves(x, w, weight)
-    ref = experts_forward_sorted(ref_leaves[0], Routing(idx, ref_leaves[4], None), *ref_leaves[1:4])
-    ref_grads = _grads(ref, ref_leaves)
+    ref32, ref32_grads = _fp32_reference(x, w, idx, weight)
+    ref, ref_grads = _bf16_reference(x, w, idx, weight)
     out, rows, leaves = _split_over_ranks(x, w, idx, weight, 2)
     assert rows == idx.numel()
-    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
-    for name, a, b in zip(["x", "gate", "up", "down", "weight"], _grads(out, leaves), ref_grads):
-        assert torch.isfinite(a).all(), name
-        torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2, msg=name)
+    _assert_as_accurate([out, *_grads(out, leaves)], [ref, *ref_grads], [ref32, *ref32_grads])
 
 
 @cuda
@@ -142,15 +168,14 @@ def test_gpu_layer_compiles_as_one_graph_with_its_collectives(tmp_path):
         def layer(x, wt, wg, wu, wd):
             return allgather_experts_forward(x, Routing(idx, wt, None), wg, wu, wd, t, 0, stats)
 
+        ref32, ref32_grads = _fp32_reference(x, w, idx, weight)
         eager_leaves = _leaves(x, w, weight)
         eager = layer(eager_leaves[0], eager_leaves[4], *eager_leaves[1:4])
         eager_grads = _grads(eager, eager_leaves)
         leaves = _leaves(x, w, weight)
         compiled = torch.compile(layer, fullgraph=True)        # fails on any graph break
         out = compiled(leaves[0], leaves[4], *leaves[1:4])
-        torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)
-        for name, a, b in zip(["x", "gate", "up", "down", "weight"], _grads(out, leaves), eager_grads):
-            torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2, msg=name)
+        _assert_as_accurate([out, *_grads(out, leaves)], [eager, *eager_grads], [ref32, *ref32_grads])
         assert stats.tolist() == [2 * idx.numel(), 2 * 512, 2 * 512 * (2 * 256 * 2 + 2 * 4 * 4)]
     finally:
         dist.destroy_process_group()

@@ -563,7 +563,8 @@ class ExpertParallelExperts(nn.Module):
         self.meter = TrafficMeter(ep)
         # "allgather": (local copies computed, tokens, bytes sent to each peer), counted on the device (no host
         # values inside the compiled block); read with the host meter by traffic_stats
-        self.register_buffer("allgather_stats", torch.zeros(3, dtype=torch.int64), persistent=False)
+        self.register_buffer("allgather_stats", torch.zeros(3, dtype=torch.int64, device=experts.gate_proj.device),
+                             persistent=False)
         sl = slice(self.first, self.first + self.num_local)
         for name in EXPERT_PARAMS:
             full = getattr(experts, name)

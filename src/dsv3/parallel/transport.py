@@ -105,10 +105,11 @@ class CollectiveTransport:
     # Fixed-size exchanges (``parallel.ep_dispatch = "allgather"``): torch's functional collectives, which
     # torch.compile traces into the block's graph (no graph break, no host values).
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
-        return funcol.wait_tensor(funcol.all_gather_tensor(x.contiguous(), 0, self.group))
+        # detached: called inside autograd Functions, which define the gradient (funcol warns otherwise)
+        return funcol.wait_tensor(funcol.all_gather_tensor(x.detach().contiguous(), 0, self.group))
 
     def all_to_all_equal(self, x: torch.Tensor) -> torch.Tensor:
-        return funcol.wait_tensor(funcol.all_to_all_single(x.contiguous(), None, None, self.group))
+        return funcol.wait_tensor(funcol.all_to_all_single(x.detach().contiguous(), None, None, self.group))
 
 
 class LocalTransport:
