@@ -211,7 +211,8 @@ def main() -> None:
                          "dp2_cg, ep2_cg: train.compile_mode = 'reduce-overhead'; ep2_fp8d, ep2_cg_fp8d: "
                          "parallel.fp8_dispatch on; one_fbo, dp2_fbo, ep2_fbo, ep2_fbo_fp8d: "
                          "parallel.fb_overlap on; one_gc50, ep2_gc50: train.gc_every = 50; ep2_ag, ep2_ag_cg: "
-                         "parallel.ep_dispatch = 'allgather', the second with CUDA graphs); the others are read from "
+                         "parallel.ep_dispatch = 'allgather', the second with CUDA graphs (ep2 itself runs 'auto', = "
+                         "'allgather' at ep 2); ep2_a2a, ep2_a2a_cg: 'alltoall'); the others are read from "
                          "OUT/NAME/result.json of an earlier call (e.g. the one-GPU baseline on a free GPU while "
                          "another job runs)")
     args = ap.parse_args()
@@ -253,20 +254,23 @@ def main() -> None:
     fbo = ["--set", "parallel.fb_overlap=true"]   # micro-batch i+1's forward beside micro-batch i's backward
     gc50 = ["--set", "train.gc_every=50"]
     ag = ["--set", 'parallel.ep_dispatch="allgather"']   # fixed-size exchanges: no host read of splits
+    a2a = ["--set", 'parallel.ep_dispatch="alltoall"']   # the default before session 11 ('auto' = allgather at ep 2)
     variant_runs = {"one_cg": (1, cg), "dp2_cg": (2, cg), "ep2_cg": (2, ep + cg), "ep2_fp8d": (2, ep + fp8d),
                     "ep2_cg_fp8d": (2, ep + cg + fp8d), "one_fbo": (1, fbo), "dp2_fbo": (2, fbo),
                     "ep2_fbo": (2, ep + fbo), "ep2_fbo_fp8d": (2, ep + fbo + fp8d),
                     # collections every 50 steps with automatic garbage collection off (session 10 ran the
                     # default-50 code against 'ep2_autogc' = train.gc_every 0, now the default)
                     "one_gc50": (1, gc50), "ep2_gc50": (2, ep + gc50),
-                    "ep2_ag": (2, ep + ag), "ep2_ag_cg": (2, ep + ag + cg)}
+                    "ep2_ag": (2, ep + ag), "ep2_ag_cg": (2, ep + ag + cg), "ep2_a2a": (2, ep + a2a),
+                    "ep2_a2a_cg": (2, ep + a2a + cg)}
     if RUNS & variant_runs.keys():
         if "ep2" in RUNS and not RUNS & {"dp2", "pp2_dualpipev"}:   # the EP A/B: default EP=2 on the same machine,
             r = train("ep2", out, data, 2, common, ["--set", f"train.batch_size={2 * per_gpu}", *ep])  # first
             res["ep2_step_s"] = r["step_s"]
             res["ep2_scaling"] = r["tokens_per_s"] / (2 * one["tokens_per_s"])
-        for name, (nproc, extra) in variant_runs.items():
-            if name in RUNS:
+        for name in dict.fromkeys(args.runs.split(",")):      # in the order asked for
+            if name in variant_runs:
+                nproc, extra = variant_runs[name]
                 try:  # an A/B variant that fails is recorded; the others still run
                     r = train(name, out, data, nproc, common, ["--set", f"train.batch_size={nproc * per_gpu}", *extra])
                 except SystemExit as e:

@@ -64,7 +64,7 @@ case "${1:-}" in
         --rates benchmarks/results/raw/2026-11-26-distributed/rates-small-h200x2.json > $S/distributed.log 2>&1
      echo "rc=$?" >> $S/distributed.log) &
     bg=$!
-    save() { for r in one one_cg one_fbo dp2 dp2_cg dp2_fbo dp2_sync dp2_allreduce ep2 ep2_cg ep2_fp8d ep2_cg_fp8d ep2_fbo ep2_fbo_fp8d one_autogc ep2_autogc one_gc50 ep2_gc50 ep2_ag ep2_ag_cg pp2_dualpipev; do [ -d $D/$r ] || continue; mkdir -p $S/$r
+    save() { for r in one one_cg one_fbo dp2 dp2_cg dp2_fbo dp2_sync dp2_allreduce ep2 ep2_cg ep2_fp8d ep2_cg_fp8d ep2_fbo ep2_fbo_fp8d one_autogc ep2_autogc one_gc50 ep2_gc50 ep2_ag ep2_ag_cg ep2_a2a ep2_a2a_cg pp2_dualpipev; do [ -d $D/$r ] || continue; mkdir -p $S/$r
       cp $D/$r/result.json $D/$r/metrics.jsonl $D/$r/expert_load.jsonl $S/$r/ 2>/dev/null
       [ -d $D/$r/traces ] && cp -r $D/$r/traces $S/$r/
       cp $D/$r/profile/*.txt $D/$r/profile/*.summary.json $S/$r/ 2>/dev/null; done

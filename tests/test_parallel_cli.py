@@ -56,10 +56,11 @@ PP_1F1B = ["--set", "parallel.pp=2", "--set", 'parallel.schedule="1f1b"', "--set
 
 
 # EP=2 also profiles a step (train.profile_step): every rank writes its table and trace, losses unchanged
-EP2_PROFILED = ["--set", "train.profile_step=3", "--set", "parallel.ep=2"]
+EP2_PROFILED = ["--set", "train.profile_step=3", "--set", 'parallel.ep_dispatch="alltoall"', "--set", "parallel.ep=2"]
 
 
-# EP=2 with parallel.fb_overlap: two micro-batches per rank, the backward's all-to-alls on their own gloo group
+# EP=2 with parallel.fb_overlap: two micro-batches per rank, the backward's transfers on their own gloo group
+# (ep_dispatch 'auto' = 'allgather' here: ep 2 < top-k 4)
 EP2_FB_OVERLAP = ["--set", "train.micro_batch_size=4", "--set", "parallel.fb_overlap=true", "--set", "parallel.ep=2"]
 
 
@@ -97,7 +98,7 @@ def test_torchrun_two_processes_reproduce_single_process_losses(data_dir, single
         assert json.loads((run / "traces" / "pp_rank0.json").read_text())
 
 
-@pytest.mark.parametrize("layout", [PP_DUALPIPEV[:6], ["--set", "parallel.ep=2"], EP2_ALLGATHER],
+@pytest.mark.parametrize("layout", [PP_DUALPIPEV[:6], EP2_PROFILED[2:], EP2_ALLGATHER],
                          ids=["pp2-dualpipev", "ep2", "ep2-allgather"])
 def test_compiled_layout_matches_single_process(data_dir, single, tmp_path, layout):
     """Compiled blocks. DualPipeV's split backward (retain_graph=True): compiled backward functions must not

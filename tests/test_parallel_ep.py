@@ -42,7 +42,7 @@ def test_transport_uneven_splits_fp8_and_autograd():
 def test_ep2_matches_single_process(setup):
     """EP=2 inside DP=2: experts [0,4) on rank 0, [4,8) on rank 1; 2 micro-batches per rank."""
     cfg, batches, ref = setup
-    ranks = unwrap(run_ranks(parallel_worker, 2, cfg, batches, {"ep": 2}, 2))
+    ranks = unwrap(run_ranks(parallel_worker, 2, cfg, batches, {"ep": 2, "ep_dispatch": "alltoall"}, 2))
     assert_matches_reference(ref, ranks)
     assert [r["ep_rank"] for r in ranks] == [0, 1]
     assert "layers.1.mlp.experts.gate_proj" in ranks[0]["expert_names"]

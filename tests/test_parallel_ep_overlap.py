@@ -143,7 +143,7 @@ def test_chunked_layer_matches_unchunked_and_single_process():
 def training():
     cfg = small_config()
     batches = make_batches(cfg, STEPS, BATCH, SEQ)
-    c1 = unwrap(run_ranks(parallel_worker, 2, cfg, batches, {"ep": 2}, 2))
+    c1 = unwrap(run_ranks(parallel_worker, 2, cfg, batches, {"ep": 2, "ep_dispatch": "alltoall"}, 2))
     return cfg, batches, reference_run(cfg, batches), c1
 
 

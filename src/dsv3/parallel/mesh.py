@@ -52,7 +52,8 @@ class ParallelConfig:
     node_limited_routing: bool = False  # routing groups = the experts of one EP rank (n_group = ep)
     fp8_dispatch: bool = False        # send dispatch payloads as E4M3 + 1x128 scales (combine stays BF16)
     ep_chunks: int = 1                # MoE token chunks per layer: chunk i+1 moves while chunk i computes
-    ep_dispatch: str = "alltoall"     # 'alltoall' (copies to their experts' ranks) or 'allgather' (no host sync)
+    ep_dispatch: str = "auto"         # 'alltoall' (copies to their experts' ranks), 'allgather' (every token to
+                                      # every EP rank, no host sync) or 'auto' (allgather while ep < top-k)
     fb_overlap: bool = False          # pp = 1, CUDA: micro-batch i+1's forward runs beside micro-batch i's backward
     schedule: str = "1f1b"            # pipeline schedule when pp > 1: '1f1b' or 'dualpipev'
     microbatches: int = 0             # pipeline micro-batches per step; 0 = batch / micro_batch_size
@@ -98,9 +99,9 @@ def validate_layout(world_size: int, pc: ParallelConfig, model: ModelConfig | No
         raise UserError(f"parallel.microbatches = {pc.microbatches} is invalid: use 0 (derived) or a positive count")
     if pc.ep_chunks < 1:
         raise UserError(f"parallel.ep_chunks = {pc.ep_chunks} is invalid: it must be >= 1 (1 = no chunking)")
-    if pc.ep_dispatch not in ("alltoall", "allgather"):
+    if pc.ep_dispatch not in ("auto", "alltoall", "allgather"):
         raise UserError(f"parallel.ep_dispatch = {pc.ep_dispatch!r} is invalid: use 'alltoall' (token copies to "
-                        f"their experts' ranks) or 'allgather' (fixed-size exchanges, no host sync)")
+                        f"their experts' ranks), 'allgather' (fixed-size exchanges, no host sync) or 'auto'")
     if pc.ep_dispatch == "allgather" and (pc.fp8_dispatch or pc.ep_chunks > 1):
         from dsv3.parallel.expert_parallel import allgather_unsupported
         raise UserError(allgather_unsupported(pc.fp8_dispatch, pc.ep_chunks, False))
