@@ -15,8 +15,10 @@
 #                                         #   EP steps slow down after a step-6 profile)
 #                                         #   RUNS=one,ep2,ep2_fbo / one,ep2,ep2_gc50: parallel.fb_overlap and
 #                                         #   train.gc_every A/Bs (session 10: neither paid; both opt-in)
-#                                         #   RUNS=one,ep2,ep2_ag,ep2_ag_cg: parallel.ep_dispatch = "allgather" (session
-#                                         #   11: fixed-size exchanges, no host sync) against the default EP=2
+#                                         #   RUNS=one,ep2,ep2_a2a,ep2_ag_cg: parallel.ep_dispatch (session 11: ep2 =
+#                                         #   'auto' = allgather 0.844, alltoall 0.67-0.71, allgather + CUDA graphs 0.877)
+#                                         #   NEXT for ep_scaling: STEPS=60 RUNS=one,ep2,ep2_fbo (the router balanced
+#                                         #   after ~50 steps; fb_overlap now that the host no longer blocks)
 #                                         #   NEXT: RUNS=one,dp2,ep2 with the last-step profile, to re-measure
 #                                         #   ep_scaling without the step-6 aftermath; rank{r}.cpu.txt gives the
 #                                         #   EP step's host-time breakdown (the bound, session 10)
@@ -29,11 +31,8 @@
 #   TESTS=tests/test_fp8_linear.py CONFIGS=small STEP_ARGS="--peers none --fp8" benchmarks/next_gpu_session.sh step
 #                                         # one GPU (#6): the FP8 step with the FP8 linear as custom ops (session 7,
 #                                         #   not yet timed) against BF16, same run
-#   TESTS=tests/test_train_optim_overlap.py CONFIGS=3b,small STEP_ARGS="--peers torchtitan --optimizer-overlap" \
-#       benchmarks/next_gpu_session.sh step
-#                                         # one GPU (#5): train.optimizer_overlap (session 10, NOT yet run on a
-#                                         #   GPU): its GPU parity test first, then the AdamW update beside the next
-#                                         #   forward against ours and torchtitan on 3.2B (AdamW: 15 ms of 187)
+#                                         # (session 11 measured train.optimizer_overlap here: +-1.3%, compiled
+#                                         #   parity not bit-exact; removed)
 #   benchmarks/next_gpu_session.sh fp8lin # one GPU (#6): FP8 quantizer/linear/grouped GPU tests and the CUDA-graph
 #                                         #   block test, fp8_linear.py, fp8_grouped.py, the small FP8 step vs BF16
 #   benchmarks/next_gpu_session.sh ep2wait  # (or onewait) the next call: waits for it, returns its records in run_ep2.tar.gz;

@@ -31,14 +31,12 @@ DEVICE = "cuda"  # --device cpu runs a smoke test of the weight plumbing (timing
 OURS_OPTIMIZER = "dsv3"  # --ours-optimizer
 AB_FLAGS: list[str] = []  # --ab
 FB_OVERLAP = 0  # --fb-overlap N
-OPTIMIZER_OVERLAP = False  # --optimizer-overlap
 COMPILE_OPTIONS: dict = {}  # Inductor options of ours' compiled blocks (an --ab inductor.NAME variant sets one)
 
 
 def sync():
-    """The compute stream's work done (not the device's: ours with --optimizer-overlap leaves the tail of a
-    step's update running on a side stream, under the next step's forward, which is where a training loop
-    would run it; the peers use one stream, so for them this is the same)."""
+    """The compute stream's work done (every peer runs its step on the one stream; ours with --fb-overlap
+    joins its side streams back into it)."""
     if DEVICE == "cuda":
         torch.cuda.current_stream().synchronize()
 
@@ -298,16 +296,6 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
             record("ours compiled + torch AdamW", out, ours_first)
         if profile_dir and compiled:
             profile(m, ours_loss, x, os.path.join(profile_dir, f"profile-{name}.txt"), make_opt=ours_opt)
-        if OPTIMIZER_OVERLAP and DEVICE == "cuda" and OURS_OPTIMIZER == "dsv3":
-            # the same step with the AdamW update on a side stream beside the next forward (the trainer's
-            # train.optimizer_overlap)
-            from dsv3.train.optim_overlap import OverlappedOptimizerStep
-            m.load_state_dict(ours_sd)
-            dev = torch.device("cuda")
-            out = time_steps(m, ours_loss, x, steps,
-                             make_opt=lambda params: OverlappedOptimizerStep(dsv3_adamw(params), m, dev))
-            out["optimizer"] = "dsv3, overlapped with the next forward"
-            record("ours compiled, optimizer_overlap", out, ours_first)
         if FB_OVERLAP > 1 and B % FB_OVERLAP == 0:
             # the same batch as FB_OVERLAP micro-batches with forward/backward overlap (same tokens per step;
             # on the CPU smoke test the plain loop)
@@ -397,7 +385,7 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
                 res["runs"]["torchtitan_error"] = repr(e)[:400]
             torch.cuda.empty_cache()
     ours_tok = res["runs"]["ours compiled"]["tokens_per_s"]
-    # ours' opt-in variants (fb_overlap, optimizer_overlap) against each peer too, beside the headline ratio
+    # ours' opt-in variants (fb_overlap) against each peer too, beside the headline ratio
     variants = {label: r["tokens_per_s"] for label, r in res["runs"].items()
                 if isinstance(r, dict) and label.startswith("ours compiled, ") and "overlap" in label}
     for label, r in res["runs"].items():
@@ -458,13 +446,9 @@ def main():
     ap.add_argument("--fb-overlap", type=int, default=0, metavar="N",
                     help="also time ours with the batch as N micro-batches, each forward beside the previous "
                          "backward on two CUDA streams (dsv3 train's parallel.fb_overlap); same tokens per step")
-    ap.add_argument("--optimizer-overlap", action="store_true",
-                    help="also time ours with the AdamW update on a side stream beside the next forward, layer by "
-                         "layer (dsv3 train's train.optimizer_overlap)")
     args = ap.parse_args()
-    global DEVICE, OURS_OPTIMIZER, AB_FLAGS, FB_OVERLAP, OPTIMIZER_OVERLAP
+    global DEVICE, OURS_OPTIMIZER, AB_FLAGS, FB_OVERLAP
     FB_OVERLAP = args.fb_overlap
-    OPTIMIZER_OVERLAP = args.optimizer_overlap
     AB_FLAGS = [f for f in args.ab.split(",") if f]
     DEVICE = args.device
     OURS_OPTIMIZER = args.ours_optimizer

@@ -49,7 +49,6 @@ class TrainConfig:
     decay_norms: bool = False             # also decay norm weights and biases
     decay_embeddings: bool = False        # also decay the input embedding
     bf16_moments: bool = False            # keep AdamW exp_avg / exp_avg_sq in bf16 (master weights stay fp32)
-    optimizer_overlap: bool = False       # one process on CUDA, with bf16_moments: the AdamW update on a side stream beside the next forward, layer by layer (experimental; dsv3.train.optim_overlap)
     grad_clip: float = 1.0                # clip the global grad norm to this; 0 = off
     mtp_lambda: float = 0.3               # MTP loss weight early in training
     mtp_lambda_late: float = 0.1          # MTP loss weight after mtp_lambda_switch

@@ -75,18 +75,6 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
                 self._update(p, group)
         return loss
 
-    @torch.no_grad()
-    def step_params(self, params) -> None:
-        """The update of ``step`` for ``params`` only, in the given order (each with its own group's
-        settings): lets a caller update the parameters in the order the next forward needs them
-        (``dsv3.train.optim_overlap``). Over all parameters it is ``step``."""
-        group_of = self._group_of()
-        for p in params:
-            self._update(p, group_of[id(p)])
-
-    def _group_of(self) -> dict[int, dict]:
-        return {id(p): g for g in self.param_groups for p in g["params"]}
-
     def _update(self, p: torch.Tensor, group: dict) -> None:
         from dsv3.kernels.adamw import adamw_step_, can_fuse
         if p.grad is None:

@@ -120,15 +120,6 @@ class Trainer:
             if self.device.type == "cuda":
                 self._fb_streams = (torch.cuda.Stream(self.device), torch.cuda.Stream(self.device))
         self.optimizer = self.layout.build_optimizer(self.model, t)
-        # train.optimizer_overlap: the update on a side stream beside the next forward (dsv3.train.optim_overlap)
-        self._opt_overlap = None
-        if t.optimizer_overlap:
-            if self.layout.distributed or not t.bf16_moments:
-                raise UserError("train.optimizer_overlap needs one process and train.bf16_moments = true (ZeRO-1 "
-                                "overlaps its own parameter sync: parallel.overlap_param_sync); turn one of them off")
-            if self.device.type == "cuda":
-                from dsv3.train.optim_overlap import OverlappedOptimizerStep
-                self._opt_overlap = OverlappedOptimizerStep(self.optimizer, self.model, self.device)
         dp = self.layout.dp
         mb = t.micro_batch_size or t.batch_size // dp   # per-rank micro-batch
         if t.batch_size % dp or (t.batch_ramp_start and t.batch_ramp_start % dp) or mb * dp > t.batch_size:
@@ -172,7 +163,6 @@ class Trainer:
 
     def save(self) -> Path:
         """Every rank gathers the layout-independent state (collectives); rank 0 writes it."""
-        self._wait_optimizer()
         model_state = self.layout.model_state(self.model)
         optim_state = self.layout.optimizer_state(self.optimizer, self.model)
         if self.is_main:
@@ -276,10 +266,7 @@ class Trainer:
             self.nan_skips += 1
             self.nan_streak += 1
         else:
-            if self._opt_overlap is not None:
-                self._opt_overlap.step()
-            else:
-                self.optimizer.step()
+            self.optimizer.step()
             vios = balance.update_balance_biases(self.model, gamma, self.all_reduce)
             if pipeline_counts is not None:  # a rank only counts its own layers: MaxVio from all of them
                 from dsv3.model.moe import max_violation
@@ -290,8 +277,8 @@ class Trainer:
         step_tokens = global_batch * t.seq_len
         self.step += 1
         self.tokens += step_tokens
-        if self.device.type == "cuda":   # with optimizer_overlap the update's tail runs into the next step
-            (torch.cuda.current_stream() if self._opt_overlap is not None else torch.cuda).synchronize()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         tps = step_tokens / elapsed
         record = {"step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tps, "grad_norm": grad_norm,
@@ -350,13 +337,7 @@ class Trainer:
                         world_size=self.layout.dp, all_reduce=self.layout.count_all_reduce,
                         before_forward=self._before_forward)
 
-    def _wait_optimizer(self) -> None:
-        """Pending overlapped updates land before anything reads parameters or optimizer state directly."""
-        if self._opt_overlap is not None:
-            self._opt_overlap.wait_all()
-
     def _run_eval(self) -> dict:
-        self._wait_optimizer()
         # ranks may hold different numbers of evaluation batches (one may hold none): the parameters must not
         # depend on the evaluation's forwards to arrive (ZeRO-1's overlapped parameter sync)
         self.layout.wait_params()
@@ -447,7 +428,6 @@ class Trainer:
                 sink.close()
 
     def close(self) -> None:
-        self._wait_optimizer()
         self.loader.close()
         self.layout.close()
         torch.use_deterministic_algorithms(self._det_before[0], warn_only=self._det_before[1])
