@@ -68,7 +68,8 @@ def train(name: str, out: Path, data: Path, nproc: int, common: list[str], extra
     t = time.perf_counter()
     sh(cmd, env={"OMP_NUM_THREADS": "4"})
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    timed = recs[3:] if len(recs) > 4 else recs[1:]
+    first = MEDIAN_FROM - 1                    # steps 1..MEDIAN_FROM-1 are warm-up (compile, allocator, router)
+    timed = recs[first:] if len(recs) > first + 1 else recs[1:]
     timed = [r for r in timed if r.get("step") != PROFILE_STEP] or timed   # the profiled step is not a sample
     res = {"wall_s": time.perf_counter() - t, "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
            "step_s": statistics.median(r["step_time_s"] for r in timed), "losses": [r["loss"] for r in recs]}
@@ -83,6 +84,7 @@ def train(name: str, out: Path, data: Path, nproc: int, common: list[str], extra
 
 RUNS: set[str] = set()  # the runs this call makes; the others come from earlier calls' result.json
 PROFILE_STEP = 0        # the step each run profiles (left out of the medians)
+MEDIAN_FROM = 4         # the first step the medians take (--median-from)
 
 
 A2A = r'''
@@ -183,7 +185,11 @@ def simulate(res: dict, args, seq: int, one: dict, dp2: dict | None, ep2: dict |
         imb = max(1.0, per_layer or ep2.get("ep_recv_imbalance", 1.0))
         res["sim_expert_imbalance"] = imb
         res["sim_expert_imbalance_source"] = "per-layer, expert_load.jsonl" if per_layer else "ep_recv_imbalance"
-        res["sim_step_s_ep2"] = pred("pp=1,ep=2,dp=2", 2, 2, expert_imbalance=imb)
+        from dsv3.parallel.expert_parallel import resolve_dispatch
+        mode = resolve_dispatch(pc.ep_dispatch, 2, cfg.num_experts_per_tok, pc.fp8_dispatch, pc.ep_chunks,
+                                t.precision == "fp8")
+        res["sim_ep_dispatch"] = mode
+        res["sim_step_s_ep2"] = pred("pp=1,ep=2,dp=2", 2, 2, expert_imbalance=imb, ep_dispatch=mode)
         res["sim_rel_err_2gpu"] = (res["sim_step_s_ep2"] - ep2["step_s"]) / ep2["step_s"]
 
 
@@ -215,9 +221,14 @@ def main() -> None:
                          "'allgather' at ep 2); ep2_a2a, ep2_a2a_cg: 'alltoall'); the others are read from "
                          "OUT/NAME/result.json of an earlier call (e.g. the one-GPU baseline on a free GPU while "
                          "another job runs)")
+    ap.add_argument("--median-from", type=int, default=4,
+                    help="first step of the medians (default 4). EP=2's step depends on how balanced the router is, "
+                         "and from initialization it takes the bias ~50 steps to balance it (the per-layer rank "
+                         "imbalance was 1.41 at step 12 in session 11): e.g. --steps 60 --median-from 40")
     args = ap.parse_args()
     RUNS.update(args.runs.split(","))
-    global PROFILE_STEP
+    global PROFILE_STEP, MEDIAN_FROM
+    MEDIAN_FROM = max(2, args.median_from)
     PROFILE_STEP = args.steps if args.profile_step < 0 else args.profile_step
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,9 @@
 #                                         #   train.gc_every A/Bs (session 10: neither paid; both opt-in)
 #                                         #   RUNS=one,ep2,ep2_a2a,ep2_ag_cg: parallel.ep_dispatch (session 11: ep2 =
 #                                         #   'auto' = allgather 0.844, alltoall 0.67-0.71, allgather + CUDA graphs 0.877)
-#                                         #   NEXT for ep_scaling: STEPS=60 RUNS=one,ep2,ep2_fbo (the router balanced
-#                                         #   after ~50 steps; fb_overlap now that the host no longer blocks)
+#                                         #   NEXT for ep_scaling: STEPS=60 MEDIAN_FROM=40 RUNS=one,ep2,ep2_fbo (the
+#                                         #   router balances in ~50 steps; fb_overlap now that the host no longer
+#                                         #   blocks); ~3 min per EP run: set DIST_S to fit
 #                                         #   NEXT: RUNS=one,dp2,ep2 with the last-step profile, to re-measure
 #                                         #   ep_scaling without the step-6 aftermath; rank{r}.cpu.txt gives the
 #                                         #   EP step's host-time breakdown (the bound, session 10)
@@ -59,7 +60,8 @@ case "${1:-}" in
     # GPU tests first when asked (TESTS=...), their summary kept with the runs
     [ -n "${TESTS:-}" ] && timeout ${TEST_S:-150} python3 -m pytest -q $TESTS 2>&1 | grep -E "^E  |passed|failed|^FAILED" \
         | head -30 | tee $S/gpu_tests.txt
-    (timeout ${DIST_S:-540} python3 benchmarks/distributed.py --out $D --steps ${STEPS:-20} --runs ${RUNS:-one,dp2,ep2,pp2_dualpipev} \
+    (timeout ${DIST_S:-540} python3 benchmarks/distributed.py --out $D --steps ${STEPS:-20} --median-from ${MEDIAN_FROM:-4} \
+        --runs ${RUNS:-one,dp2,ep2,pp2_dualpipev} \
         --rates benchmarks/results/raw/2026-11-26-distributed/rates-small-h200x2.json > $S/distributed.log 2>&1
      echo "rc=$?" >> $S/distributed.log) &
     bg=$!

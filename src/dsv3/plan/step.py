@@ -169,6 +169,8 @@ class Options:
     ep_regroup: bool = False        # EP receiver regroups rows by local expert and back (two row permutations)
     ep_host_syncs: int = 0          # host syncs per MoE layer and micro-batch (forward) when ep > 1
     ep_chunks: int = 1              # MoE token chunks per layer whose all-to-alls overlap the other chunks' experts
+    ep_dispatch: str = "alltoall"   # "allgather": every token to every EP rank (parallel.ep_dispatch; no host sync,
+    #                                 ep x T x K slots sorted and gathered on each rank)
     host_syncs_per_microbatch: int = 0
     step_host_syncs: int = 0        # host syncs per optimizer step outside the micro-batches
     clip_bytes: float = 0.0         # HBM bytes per parameter of global-norm gradient clipping
@@ -189,6 +191,10 @@ class Options:
             raise ValueError("node_limit must be >= 1")
         if self.ep_chunks < 1:
             raise ValueError("ep_chunks must be >= 1")
+        if self.ep_dispatch not in ("alltoall", "allgather"):
+            raise ValueError(f"ep_dispatch {self.ep_dispatch!r}: use alltoall or allgather")
+        if self.ep_dispatch == "allgather" and self.ep_chunks > 1:
+            raise ValueError("ep_dispatch allgather takes ep_chunks = 1")
         for name in ("residual_bytes", "clip_bytes", "dp_bucket_bytes", "ep_host_syncs", "host_syncs_per_microbatch",
                      "step_host_syncs"):
             if getattr(self, name) < 0:
@@ -209,7 +215,7 @@ def trainer_options(precision: str = "bf16", recompute: str = "none", *, ep: int
                     bf16_moments: bool = False, fp8_dispatch: bool = False, ep_chunks: int = 1,
                     ep_host_syncs: int = 1, expert_imbalance: float = 1.0, pp: int = 1,
                     overlap_param_sync: bool = True, reduce_to_owner: bool = True,
-                    grad_as_bucket_view: bool = True) -> Options:
+                    grad_as_bucket_view: bool = True, ep_dispatch: str = "alltoall") -> Options:
     """Options for a step of ``dsv3 train`` (dsv3.train.trainer) on CUDA: ``precision`` 'bf16' (autocast) or
     'fp8', ``recompute`` as train.recompute ('selective' replays the attention sub-block), the layout's ``ep``
     and ``dp``, train.bf16_moments, parallel.fp8_dispatch / ep_chunks, and the measured EP receive imbalance.
@@ -247,7 +253,11 @@ def trainer_options(precision: str = "bf16", recompute: str = "none", *, ep: int
       ``ep_experts_forward``; the version that measured 0.787 s on EP=2 also synced in ``repeat_interleave``: 2).
     * with EP the receiver regroups rows by local expert and back (``ep_regroup``); the dispatch goes in BF16
       (2 bytes) unless ``fp8_dispatch`` (1 byte + a 4-byte scale per 128 values); the combine in BF16.
+    * ``ep_dispatch = "allgather"`` (``parallel.ep_dispatch``, resolved: ``expert_parallel.resolve_dispatch``): no
+      host syncs and no regrouping; every rank sends its T rows to each peer (BF16, plus 2K fp32 routing values
+      per token) and gets T partial sums back from each, and sorts and gathers ep*T*K slots.
     """
+    allgather = ep_dispatch == "allgather" and ep > 1
     if recompute not in ("none", "selective", "full"):
         raise ValueError(f"recompute {recompute!r}: the trainer takes none, selective or full")
     return Options(
@@ -255,8 +265,9 @@ def trainer_options(precision: str = "bf16", recompute: str = "none", *, ep: int
         dispatch_bytes=(1.0 + 4.0 / 128) if fp8_dispatch else 2.0, combine_bytes=2.0,
         grad_bytes=4.0, weight_bytes=4.0, expert_imbalance=expert_imbalance,
         optimizer_bytes=20.0 if bf16_moments else 28.0, residual_bytes=4.0, autocast_casts=True,
-        router_fp32=True, torch_routing=True, moe_permute=True, ep_regroup=ep > 1,
-        ep_host_syncs=ep_host_syncs if ep > 1 else 0, ep_chunks=ep_chunks if ep > 1 else 1,
+        router_fp32=True, torch_routing=True, moe_permute=True, ep_regroup=ep > 1 and not allgather,
+        ep_host_syncs=ep_host_syncs if ep > 1 and not allgather else 0, ep_chunks=ep_chunks if ep > 1 else 1,
+        ep_dispatch="allgather" if allgather else "alltoall",
         host_syncs_per_microbatch=1, step_host_syncs=4, misc_kernels=True,
         clip_bytes=12.0 if (ep == 1 and dp == 1) else 20.0,
         dp_allreduce=not (reduce_to_owner and pp == 1),
@@ -280,6 +291,16 @@ def ep_seconds(cfg: ModelConfig, layout: Layout, rates: Rates, opts: Options, to
     if layout.ep <= 1 or not cfg.n_routed_experts:
         return 0.0, 0.0
     nodes, per_node = _ep_geometry(layout, rates)
+    if opts.ep_dispatch == "allgather":
+        # T rows to each of the ep - 1 peers (their routing beside them), T partial sums back from each
+        peers_nvl, peers_ib = per_node - 1, layout.ep - per_node
+        out = []
+        for per_token in (cfg.hidden_size * 2.0 + 8.0 * cfg.num_experts_per_tok, cfg.hidden_size * 2.0):
+            value = tokens * per_token
+            nvl = value * peers_nvl / (rates.nvlink_gbps * 1e9) + (rates.nvlink_latency_us * 1e-6 if peers_nvl else 0.0)
+            ib = value * peers_ib / (rates.ib_gbps * 1e9) + (rates.ib_latency_us * 1e-6 if peers_ib else 0.0)
+            out.append(max(nvl, ib))
+        return out[0], out[1]
     tr = ep_comm.ep_traffic(cfg, nodes, True, opts.dispatch_bytes, opts.combine_bytes)
     reach = tr.nodes_reached if opts.node_limit is None else min(opts.node_limit, tr.experts, nodes)
     remote = reach * (nodes - 1) / nodes if nodes > 1 else 0.0   # expected copies leaving the node
@@ -342,7 +363,13 @@ def layer_work(cfg: ModelConfig, moe: bool, layout: Layout, rates: Rates, opts: 
               + (6 * d if opts.router_fp32 else 0))
         if opts.torch_routing:  # torch.topk / sort kernels: latency-bound, priced per token (measured)
             parts["routing"] = T * rates.routing_ns_per_token * 1e-9
-        if opts.moe_permute:
+        if opts.moe_permute and opts.ep_dispatch == "allgather" and layout.ep > 1:
+            # ep*T*K slots whatever the routing: forward the slot gather (read + write, 4Kd per slot-token) and
+            # the masked combine's gather-reduce (2Kd); backward the dy gather, the dw gather of y and the
+            # gather-sum of the input gradient (8Kd), all over ep x the single-device copies
+            f_extra += 6 * K * d * T * layout.ep / hbm
+            b_extra += 8 * K * d * T * layout.ep / hbm
+        elif opts.moe_permute:
             # forward: gather the K copies into expert order (read + write 2 bytes x K x d) and the index_copy_
             # back to token order (the same): 8Kd. Backward: the un-permute's gradient gathered (4Kd), the
             # copies' gradient gathered back by the inverse permutation (4Kd) and summed over K (read 2Kd).
@@ -949,6 +976,9 @@ def add_parser(sub) -> None:
                         "routing and permutations, EP host syncs, DP gradient all-reduce (see trainer_options)")
     p.add_argument("--bf16-moments", action="store_true", help="with --trainer: train.bf16_moments")
     p.add_argument("--ep-chunks", type=POS_INT, default=1, help="with --trainer: parallel.ep_chunks (default 1)")
+    p.add_argument("--ep-dispatch", choices=("alltoall", "allgather"), default="alltoall",
+                   help="with --trainer: parallel.ep_dispatch as resolved ('auto' picks allgather while ep < top-k; "
+                        "default alltoall)")
     p.add_argument("--node-limit", type=POS_INT, help="nodes a token may reach (default the model's topk_group)")
     p.add_argument("--expert-imbalance", type=POS_FLOAT, default=1.0,
                    help="busiest EP rank's routed tokens / mean (default 1.0)")
@@ -976,7 +1006,7 @@ def _run_step(args) -> list:
         import dataclasses
         opts = trainer_options(args.precision or "bf16", args.recompute or "none", ep=layout.ep, dp=layout.dp,
                                bf16_moments=args.bf16_moments, ep_chunks=args.ep_chunks,
-                               expert_imbalance=args.expert_imbalance, pp=layout.pp)
+                               expert_imbalance=args.expert_imbalance, pp=layout.pp, ep_dispatch=args.ep_dispatch)
         opts = dataclasses.replace(opts, node_limit=args.node_limit, overlap_dp=not args.no_overlap_dp).check()
     else:
         opts = Options(precision=args.precision or "fp8", recompute=args.recompute or "selective",
