@@ -179,3 +179,24 @@ def test_gpu_layer_compiles_as_one_graph_with_its_collectives(tmp_path):
         assert stats.tolist() == [2 * idx.numel(), 2 * 512, 2 * 512 * (2 * 256 * 2 + 2 * 4 * 4)]
     finally:
         dist.destroy_process_group()
+
+
+def test_auto_dispatch_picks_allgather_at_ep2_only_when_it_can():
+    from dsv3.parallel.expert_parallel import resolve_dispatch
+    assert resolve_dispatch("auto", 2, 6, False, 1, False) == "allgather"      # small: 3x fewer bytes
+    assert resolve_dispatch("auto", 2, 2, False, 1, False) == "alltoall"       # top-2: no fewer bytes
+    assert resolve_dispatch("auto", 4, 8, False, 1, False) == "alltoall"       # ep-fold slots: not by default
+    for fp8_dispatch, chunks, fp8_experts in ((True, 1, False), (False, 2, False), (False, 1, True)):
+        assert resolve_dispatch("auto", 2, 6, fp8_dispatch, chunks, fp8_experts) == "alltoall"
+    assert resolve_dispatch("allgather", 4, 8, False, 1, False) == "allgather"  # asked for: kept
+
+
+def test_allgather_with_what_it_lacks_is_a_user_error():
+    from dsv3.errors import UserError
+    from dsv3.parallel.mesh import ParallelConfig, validate_layout
+    for extra in ({"fp8_dispatch": True}, {"ep_chunks": 2}):
+        pc = ParallelConfig.from_dict({"ep": 2, "ep_dispatch": "allgather", **extra})
+        with pytest.raises(UserError, match="ep_dispatch = 'allgather' does not support .* set parallel.ep_dispatch"):
+            validate_layout(2, pc)
+    with pytest.raises(UserError, match="ep_dispatch = 'gather' is invalid"):
+        validate_layout(2, ParallelConfig.from_dict({"ep": 2, "ep_dispatch": "gather"}))

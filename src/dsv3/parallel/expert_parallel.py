@@ -3,7 +3,7 @@
 Rank r of an EP group of size ep holds experts [r*E/ep, (r+1)*E/ep). Two ways to move the tokens
 (``parallel.ep_dispatch``): "alltoall", this module, below; and "allgather" (``dsv3.parallel.ep_allgather``):
 every token to every EP rank with fixed-size exchanges, no host sync, the layer compiled whole; fewer bytes
-while ep < top-k, and the one "auto" (the default) picks there. One MoE layer's routed part with "alltoall":
+while ep < top-k, ep-fold routed activations; "auto" (the default) picks it at ep = 2. One MoE layer's routed part with "alltoall":
 
 1. dispatch: sort the T*K token copies by destination expert (experts are numbered rank-major, so this also
    sorts by destination rank), exchange the per-rank-per-expert counts (an all-to-all of E/ep counts to each
@@ -106,12 +106,14 @@ DISPATCH_CHOICES = ("auto", *DISPATCHES)
 
 
 def resolve_dispatch(dispatch: str, ep: int, top_k: int, fp8_dispatch: bool, chunks: int, fp8_experts: bool) -> str:
-    """``parallel.ep_dispatch`` -> "alltoall" or "allgather". "auto" picks "allgather" where it sends fewer bytes
-    (ep < top_k: T rows to each peer against ~T*top_k/ep copies) and the settings allow it; measured on two
-    H100s (2026-11-26, session 11) EP=2 `small` steps ran 667 ms against 791 with "alltoall"."""
+    """``parallel.ep_dispatch`` -> "alltoall" or "allgather". "auto" picks "allgather" at ep = 2 when it sends
+    fewer bytes (top_k > 2: T rows to the peer against ~T*top_k/2 copies) and the settings allow it: measured on
+    two H100s (2026-11-26, session 11), EP=2 `small` steps ran 667 ms against 791 with "alltoall". Larger groups
+    keep "alltoall" unless asked: "allgather" would still send fewer bytes while ep < top_k, but its routed
+    activations (ep*T*K slots) grow ep-fold and it is unmeasured there."""
     if dispatch != "auto":
         return dispatch
-    if ep < top_k and allgather_unsupported(fp8_dispatch, chunks, fp8_experts) is None:
+    if ep == 2 < top_k and allgather_unsupported(fp8_dispatch, chunks, fp8_experts) is None:
         return "allgather"
     return "alltoall"
 
@@ -614,7 +616,7 @@ def apply_expert_parallel(model: nn.Module, ep_group, *, fp8_dispatch: bool = Fa
     (``parallel.fb_overlap``: a forward and a backward in flight at once must not share NCCL's queue).
     ``dispatch`` (``parallel.ep_dispatch``): "alltoall" (token copies to their experts' ranks, uneven splits read
     by the host), "allgather" (fixed-size exchanges, no host sync: ``dsv3.parallel.ep_allgather``) or "auto"
-    (``resolve_dispatch``: "allgather" while ep < top-k and nothing it lacks is asked for).
+    (``resolve_dispatch``: "allgather" at ep = 2 < top-k when nothing it lacks is asked for).
     """
     if chunks < 1:
         from dsv3.errors import UserError
