@@ -69,7 +69,10 @@ def train(name: str, out: Path, data: Path, nproc: int, common: list[str], extra
     sh(cmd, env={"OMP_NUM_THREADS": "4"})
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     first = MEDIAN_FROM - 1                    # steps 1..MEDIAN_FROM-1 are warm-up (compile, allocator, router)
-    timed = recs[first:] if len(recs) > first + 1 else recs[1:]
+    if len(recs) <= first + 1:
+        raise SystemExit(f"{name}: {len(recs)} steps logged, too few for medians from step {MEDIAN_FROM}; "
+                         "raise --steps or lower --median-from")
+    timed = recs[first:]
     timed = [r for r in timed if r.get("step") != PROFILE_STEP] or timed   # the profiled step is not a sample
     res = {"wall_s": time.perf_counter() - t, "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
            "step_s": statistics.median(r["step_time_s"] for r in timed), "losses": [r["loss"] for r in recs]}

@@ -163,7 +163,7 @@ def test_gpu_layer_compiles_as_one_graph_with_its_collectives(tmp_path):
     try:
         t = CollectiveTransport(dist.group.WORLD)
         x, w, idx, weight = _problem(T=512, D=256, F=128, E=16, K=4, device="cuda", dtype=torch.bfloat16)
-        stats = torch.zeros(3, dtype=torch.int64, device="cuda")
+        stats = torch.zeros(2, dtype=torch.int64, device="cuda")
 
         def layer(x, wt, wg, wu, wd):
             return allgather_experts_forward(x, Routing(idx, wt, None), wg, wu, wd, t, 0, stats)
@@ -176,7 +176,16 @@ def test_gpu_layer_compiles_as_one_graph_with_its_collectives(tmp_path):
         compiled = torch.compile(layer, fullgraph=True)        # fails on any graph break
         out = compiled(leaves[0], leaves[4], *leaves[1:4])
         _assert_as_accurate([out, *_grads(out, leaves)], [eager, *eager_grads], [ref32, *ref32_grads])
-        assert stats.tolist() == [2 * idx.numel(), 2 * 512, 2 * 512 * (2 * 256 * 2 + 2 * 4 * 4)]
+        assert stats.tolist() == [2 * idx.numel(), 2 * 512 * (2 * 256 * 2 + 2 * 4 * 4)]
+        # eager, the layer queues its work without waiting for the GPU anywhere, forward and backward
+        leaves = _leaves(x, w, weight)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = layer(leaves[0], leaves[4], *leaves[1:4])
+            out.backward(torch.ones_like(out))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     finally:
         dist.destroy_process_group()
 
@@ -188,6 +197,7 @@ def test_auto_dispatch_picks_allgather_at_ep2_only_when_it_can():
     assert resolve_dispatch("auto", 4, 8, False, 1, False) == "alltoall"       # ep-fold slots: not by default
     for fp8_dispatch, chunks, fp8_experts in ((True, 1, False), (False, 2, False), (False, 1, True)):
         assert resolve_dispatch("auto", 2, 6, fp8_dispatch, chunks, fp8_experts) == "alltoall"
+    assert resolve_dispatch("auto", 2, 6, False, 1, False, split_backward=True) == "alltoall"   # DualPipeV
     assert resolve_dispatch("allgather", 4, 8, False, 1, False) == "allgather"  # asked for: kept
 
 
@@ -200,3 +210,8 @@ def test_allgather_with_what_it_lacks_is_a_user_error():
             validate_layout(2, pc)
     with pytest.raises(UserError, match="ep_dispatch = 'gather' is invalid"):
         validate_layout(2, ParallelConfig.from_dict({"ep": 2, "ep_dispatch": "gather"}))
+    from dsv3.train.config import resolve
+    with pytest.raises(UserError, match="does not support train.precision = 'fp8'"):   # before any process group
+        resolve({"train": {"precision": "fp8"}, "parallel": {"ep": 2, "ep_dispatch": "allgather"}})
+    resolve({"train": {"precision": "fp8", "fp8_modules": "attention,mlp"},
+             "parallel": {"ep": 2, "ep_dispatch": "allgather"}})                   # experts in BF16: fine

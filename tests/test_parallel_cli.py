@@ -66,11 +66,13 @@ EP2_FB_OVERLAP = ["--set", "train.micro_batch_size=4", "--set", "parallel.fb_ove
 
 # EP=2 with the fixed-size exchanges (every token to every EP rank, no host read of splits)
 EP2_ALLGATHER = ["--set", 'parallel.ep_dispatch="allgather"', "--set", "parallel.ep=2"]
+# ... and with every block recomputed in the backward (its collectives replayed on every rank)
+EP2_ALLGATHER_RECOMPUTE = ["--set", 'train.recompute="full"', *EP2_ALLGATHER]
 
 
-@pytest.mark.parametrize("layout", [EP2_PROFILED, EP2_FB_OVERLAP, EP2_ALLGATHER, ["--set", "parallel.ep=1"],
+@pytest.mark.parametrize("layout", [EP2_PROFILED, EP2_FB_OVERLAP, EP2_ALLGATHER_RECOMPUTE, ["--set", "parallel.ep=1"],
                                     PP_DUALPIPEV, PP_1F1B],
-                         ids=["ep2", "ep2-fb-overlap", "ep2-allgather", "dp2", "pp2-dualpipev", "pp2-1f1b"])
+                         ids=["ep2", "ep2-fb-overlap", "ep2-allgather-recompute", "dp2", "pp2-dualpipev", "pp2-1f1b"])
 def test_torchrun_two_processes_reproduce_single_process_losses(data_dir, single, tmp_path, layout):
     run = tmp_path / "run"
     r = _run([*COMMON, "--data", str(data_dir), "--out", str(run), "--set", "train.steps=8",
@@ -115,8 +117,9 @@ def test_compiled_layout_matches_single_process(data_dir, single, tmp_path, layo
         assert abs(x - y) / abs(x) <= 1e-4, (a, b)
 
 
+# 'allgather' asked for: DualPipeV keeps 'alltoall' under 'auto' (resolve_dispatch), so name it to cover it
 PP2_EP2 = ["--set", "parallel.pp=2", "--set", "parallel.ep=2", "--set", 'parallel.schedule="dualpipev"',
-           "--set", "train.micro_batch_size=2"]
+           "--set", "train.micro_batch_size=2", "--set", 'parallel.ep_dispatch="allgather"']
 
 
 @pytest.mark.parametrize("nproc, layout", [(2, ["--set", "parallel.ep=2"]), (2, PP_DUALPIPEV), (4, PP2_EP2)],

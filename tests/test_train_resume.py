@@ -183,3 +183,18 @@ def test_time_limit_ends_the_invocation_with_a_checkpoint(train_data, tmp_path):
     _train(cfg_free, tmp_path / "r", train_data, resume=ckpt)
     _train(cfg_free, tmp_path / "full", train_data)
     assert _losses(tmp_path / "r") == _losses(tmp_path / "full")
+
+
+def test_config_of_an_earlier_version_still_resumes_with_its_dispatch():
+    """A config.json written before session 11: a retired train key (optimizer_overlap) is dropped, and with no
+    parallel.ep_dispatch saved the run keeps the dispatch it trained with ('alltoall'), so its resume is exact.
+    New runs save 'auto' (the default) and get it back."""
+    from dsv3.train.config import RunConfig
+    new = resolve({"parallel": {"ep": 2}})
+    assert new.parallel["ep_dispatch"] == "auto"
+    d = new.to_dict()
+    assert RunConfig.from_saved(d).parallel["ep_dispatch"] == "auto"
+    d["train"]["optimizer_overlap"] = False
+    del d["parallel"]["ep_dispatch"]
+    old = RunConfig.from_saved(d)
+    assert old.parallel["ep_dispatch"] == "alltoall" and old.train == new.train

@@ -137,7 +137,8 @@ def local_experts_partial(x_ND: torch.Tensor, idx_NK: torch.Tensor, weight_NK: t
 def allgather_experts_forward(x_TD: torch.Tensor, routing: Routing, w_gate, w_up, w_down, transport: Transport,
                               first: int, stats: torch.Tensor | None = None) -> torch.Tensor:
     """Routed-expert output [T, D]: every token to every EP rank, local experts, partial sums back (module
-    docstring). ``stats`` (int64 [3], in place): += (local copies computed, tokens, bytes sent to each peer)."""
+    docstring). ``stats`` (int64 [2], in place): += (local copies computed, bytes sent to each peer); counted at
+    every forward, evaluation and activation-recompute replays included, as the "alltoall" meter counts."""
     T, D = x_TD.shape
     K = routing.idx_TK.shape[1]
     dtype = compute_dtype(x_TD)
@@ -150,6 +151,6 @@ def allgather_experts_forward(x_TD: torch.Tensor, routing: Routing, w_gate, w_up
     partial, rows = local_experts_partial(x_all, idx_all, weight_all, first, wg, wu, wd)
     if stats is not None:
         per_peer = T * (2 * D * dtype.itemsize + 2 * K * 4)     # dispatch + meta + combine, to each peer
-        stats.add_(torch.stack([rows.to(torch.int64), rows.new_tensor(T, dtype=torch.int64),
-                                rows.new_tensor(per_peer, dtype=torch.int64)]))
+        stats[0].add_(rows)
+        stats[1].add_(per_peer)   # a Python int: no host-to-device copy (which would wait for the GPU)
     return _ReduceTokens.apply(partial, transport)

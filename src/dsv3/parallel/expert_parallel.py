@@ -105,15 +105,19 @@ DISPATCHES = ("alltoall", "allgather")
 DISPATCH_CHOICES = ("auto", *DISPATCHES)
 
 
-def resolve_dispatch(dispatch: str, ep: int, top_k: int, fp8_dispatch: bool, chunks: int, fp8_experts: bool) -> str:
+def resolve_dispatch(dispatch: str, ep: int, top_k: int, fp8_dispatch: bool, chunks: int, fp8_experts: bool,
+                     split_backward: bool = False) -> str:
     """``parallel.ep_dispatch`` -> "alltoall" or "allgather". "auto" picks "allgather" at ep = 2 when it sends
     fewer bytes (top_k > 2: T rows to the peer against ~T*top_k/2 copies) and the settings allow it: measured on
     two H100s (2026-11-26, session 11), EP=2 `small` steps ran 667 ms against 791 with "alltoall". Larger groups
     keep "alltoall" unless asked: "allgather" would still send fewer bytes while ep < top_k, but its routed
-    activations (ep*T*K slots) grow ep-fold and it is unmeasured there."""
+    activations (ep*T*K slots) grow ep-fold and it is unmeasured there. ``split_backward`` (DualPipeV's B/W
+    split) keeps "alltoall" too: a compiled block is one autograd node, so its deferred weight pass replays the
+    whole compiled backward, and with "allgather" that includes the layer's collectives (correct, every EP rank
+    replays them in the same order, but twice the backward traffic)."""
     if dispatch != "auto":
         return dispatch
-    if ep == 2 < top_k and allgather_unsupported(fp8_dispatch, chunks, fp8_experts) is None:
+    if ep == 2 < top_k and not split_backward and allgather_unsupported(fp8_dispatch, chunks, fp8_experts) is None:
         return "allgather"
     return "alltoall"
 
@@ -578,9 +582,9 @@ class ExpertParallelExperts(nn.Module):
             if why:
                 raise UserError(why)
         self.meter = TrafficMeter(ep)
-        # "allgather": (local copies computed, tokens, bytes sent to each peer), counted on the device (no host
-        # values inside the compiled block); read with the host meter by traffic_stats
-        self.register_buffer("allgather_stats", torch.zeros(3, dtype=torch.int64, device=experts.gate_proj.device),
+        # "allgather": (local copies computed, bytes sent to each peer), counted on the device (no host values
+        # inside the compiled block); read with the host meter by traffic_stats
+        self.register_buffer("allgather_stats", torch.zeros(2, dtype=torch.int64, device=experts.gate_proj.device),
                              persistent=False)
         sl = slice(self.first, self.first + self.num_local)
         for name in EXPERT_PARAMS:
@@ -605,7 +609,7 @@ def _moe_layers(model: nn.Module):
 
 def apply_expert_parallel(model: nn.Module, ep_group, *, fp8_dispatch: bool = False,
                           transport: Transport | None = None, chunks: int = 1, backward_group=None,
-                          dispatch: str = "alltoall") -> nn.Module:
+                          dispatch: str = "alltoall", split_backward: bool = False) -> nn.Module:
     """Shard every MoE's routed experts over ``ep_group`` (in place; returns the model).
 
     Call after the weights are initialized or loaded (full [E, ...] tensors, identical on every rank) and
@@ -634,7 +638,7 @@ def apply_expert_parallel(model: nn.Module, ep_group, *, fp8_dispatch: bool = Fa
             raise UserError(f"model.n_routed_experts = {moe.config.n_routed_experts} is not divisible by ep = "
                             f"{transport.size}")
         mode = resolve_dispatch(dispatch, transport.size, moe.config.num_experts_per_tok, fp8_dispatch, chunks,
-                                getattr(moe.experts, "fp8_recipe", None) is not None)
+                                getattr(moe.experts, "fp8_recipe", None) is not None, split_backward)
         moe.experts = ExpertParallelExperts(moe.experts, transport, fp8_dispatch, chunks, mode)
     return model
 
@@ -714,7 +718,7 @@ def traffic_stats(model: nn.Module, ep_group=None, reset: bool = True) -> dict[s
     for m in mods:                               # "allgather" layers count on the device
         if m.dispatch == "allgather":
             st = m.allgather_stats.to(vals.device, torch.float64)
-            vals += torch.stack([st[2] * (size - 1), st[0]])
+            vals += torch.stack([st[1] * (size - 1), st[0]])
     mx, sm = vals.clone(), vals.clone()
     n = 1
     if ep_group is not None and dist.get_world_size(ep_group) > 1:

@@ -38,7 +38,8 @@ class DataExpertParallel:
         self.model, self.mesh = model, mesh
         ep.apply_expert_parallel(model, mesh.ep_group, fp8_dispatch=mesh.config.fp8_dispatch,
                                  chunks=mesh.config.ep_chunks, backward_group=mesh.ep_bwd_group,
-                                 dispatch=mesh.config.ep_dispatch)
+                                 dispatch=mesh.config.ep_dispatch,
+                                 split_backward=mesh.pp > 1 and mesh.config.schedule == "dualpipev")
         self.expert_params = ep.expert_parameters(model)
         self.reducer = dp.GradReducer(model, mesh, self.expert_params) if mesh.dp > 1 else None
         self.count_all_reduce = dp.count_all_reduce(mesh)

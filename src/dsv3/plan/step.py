@@ -292,13 +292,16 @@ def ep_seconds(cfg: ModelConfig, layout: Layout, rates: Rates, opts: Options, to
         return 0.0, 0.0
     nodes, per_node = _ep_geometry(layout, rates)
     if opts.ep_dispatch == "allgather":
-        # T rows to each of the ep - 1 peers (their routing beside them), T partial sums back from each
+        # T rows to each of the ep - 1 peers (their routing beside them: a second, small collective), T partial
+        # sums back from each
         peers_nvl, peers_ib = per_node - 1, layout.ep - per_node
         out = []
-        for per_token in (cfg.hidden_size * 2.0 + 8.0 * cfg.num_experts_per_tok, cfg.hidden_size * 2.0):
+        for per_token, calls in ((cfg.hidden_size * 2.0 + 8.0 * cfg.num_experts_per_tok, 2),
+                                 (cfg.hidden_size * 2.0, 1)):
             value = tokens * per_token
-            nvl = value * peers_nvl / (rates.nvlink_gbps * 1e9) + (rates.nvlink_latency_us * 1e-6 if peers_nvl else 0.0)
-            ib = value * peers_ib / (rates.ib_gbps * 1e9) + (rates.ib_latency_us * 1e-6 if peers_ib else 0.0)
+            nvl = value * peers_nvl / (rates.nvlink_gbps * 1e9) + (calls * rates.nvlink_latency_us * 1e-6
+                                                                  if peers_nvl else 0.0)
+            ib = value * peers_ib / (rates.ib_gbps * 1e9) + (calls * rates.ib_latency_us * 1e-6 if peers_ib else 0.0)
             out.append(max(nvl, ib))
         return out[0], out[1]
     tr = ep_comm.ep_traffic(cfg, nodes, True, opts.dispatch_bytes, opts.combine_bytes)
@@ -366,9 +369,12 @@ def layer_work(cfg: ModelConfig, moe: bool, layout: Layout, rates: Rates, opts: 
         if opts.moe_permute and opts.ep_dispatch == "allgather" and layout.ep > 1:
             # ep*T*K slots whatever the routing: forward the slot gather (read + write, 4Kd per slot-token) and
             # the masked combine's gather-reduce (2Kd); backward the dy gather, the dw gather of y and the
-            # gather-sum of the input gradient (8Kd), all over ep x the single-device copies
-            f_extra += 6 * K * d * T * layout.ep / hbm
-            b_extra += 8 * K * d * T * layout.ep / hbm
+            # gather-sum of the input gradient (8Kd), all over ep x the single-device copies; and the SwiGLU's
+            # elementwise passes also run over the (ep - 1) x T x K slots no GEMM wrote (6f bytes forward: gate and
+            # up read, h written; 12f backward), beyond the real copies that ``ew`` prices
+            other = (layout.ep - 1) * K * f * T
+            f_extra += 6 * K * d * T * layout.ep / hbm + 6 * other / hbm
+            b_extra += 8 * K * d * T * layout.ep / hbm + 12 * other / hbm
         elif opts.moe_permute:
             # forward: gather the K copies into expert order (read + write 2 bytes x K x d) and the index_copy_
             # back to token order (the same): 8Kd. Backward: the un-permute's gradient gathered (4Kd), the
@@ -976,9 +982,9 @@ def add_parser(sub) -> None:
                         "routing and permutations, EP host syncs, DP gradient all-reduce (see trainer_options)")
     p.add_argument("--bf16-moments", action="store_true", help="with --trainer: train.bf16_moments")
     p.add_argument("--ep-chunks", type=POS_INT, default=1, help="with --trainer: parallel.ep_chunks (default 1)")
-    p.add_argument("--ep-dispatch", choices=("alltoall", "allgather"), default="alltoall",
-                   help="with --trainer: parallel.ep_dispatch as resolved ('auto' picks allgather while ep < top-k; "
-                        "default alltoall)")
+    p.add_argument("--ep-dispatch", choices=("auto", "alltoall", "allgather"), default="auto",
+                   help="with --trainer: parallel.ep_dispatch (default auto, as the trainer: allgather at ep = 2 "
+                        "< top-k, else alltoall)")
     p.add_argument("--node-limit", type=POS_INT, help="nodes a token may reach (default the model's topk_group)")
     p.add_argument("--expert-imbalance", type=POS_FLOAT, default=1.0,
                    help="busiest EP rank's routed tokens / mean (default 1.0)")
@@ -1004,9 +1010,13 @@ def _run_step(args) -> list:
         m = args.global_batch // per
     if args.trainer:
         import dataclasses
-        opts = trainer_options(args.precision or "bf16", args.recompute or "none", ep=layout.ep, dp=layout.dp,
+        from dsv3.parallel.expert_parallel import resolve_dispatch
+        precision = args.precision or "bf16"
+        dispatch = resolve_dispatch(args.ep_dispatch, layout.ep, cfg.num_experts_per_tok, False, args.ep_chunks,
+                                    precision == "fp8")
+        opts = trainer_options(precision, args.recompute or "none", ep=layout.ep, dp=layout.dp,
                                bf16_moments=args.bf16_moments, ep_chunks=args.ep_chunks,
-                               expert_imbalance=args.expert_imbalance, pp=layout.pp, ep_dispatch=args.ep_dispatch)
+                               expert_imbalance=args.expert_imbalance, pp=layout.pp, ep_dispatch=dispatch)
         opts = dataclasses.replace(opts, node_limit=args.node_limit, overlap_dp=not args.no_overlap_dp).check()
     else:
         opts = Options(precision=args.precision or "fp8", recompute=args.recompute or "selective",

@@ -113,11 +113,17 @@ class RunConfig:
 
     @classmethod
     def from_saved(cls, d: dict) -> "RunConfig":
-        """Read the resolved form written by ``to_dict`` (a run's config.json)."""
+        """Read the resolved form written by ``to_dict`` (a run's config.json). Runs written by earlier versions
+        still resume: keys since retired are dropped (``RETIRED_TRAIN_KEYS``), and a run saved before
+        ``parallel.ep_dispatch`` existed keeps the dispatch it trained with ("alltoall"), so that its resume is
+        exact; new runs save the key (``resolve``)."""
+        train = {k: v for k, v in d.get("train", {}).items() if k not in RETIRED_TRAIN_KEYS}
+        parallel = dict(d.get("parallel", {}))
+        parallel.setdefault("ep_dispatch", "alltoall")
         return cls(model=ModelConfig.from_dict(d["model"], strict=True, where="model"),
-                   train=_section(TrainConfig, d.get("train", {}), "train"),
+                   train=_section(TrainConfig, train, "train"),
                    data=_section(DataConfig, d.get("data", {}), "data"),
-                   parallel=dict(d.get("parallel", {})), model_spec=dict(d.get("model_spec", {})))
+                   parallel=parallel, model_spec=dict(d.get("model_spec", {})))
 
     def validate(self) -> "RunConfig":
         t = self.train
@@ -176,6 +182,9 @@ class RunConfig:
                             f"{self.model.max_position_embeddings}; lower seq_len or raise the model's limit")
         if self.data.prefetch < 0:
             raise UserError(f"data.prefetch = {self.data.prefetch} is invalid: it must be >= 0")
+        if self.parallel.get("ep_dispatch") == "allgather" and t.precision == "fp8" and "experts" in fams:
+            from dsv3.parallel.expert_parallel import allgather_unsupported
+            raise UserError(allgather_unsupported(False, 1, True))   # before any process group starts
         return self
 
 
@@ -196,6 +205,11 @@ def _coerce(value: Any, type_name: str, where: str) -> Any:
         raise UserError(f"{where} = {value!r} has the wrong type: expected {type_name} (e.g. {where.split('.')[-1]} "
                         f"= {example})")
     return float(value) if type_name == "float" else value
+
+
+# train keys that config.json files of earlier versions hold and this one no longer has (dropped on resume):
+# optimizer_overlap (2026-11-26, sessions 10-11; removed: no gain measured)
+RETIRED_TRAIN_KEYS = ("optimizer_overlap",)
 
 
 def _section(cls, d: dict, where: str):
@@ -271,6 +285,8 @@ def resolve(raw: dict) -> RunConfig:
 
     parallel = dict(raw.get("parallel", {}) or {})
     ParallelConfig.from_dict(parallel)  # unknown keys and wrong types fail here, naming the key
+    # saved in config.json, so a resume keeps the dispatch a run started with (RunConfig.from_saved)
+    parallel.setdefault("ep_dispatch", ParallelConfig.ep_dispatch)
     cfg = RunConfig(model=_model(model_spec), train=_section(TrainConfig, raw.get("train", {}), "train"),
                     data=_section(DataConfig, raw.get("data", {}), "data"), parallel=parallel,
                     model_spec=model_spec)
