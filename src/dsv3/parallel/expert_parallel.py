@@ -3,7 +3,7 @@
 Rank r of an EP group of size ep holds experts [r*E/ep, (r+1)*E/ep). Two ways to move the tokens
 (``parallel.ep_dispatch``): "alltoall", this module, below; and "allgather" (``dsv3.parallel.ep_allgather``):
 every token to every EP rank with fixed-size exchanges, no host sync, the layer compiled whole; fewer bytes
-while ep < top-k, ep-fold routed activations; "auto" (the default) picks it at ep = 2. One MoE layer's routed part with "alltoall":
+while ep < top-k, ep-fold routed activations; "auto" (the default) picks it at ep = 2 (not under DualPipeV). One MoE layer's routed part with "alltoall":
 
 1. dispatch: sort the T*K token copies by destination expert (experts are numbered rank-major, so this also
    sorts by destination rank), exchange the per-rank-per-expert counts (an all-to-all of E/ep counts to each
