@@ -17,9 +17,10 @@
 #                                         #   train.gc_every A/Bs (session 10: neither paid; both opt-in)
 #                                         #   RUNS=one,ep2,ep2_a2a,ep2_ag_cg: parallel.ep_dispatch (session 11: ep2 =
 #                                         #   'auto' = allgather 0.844, alltoall 0.67-0.71, allgather + CUDA graphs 0.877)
-#                                         #   NEXT for ep_scaling: STEPS=60 MEDIAN_FROM=40 RUNS=one,ep2,ep2_fbo (the
-#                                         #   router balances in ~50 steps; fb_overlap now that the host no longer
-#                                         #   blocks); ~3 min per EP run: set DIST_S to fit
+#                                         #   NEXT for ep_scaling: TESTS=tests/test_ep_allgather.py STEPS=60
+#                                         #   MEDIAN_FROM=40 RUNS=one,ep2,ep2_fbo,ep2_ag_cg (the router balances in
+#                                         #   ~50 steps; fb_overlap now that the host no longer blocks; the GPU tests
+#                                         #   include the never-run host-sync check); ~3 min per EP run: DIST_S
 #                                         #   NEXT: RUNS=one,dp2,ep2 with the last-step profile, to re-measure
 #                                         #   ep_scaling without the step-6 aftermath; rank{r}.cpu.txt gives the
 #                                         #   EP step's host-time breakdown (the bound, session 10)
