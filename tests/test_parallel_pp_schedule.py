@@ -185,6 +185,50 @@ def test_backward_split_matches_full_backward():
         assert torch.allclose(p.grad, g, rtol=1e-6, atol=1e-7)
 
 
+class _CountedMatmul(torch.autograd.Function):
+    """x @ w with a count of its backward runs (a custom Function computes every input's gradient each time)."""
+    runs = 0
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x @ w
+
+    @staticmethod
+    def backward(ctx, g):
+        _CountedMatmul.runs += 1
+        x, w = ctx.saved_tensors
+        return g @ w.t(), x.t() @ g
+
+
+def test_backward_split_runs_an_opaque_node_once():
+    """A weight joining at a custom autograd.Function (or a compiled region, AOTAutograd's CompiledFunction) is
+    differentiated in B: that node's backward runs once in B + W (it ran twice: B computed and dropped its weight
+    gradient, W ran it again). A built-in weight on the same path stays deferred to W. Gradients = backward()'s."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6, 6))
+    lin = torch.nn.Linear(6, 6)
+    x0, gy = torch.randn(3, 6), torch.randn(3, 6)
+
+    def run(x):
+        return lin(torch.tanh(_CountedMatmul.apply(x, w)))
+
+    x = x0.clone().requires_grad_()
+    dx_full = backward_full([run(x)], [gy], x).clone()
+    full = [p.grad.clone() for p in (w, *lin.parameters())]
+    for p in (w, *lin.parameters()):
+        p.grad = None
+    _CountedMatmul.runs = 0
+    x = x0.clone().requires_grad_()
+    dx, job = backward_input([run(x)], [gy], x, [w, *lin.parameters()])
+    assert _CountedMatmul.runs == 1 and w.grad is not None and lin.weight.grad is None
+    job.run()
+    assert _CountedMatmul.runs == 1
+    assert torch.allclose(dx, dx_full, rtol=1e-6, atol=1e-7)
+    for p, g in zip((w, *lin.parameters()), full):
+        assert torch.allclose(p.grad, g, rtol=1e-6, atol=1e-7)
+
+
 def test_backward_split_without_input_is_all_w():
     emb = torch.nn.Embedding(10, 4)
     out = emb(torch.tensor([1, 2, 3])).sum()
