@@ -112,9 +112,9 @@ def resolve_dispatch(dispatch: str, ep: int, top_k: int, fp8_dispatch: bool, chu
     two H100s (2026-11-26, session 11), EP=2 `small` steps ran 667 ms against 791 with "alltoall". Larger groups
     keep "alltoall" unless asked: "allgather" would still send fewer bytes while ep < top_k, but its routed
     activations (ep*T*K slots) grow ep-fold and it is unmeasured there. ``split_backward`` (DualPipeV's B/W
-    split) keeps "alltoall" too: a compiled block is one autograd node, so its deferred weight pass replays the
-    whole compiled backward, and with "allgather" that includes the layer's collectives (correct, every EP rank
-    replays them in the same order, but twice the backward traffic)."""
+    split) keeps "alltoall" too: unmeasured on GPUs. (Until the fix of 2026-11-26, session 11, in
+    ``pipeline.backward``, the deferred W replayed a compiled region's whole backward, which with "allgather"
+    would have included the layer's collectives.)"""
     if dispatch != "auto":
         return dispatch
     if ep == 2 < top_k and not split_backward and allgather_unsupported(fp8_dispatch, chunks, fp8_experts) is None:
