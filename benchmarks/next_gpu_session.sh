@@ -21,6 +21,8 @@
 #                                         #   MEDIAN_FROM=40 RUNS=one,ep2,ep2_fbo,ep2_ag_cg (the router balances in
 #                                         #   ~50 steps; fb_overlap now that the host no longer blocks; the GPU tests
 #                                         #   include the never-run host-sync check); ~3 min per EP run: DIST_S
+#                                         #   THEN the default set (one,dp2,ep2,pp2_dualpipev): DualPipeV after the
+#                                         #   session-11 B/W fix (compiled blocks no longer run their backward twice)
 #                                         #   NEXT: RUNS=one,dp2,ep2 with the last-step profile, to re-measure
 #                                         #   ep_scaling without the step-6 aftermath; rank{r}.cpu.txt gives the
 #                                         #   EP step's host-time breakdown (the bound, session 10)
