@@ -52,9 +52,7 @@ class ParallelConfig:
     node_limited_routing: bool = False  # routing groups = the experts of one EP rank (n_group = ep)
     fp8_dispatch: bool = False        # send dispatch payloads as E4M3 + 1x128 scales (combine stays BF16)
     ep_chunks: int = 1                # MoE token chunks per layer: chunk i+1 moves while chunk i computes
-    ep_dispatch: str = "auto"         # 'alltoall' (copies to their experts' ranks), 'allgather' (every token to
-                                      # every EP rank, no host sync) or 'auto' (allgather at ep = 2 < top-k,
-                                      # pp = 1 or 1f1b)
+    ep_dispatch: str = "auto"         # 'alltoall', 'allgather' (every token to every EP rank, no host sync), 'auto' (allgather at ep 2 < top-k, not DualPipeV)
     fb_overlap: bool = False          # pp = 1, CUDA: micro-batch i+1's forward runs beside micro-batch i's backward
     schedule: str = "1f1b"            # pipeline schedule when pp > 1: '1f1b' or 'dualpipev'
     microbatches: int = 0             # pipeline micro-batches per step; 0 = batch / micro_batch_size
