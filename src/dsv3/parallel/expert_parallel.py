@@ -38,9 +38,10 @@ chunk i-1's combine and chunk i+1's dispatch move. The local gathers and the fp3
 chunk (after the last transfers are issued, so they too hide the tail). Results are those of C = 1 up to
 fp32 summation order: the weight gradients are sums of C per-chunk GEMMs (accumulated in fp32).
 
-Chunking fixes one autograd node per layer holding the expert weights; DualPipeV's split backward (B, then
-W from the nodes where weights join the activation path) would run that node's backward, transfers included,
-twice, so ``validate_layout`` rejects ep_chunks > 1 with schedule 'dualpipev' (1F1B runs full backwards).
+Chunking fixes one autograd node per layer holding the expert weights. DualPipeV's split backward
+differentiates weights that join at such an opaque node in B, with the stage input
+(``dsv3.parallel.pipeline.backward``), so the node's backward and its transfers run once. Until 2026-11-26
+(session 11) W ran it a second time, and ``validate_layout`` rejected ep_chunks > 1 with DualPipeV.
 Inside compiled blocks, only what depends on the host splits runs eagerly (``torch.compiler.disable``): they
 change every step, and dynamo would guard on them and recompile. With C = 1 that is ``_exchange`` (counts,
 splits, transfers, local experts); the sort and gather before it and the un-sort and fp32 weighted sum after

@@ -104,9 +104,6 @@ def validate_layout(world_size: int, pc: ParallelConfig, model: ModelConfig | No
     if pc.ep_dispatch == "allgather" and (pc.fp8_dispatch or pc.ep_chunks > 1):
         from dsv3.parallel.expert_parallel import allgather_unsupported
         raise UserError(allgather_unsupported(pc.fp8_dispatch, pc.ep_chunks, False))
-    if pc.ep_chunks > 1 and pc.pp > 1 and pc.schedule == "dualpipev":
-        raise UserError("parallel.ep_chunks > 1 does not combine with parallel.schedule = 'dualpipev' (its split "
-                        "backward would run the chunked expert backward twice); set ep_chunks = 1 or use '1f1b'")
     if pc.fb_overlap and pc.pp > 1:
         raise UserError("parallel.fb_overlap is for pp = 1 (pipeline schedules pair forwards and backwards "
                         "themselves); set fb_overlap = false or pp = 1")
