@@ -1,6 +1,6 @@
 """Expert parallelism with fixed-size exchanges (``parallel.ep_dispatch = "allgather"``): no host sync.
 
-The default dispatch ("alltoall", ``dsv3.parallel.expert_parallel``) sends each token copy to the rank holding
+The other dispatch ("alltoall", ``dsv3.parallel.expert_parallel``) sends each token copy to the rank holding
 its expert. That moves the fewest rows when ep is large, but the splits are uneven: the host reads them once
 per MoE layer, the CPU can no longer run ahead of the GPU, and the exchange runs outside the compiled block.
 
@@ -31,8 +31,9 @@ which cost 13 ms of a 637 ms EP=2 step on two H100s).
 
 Gradients: the backward of the all-gather is an equal all-to-all of each rank's gradients for the other
 ranks' tokens, summed in fp32 in rank order (every token slot's weight gradient is non-zero on one rank
-only); the backward of the combine is the all-gather of the output gradient. Results match one process to
-fp32 summation order (tested with 2 gloo processes against the single-process run).
+only); the backward of the combine is the all-gather of the output gradient. In fp32, results match one
+process to summation order (tested with 2 gloo processes against the single-process run). In BF16 each rank's
+partial is rounded before the cross-rank sum, one rounding more than one process (as DeepEP's BF16 combine).
 """
 from __future__ import annotations
 
