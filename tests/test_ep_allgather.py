@@ -14,6 +14,7 @@ import torch
 
 from dsv3.model.moe import Routing, experts_forward_sorted
 from dsv3.parallel.ep_allgather import allgather_experts_forward, local_experts_partial
+from parallel_helpers import rel_err
 
 
 def _problem(T=48, D=32, F=16, E=8, K=3, device="cpu", dtype=torch.float32, seed=0):
@@ -114,10 +115,6 @@ def test_rank_with_no_local_copies_gives_zero_and_finite_gradients(nan_past_last
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def _rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
-
-
 def _fp32_reference(x, w, idx, weight):
     """Output and gradients of the single-device path in fp32 (on CUDA its grouped GEMM is the per-expert loop)."""
     leaves = [t.float() for t in _leaves(x, w, weight)]
@@ -141,7 +138,7 @@ def _assert_as_accurate(got, bf16_ref, fp32_ref):
     so single elements differ by an ulp of the output, and near-zero elements by any relative amount."""
     for name, a, b, r in zip(NAMES, got, bf16_ref, fp32_ref):
         assert torch.isfinite(a).all(), name
-        assert _rel(a, r) <= 1.5 * _rel(b, r) + 1e-3, (name, _rel(a, r), _rel(b, r))
+        assert rel_err(a, r) <= 1.5 * rel_err(b, r) + 1e-3, (name, rel_err(a, r), rel_err(b, r))
 
 
 @cuda

@@ -11,7 +11,7 @@ import json
 import torch
 
 from dsv3.model import DeepseekV3
-from parallel_helpers import pipeline_config as tiny_config, run_ranks, unwrap
+from parallel_helpers import pipeline_config as tiny_config, rel_err, run_ranks, unwrap
 
 MTP_LAMBDA, ALPHA = 0.3, 1e-2
 
@@ -88,11 +88,6 @@ def layout_error_worker(rank, world, cases):
 
 
 # ---------------------------------------------------------------------------------------- checks
-
-def rel_err(a, b) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
 
 def check(ref: dict, ranks: list[dict], tol: float = 1e-5) -> None:
     for r, rec in enumerate(ranks):

@@ -98,11 +98,11 @@ def validate_layout(world_size: int, pc: ParallelConfig, model: ModelConfig | No
         raise UserError(f"parallel.microbatches = {pc.microbatches} is invalid: use 0 (derived) or a positive count")
     if pc.ep_chunks < 1:
         raise UserError(f"parallel.ep_chunks = {pc.ep_chunks} is invalid: it must be >= 1 (1 = no chunking)")
-    if pc.ep_dispatch not in ("auto", "alltoall", "allgather"):
+    from dsv3.parallel.expert_parallel import DISPATCH_CHOICES, allgather_unsupported
+    if pc.ep_dispatch not in DISPATCH_CHOICES:
         raise UserError(f"parallel.ep_dispatch = {pc.ep_dispatch!r} is invalid: use 'alltoall' (token copies to "
                         f"their experts' ranks), 'allgather' (fixed-size exchanges, no host sync) or 'auto'")
     if pc.ep_dispatch == "allgather" and (pc.fp8_dispatch or pc.ep_chunks > 1):
-        from dsv3.parallel.expert_parallel import allgather_unsupported
         raise UserError(allgather_unsupported(pc.fp8_dispatch, pc.ep_chunks, False))
     if pc.fb_overlap and pc.pp > 1:
         raise UserError("parallel.fb_overlap is for pp = 1 (pipeline schedules pair forwards and backwards "
