@@ -59,6 +59,11 @@ def train(name: str, out: Path, data: Path, nproc: int, common: list[str], extra
     saved = run / "result.json"
     if name not in RUNS and saved.exists():
         return json.loads(saved.read_text())
+    steps, median_from = RUN_STEPS.get(name, (None, MEDIAN_FROM))
+    profile_step = PROFILE_STEP
+    if steps is not None:   # a run with its own length (--runs NAME:STEPS:FROM); the later --set wins
+        profile_step = steps if PROFILE_STEP == STEPS else PROFILE_STEP      # the last step stays the last
+        extra = [*extra, "--set", f"train.steps={steps}", "--set", f"train.profile_step={profile_step}"]
     args = ["-m", "dsv3", "train", "--data", str(data), "--out", str(run), "--force", "--quiet", *common, *extra]
     if nproc == 1:
         cmd = [sys.executable, *args]
@@ -68,14 +73,15 @@ def train(name: str, out: Path, data: Path, nproc: int, common: list[str], extra
     t = time.perf_counter()
     sh(cmd, env={"OMP_NUM_THREADS": "4"})
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    first = MEDIAN_FROM - 1                    # steps 1..MEDIAN_FROM-1 are warm-up (compile, allocator, router)
+    first = median_from - 1                    # steps 1..median_from-1 are warm-up (compile, allocator, router)
     if len(recs) <= first + 1:
-        raise SystemExit(f"{name}: {len(recs)} steps logged, too few for medians from step {MEDIAN_FROM}; "
+        raise SystemExit(f"{name}: {len(recs)} steps logged, too few for medians from step {median_from}; "
                          "raise --steps or lower --median-from")
     timed = recs[first:]
-    timed = [r for r in timed if r.get("step") != PROFILE_STEP] or timed   # the profiled step is not a sample
+    timed = [r for r in timed if r.get("step") != profile_step] or timed   # the profiled step is not a sample
     res = {"wall_s": time.perf_counter() - t, "tokens_per_s": statistics.median(r["tokens_per_s"] for r in timed),
-           "step_s": statistics.median(r["step_time_s"] for r in timed), "losses": [r["loss"] for r in recs]}
+           "step_s": statistics.median(r["step_time_s"] for r in timed), "losses": [r["loss"] for r in recs],
+           "steps": len(recs), "median_from": median_from}
     for key in ("ep_bytes_sent", "ep_recv_imbalance", "pp_bubble_fraction", "pp_recv_wait_s", "pp_step_s"):
         vals = [r[key] for r in timed if key in r]
         if vals:
@@ -86,8 +92,10 @@ def train(name: str, out: Path, data: Path, nproc: int, common: list[str], extra
 
 
 RUNS: set[str] = set()  # the runs this call makes; the others come from earlier calls' result.json
+RUN_STEPS: dict[str, tuple[int, int]] = {}   # run -> (steps, first step of the medians), from --runs NAME:S:F
 PROFILE_STEP = 0        # the step each run profiles (left out of the medians)
 MEDIAN_FROM = 4         # the first step the medians take (--median-from)
+STEPS = 20              # --steps
 
 
 A2A = r'''
@@ -123,6 +131,19 @@ def plain_all_to_all(out: Path, peer_bytes: float, nproc: int) -> float:
     r = sh([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29481",
             str(script), str(int(nbytes)), "20"])
     return float(next(line.split()[1] for line in r.stdout.splitlines() if line.startswith("A2A_SECONDS")))
+
+
+def ep_exchange(out: Path, args, seq: int) -> dict | None:
+    """benchmarks/ep_exchange.py on 2 processes at the EP=2 run's micro-batch (its JSON), or None if it failed."""
+    d = out / "ep_exchange"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ep_exchange.py"), "--out", str(d), "--ranks", "2",
+                        "--tokens", str(args.micro * seq), "--preset", args.preset],
+                       capture_output=True, text=True, timeout=600)
+    print(r.stdout[-3000:], flush=True)
+    if r.returncode != 0 or not (d / "ep_exchange.json").exists():
+        print(f"ep_exchange failed (rc {r.returncode}): {r.stderr[-1500:]}", flush=True)
+        return None
+    return json.loads((d / "ep_exchange.json").read_text())
 
 
 def layer_rank_imbalance(path: Path, ep: int) -> float | None:
@@ -223,14 +244,26 @@ def main() -> None:
                          "parallel.ep_dispatch = 'allgather', the second with CUDA graphs (ep2 itself runs 'auto', = "
                          "'allgather' at ep 2); ep2_a2a, ep2_a2a_cg: 'alltoall'); the others are read from "
                          "OUT/NAME/result.json of an earlier call (e.g. the one-GPU baseline on a free GPU while "
-                         "another job runs)")
+                         "another job runs). NAME:STEPS:FROM gives a run its own length and first median step, e.g. "
+                         "one:110:80,ep2:110:80,dp2,pp2_dualpipev: EP=2 measured once the router has balanced, "
+                         "the others at --steps")
     ap.add_argument("--median-from", type=int, default=4,
                     help="first step of the medians (default 4). EP=2's step depends on how balanced the router is, "
                          "and from initialization it takes the bias ~50 steps to balance it (the per-layer rank "
                          "imbalance was 1.41 at step 12 in session 11): e.g. --steps 60 --median-from 40")
     args = ap.parse_args()
-    RUNS.update(args.runs.split(","))
-    global PROFILE_STEP, MEDIAN_FROM
+    names = []
+    for item in args.runs.split(","):
+        name, *length = item.split(":")
+        names.append(name)
+        if length:
+            if len(length) != 2 or not all(v.isdigit() for v in length) or int(length[1]) >= int(length[0]):
+                raise SystemExit(f"--runs {item!r}: write NAME:STEPS:FROM with FROM < STEPS, e.g. ep2:110:80")
+            RUN_STEPS[name] = (int(length[0]), max(2, int(length[1])))
+    args.runs = ",".join(names)
+    RUNS.update(names)
+    global PROFILE_STEP, MEDIAN_FROM, STEPS
+    STEPS = args.steps
     MEDIAN_FROM = max(2, args.median_from)
     PROFILE_STEP = args.steps if args.profile_step < 0 else args.profile_step
     out = Path(args.out)
@@ -277,7 +310,7 @@ def main() -> None:
                     "one_gc50": (1, gc50), "ep2_gc50": (2, ep + gc50),
                     "ep2_ag": (2, ep + ag), "ep2_ag_cg": (2, ep + ag + cg), "ep2_a2a": (2, ep + a2a),
                     "ep2_a2a_cg": (2, ep + a2a + cg)}
-    if RUNS & variant_runs.keys():
+    if RUNS & variant_runs.keys() or RUNS == {"one", "ep2"}:
         if "ep2" in RUNS and not RUNS & {"dp2", "pp2_dualpipev"}:   # the EP A/B: default EP=2 on the same machine,
             r = train("ep2", out, data, 2, common, ["--set", f"train.batch_size={2 * per_gpu}", *ep])  # first
             res["ep2_step_s"] = r["step_s"]
@@ -294,6 +327,9 @@ def main() -> None:
                 res[f"{name}_scaling"] = r["tokens_per_s"] / (nproc * one["tokens_per_s"])
         if RUNS <= {"one", "ep2"} | variant_runs.keys():
             res["one_step_s"] = one["step_s"]
+            exchange = ep_exchange(out, args, seq) if "ep2" in RUNS else None
+            if exchange:
+                res["ep_exchange"] = exchange
             (out / "distributed.json").write_text(json.dumps(res, indent=2) + "\n")
             print({k: round(v, 4) for k, v in res.items() if k.endswith(("_step_s", "_scaling"))}, flush=True)
             return
@@ -350,6 +386,18 @@ def main() -> None:
             if comm_ms > 0:
                 res["a2a_ep_gbps_kernel_time"] = 2 * ep2["ep_bytes_sent"] / (comm_ms / 1e3) / 1e9
                 res["a2a_fraction_of_nccl_kernel_time"] = res["a2a_ep_gbps_kernel_time"] / res["a2a_plain_gbps"]
+    # the transport itself: dsv3's dispatch + combine against plain all_to_all_single at the same message sizes,
+    # as the layer issues them, without the step around them (benchmarks/ep_exchange.py). The step-difference
+    # figure above charges EP's other costs (waiting for the busier rank, the local slot passes) to the link too.
+    exchange = ep_exchange(out, args, seq)
+    if exchange:
+        from dsv3.config import preset
+        from dsv3.parallel.expert_parallel import resolve_dispatch
+        dispatch = resolve_dispatch("auto", 2, preset(args.preset).num_experts_per_tok, False, 1, False)
+        res["a2a_fraction_of_nccl_step_diff"] = res.get("a2a_fraction_of_nccl")
+        res["a2a_fraction_of_nccl"] = exchange[f"{dispatch}_fraction_of_nccl"]
+        res["a2a_fraction_dispatch"] = dispatch
+        res["ep_exchange"] = exchange
     res["bubble_fraction"] = pp2.get("pp_bubble_fraction")
     if "pp_recv_wait_s" in pp2 and pp2.get("pp_step_s"):
         res["exposed_comm_fraction"] = pp2["pp_recv_wait_s"] / pp2["pp_step_s"]

@@ -26,6 +26,7 @@
 #                                         #   NEXT: RUNS=one,dp2,ep2 with the last-step profile, to re-measure
 #                                         #   ep_scaling without the step-6 aftermath; rank{r}.cpu.txt gives the
 #                                         #   EP step's host-time breakdown (the bound, session 10)
+#   benchmarks/next_gpu_session.sh local  # one GPU (#9): local_slots / ep_allgather GPU tests, ep_local_probe.py
 #   benchmarks/next_gpu_session.sh ep2    # two GPUs: corpus + the 10-minute EP=2 real-corpus run in the background
 #   benchmarks/next_gpu_session.sh one    # one GPU: the same run on one GPU (the control: today's code, same data)
 #   benchmarks/next_gpu_session.sh step   # one GPU (#5): test_moe_compile.py first (the padded-layout compiled-dx
@@ -72,7 +73,7 @@ case "${1:-}" in
       cp $D/$r/result.json $D/$r/metrics.jsonl $D/$r/expert_load.jsonl $S/$r/ 2>/dev/null
       [ -d $D/$r/traces ] && cp -r $D/$r/traces $S/$r/
       cp $D/$r/profile/*.txt $D/$r/profile/*.summary.json $S/$r/ 2>/dev/null; done
-      cp $D/distributed.json $S/ 2>/dev/null; tar czf $OUT/dist.tar.gz -C $S . ; }
+      cp $D/distributed.json $D/ep_exchange/ep_exchange.json $S/ 2>/dev/null; tar czf $OUT/dist.tar.gz -C $S . ; }
     while kill -0 $bg 2>/dev/null; do sleep 10; save; done
     save
     # the EP=2 step's full Chrome trace (rank 0), if it fits what the device returns
@@ -81,6 +82,14 @@ case "${1:-}" in
         rm $OUT/ep2_rank0_trace.json.gz
     for r in one dp2 ep2 pp2_dualpipev; do echo "== $r"; cat $D/$r/profile/rank0.summary.json 2>/dev/null | head -30; done
     tail -15 $S/distributed.log ;;
+  local)
+    # one GPU (#9, session 12): the slot kernels' and the allgather layer's GPU tests, then an EP=2 rank's local
+    # expert work (slot kernels vs torch expressions) against one GPU's experts
+    nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
+    timeout ${TEST_S:-240} python3 -m pytest -q tests/test_local_slots.py tests/test_ep_allgather.py \
+        tests/test_moe_permute_kernels.py ${TESTS:-} 2>&1 | grep -E "^E  |passed|failed|^FAILED" | head -40 \
+        | tee "$OUT/gpu_tests.txt"
+    timeout ${PROBE_S:-200} python3 benchmarks/ep_local_probe.py --out "$OUT" 2>&1 | grep -v Warn | tail -8 ;;
   ep2|one)
     # corpus, then the 10-minute real-corpus run (EP=2 on two GPUs, or one GPU) in the background;
     # `ep2wait` / `onewait` (the next call, within the idle window) waits for it and returns its records

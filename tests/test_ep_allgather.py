@@ -142,7 +142,8 @@ def _assert_as_accurate(got, bf16_ref, fp32_ref):
 
 
 @cuda
-def test_gpu_bf16_partials_as_accurate_as_the_grouped_path():
+def test_gpu_bf16_partials_as_accurate_as_the_grouped_path(nan_past_last_group):
+    """With the slot kernels (``dsv3.kernels.local_slots``) and NaN in every row they must skip."""
     x, w, idx, weight = _problem(T=512, D=256, F=128, E=16, K=4, device="cuda", dtype=torch.bfloat16)
     ref32, ref32_grads = _fp32_reference(x, w, idx, weight)
     ref, ref_grads = _bf16_reference(x, w, idx, weight)

@@ -24,10 +24,11 @@ the backward keeps (the gathered rows, the SwiGLU pre-activations, the expert ou
 times the single-device ones: at `small`'s 2 x 4096-token micro-batches about 7 GB more per micro-batch in
 flight at ep = 2. So "auto" picks this mode at ep = 2 only (``expert_parallel.resolve_dispatch``).
 
-Rows past the last group are never written by the grouped GEMMs (nor read): the combine and the gather's
-backward drop the other ranks' copies with ``where`` inside their gather-reduce (not a multiply by zero: those
-rows hold whatever the allocator left there, possibly NaN; and not a masking pass over the [ep*T*K, D] rows,
-which cost 13 ms of a 637 ms EP=2 step on two H100s).
+Rows past the last group (the other ranks' copies) are never written by the grouped GEMMs, nor read. The four
+passes over the slots skip them (``dsv3.kernels.local_slots``, Triton on CUDA): the gather writes only the
+local rows, and the combine, its backward and the gather's backward load only the local copies' rows. Those
+rows hold whatever the allocator left there, possibly NaN, so the CPU references drop them with ``where`` (not
+a multiply by zero) inside their gather-reduce.
 
 Gradients: the backward of the all-gather is an equal all-to-all of each rank's gradients for the other
 ranks' tokens, summed in fp32 in rank order (every token slot's weight gradient is non-zero on one rank
@@ -39,8 +40,17 @@ from __future__ import annotations
 
 import torch
 
+from dsv3.kernels.local_slots import (combine_backward_local, combine_backward_local_reference, combine_local,
+                                      combine_local_reference, gather_rows_upto, gather_sum_local,
+                                      gather_sum_local_reference)
 from dsv3.model.moe import Routing, compute_dtype, count_selections, grouped_linear, grouped_swiglu
 from dsv3.parallel.transport import Transport, backward_transport
+
+
+# The slot passes as Triton kernels that skip the other ranks' copies (on CUDA; their torch references on the
+# CPU) when True; False: the torch expressions everywhere (Inductor's kernels, which move every slot's row),
+# for A/B timing. Read at trace time: reset dynamo after flipping it.
+SLOT_KERNELS = True
 
 
 class _GatherTokens(torch.autograd.Function):
@@ -75,45 +85,45 @@ class _ReduceTokens(torch.autograd.Function):
 
 
 class _GatherSlots(torch.autograd.Function):
-    """x_sorted = x[order // K] for all N*K slots. The gradient sums each token's K rows of the gradient, its
-    local copies only (``mine``): the others' rows were never computed and hold garbage. One gather-reduce
-    over the slots (Inductor fuses the where into it), not a masking pass over the [N*K, D] rows first."""
+    """x_sorted = x[order // K] for the slots before ``n_local`` (the rows after it, the other ranks' copies,
+    are never computed: left unwritten on CUDA). The gradient sums each token's K rows of the gradient, its
+    local copies only (``mine``): the others' rows hold garbage. Both passes skip the others' rows
+    (``dsv3.kernels.local_slots``)."""
 
     @staticmethod
-    def forward(ctx, x_ND, order, copy_rows, mine_NK):
+    def forward(ctx, x_ND, order, copy_rows, mine_NK, n_local):
         ctx.save_for_backward(copy_rows, mine_NK)
-        return x_ND[order // mine_NK.shape[1]]
+        src = order // mine_NK.shape[1]
+        return gather_rows_upto(x_ND, src, n_local) if SLOT_KERNELS else x_ND[src]
 
     @staticmethod
     def backward(ctx, g_MD):
         copy_rows, mine_NK = ctx.saved_tensors
-        N, K = mine_NK.shape
-        g_NKD = torch.where(mine_NK[..., None], g_MD[copy_rows].view(N, K, -1).float(), 0.0)
-        return g_NKD.sum(dim=1).to(g_MD.dtype), None, None, None
+        if SLOT_KERNELS:
+            return gather_sum_local(g_MD, copy_rows, mine_NK), None, None, None, None
+        return gather_sum_local_reference(g_MD, copy_rows, mine_NK), None, None, None, None
 
 
 class _CombineLocal(torch.autograd.Function):
     """partial[n] = sum over token n's local copies k of w[n, k] * y[rows[n*K + k]], in fp32, returned in y's
-    dtype; the other copies' rows (garbage, possibly NaN) are dropped by ``where``, inside the same
-    gather-reduce. Backward: dy by a gather in sorted order (``order``: row j belongs to flat slot order[j])
-    and dw = <g[n], y[row]> for local copies, 0 for the rest."""
+    dtype; the other copies' rows (garbage, possibly NaN) are never read. Backward, token by token: dy[rows[n*K
+    + k]] = w[n, k] g[n] and dw[n, k] = <g[n], y[row]> for local copies, dw = 0 for the rest."""
 
     @staticmethod
-    def forward(ctx, y_MD, rows, order, w_NK, mine_NK):
-        ctx.save_for_backward(y_MD, rows, order, w_NK, mine_NK)
-        N, K = w_NK.shape
-        y_NKD = y_MD[rows].view(N, K, -1).float() * w_NK[..., None]
-        return torch.where(mine_NK[..., None], y_NKD, 0.0).sum(dim=1).to(y_MD.dtype)
+    def forward(ctx, y_MD, rows, w_NK, mine_NK):
+        ctx.save_for_backward(y_MD, rows, w_NK, mine_NK)
+        if SLOT_KERNELS:
+            return combine_local(y_MD, rows, w_NK, mine_NK)
+        return combine_local_reference(y_MD, rows, w_NK, mine_NK)
 
     @staticmethod
     def backward(ctx, g_ND):
-        y_MD, rows, order, w_NK, mine_NK = ctx.saved_tensors
-        N, K = w_NK.shape
-        g = g_ND.float()
-        # rows of the other ranks' copies get g * w too: harmless, the grouped GEMMs' backward never reads them
-        dy = (g[order // K] * w_NK.reshape(-1)[order, None]).to(y_MD.dtype)
-        dw = torch.where(mine_NK, (g[:, None, :] * y_MD[rows].view(N, K, -1).float()).sum(dim=-1), 0.0)
-        return dy, None, None, dw, None
+        y_MD, rows, w_NK, mine_NK = ctx.saved_tensors
+        if SLOT_KERNELS:
+            dy, dw = combine_backward_local(g_ND, y_MD, rows, w_NK, mine_NK)
+        else:
+            dy, dw = combine_backward_local_reference(g_ND, y_MD, rows, w_NK, mine_NK)
+        return dy, None, dw, None
 
 
 def local_experts_partial(x_ND: torch.Tensor, idx_NK: torch.Tensor, weight_NK: torch.Tensor, first: int,
@@ -130,9 +140,9 @@ def local_experts_partial(x_ND: torch.Tensor, idx_NK: torch.Tensor, weight_NK: t
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     counts = count_selections(key, E_local + 1)[:E_local]
     ends = torch.cumsum(counts, 0)
-    x_sorted = _GatherSlots.apply(x_ND, order, inverse, mine_NK)
+    x_sorted = _GatherSlots.apply(x_ND, order, inverse, mine_NK, ends[-1])
     y_sorted = grouped_swiglu(x_sorted, w_gate, w_up, w_down, grouped_linear, ends.to(torch.int32), counts)
-    return _CombineLocal.apply(y_sorted, inverse, order, weight_NK, mine_NK), ends[-1]
+    return _CombineLocal.apply(y_sorted, inverse, weight_NK, mine_NK), ends[-1]
 
 
 def allgather_experts_forward(x_TD: torch.Tensor, routing: Routing, w_gate, w_up, w_down, transport: Transport,

@@ -1,0 +1,148 @@
+"""EP dispatch + combine bandwidth against plain NCCL all_to_all_single at the same message sizes (#9).
+
+    PYTHONPATH=src python3 benchmarks/ep_exchange.py --out DIR [--ranks 2] [--tokens 8192] [--preset small]
+
+Runs itself under torchrun. Each EP exchange is timed as the MoE layer issues it, through dsv3's own
+autograd Functions and transport (forward and backward, the balanced routing of a settled run), beside a plain
+``all_to_all_single`` that sends the same bytes to each peer:
+
+- ``allgather`` (the default at ep = 2): the routing meta [T, 2K] fp32 and x [T, D] all-gathered, the partials
+  [ep*T, D] returned by an equal all-to-all and summed in fp32; backward: the all-to-all + sum of the gathers'
+  gradients and the all-gather of the output gradient (``dsv3.parallel.ep_allgather``).
+- ``alltoall``: the counts exchange, the host read of the splits, the copies' all-to-all there and back
+  (``dsv3.parallel.transport.all_to_all``), forward and backward.
+
+Bytes are those to the OTHER ranks (what crosses the link), per rank. The fraction is plain time / dsv3 time
+over the same list of sizes (1.0: no loss against raw NCCL). Writes DIR/ep_exchange.json and prints a table.
+Expert compute is left out on purpose: this measures the transport path, and the step-level cost of EP
+(waiting for the busier rank included) is ``benchmarks/distributed.py``'s ep_scaling.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _timeit(fn, reps: int) -> float:
+    import torch
+    import torch.distributed as dist
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(3):
+        fn()
+    sync()
+    dist.barrier()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / reps
+
+
+def worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+    from dsv3.config import preset
+    from dsv3.parallel.ep_allgather import _GatherTokens, _ReduceTokens
+    from dsv3.parallel.transport import CollectiveTransport, all_to_all
+
+    cuda = torch.cuda.is_available()            # the CPU (gloo) only to try the script out
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, ep = dist.get_rank(), dist.get_world_size()
+    dev = torch.device(f"cuda:{rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    cfg = preset(args.preset)
+    T, D, K, E = args.tokens, cfg.hidden_size, cfg.num_experts_per_tok, cfg.n_routed_experts
+    t = CollectiveTransport(dist.group.WORLD, dist.new_group(list(range(ep))))
+    bf = torch.bfloat16
+    peers = ep - 1
+
+    def plain(peer_bytes: int, elem: int = 2) -> float:
+        # an even all_to_all_single whose blocks to the other ranks total peer_bytes
+        n = max(peer_bytes // elem // peers, 1) * ep
+        x = torch.randn(n, device=dev).to(bf if elem == 2 else torch.float32)
+        y = torch.empty_like(x)
+        return _timeit(lambda: dist.all_to_all_single(y, x), args.reps)
+
+    rows = {}
+    # allgather: forward = meta gather, x gather, partial all-to-all; backward = their transposes
+    meta = torch.randn(T, 2 * K, device=dev, requires_grad=True)
+    x = torch.randn(T, D, device=dev, dtype=bf, requires_grad=True)
+    part = torch.randn(ep * T, D, device=dev, dtype=bf, requires_grad=True)
+    g_meta = torch.randn(ep * T, 2 * K, device=dev)
+    g_x = torch.randn(ep * T, D, device=dev, dtype=bf)
+    g_out = torch.randn(T, D, device=dev, dtype=bf)
+    ops = {
+        "allgather: meta gather fwd+bwd": (lambda: _GatherTokens.apply(meta, t).backward(g_meta),
+                                           2 * peers * T * 2 * K * 4, 4),
+        "allgather: x gather fwd+bwd": (lambda: _GatherTokens.apply(x, t).backward(g_x), 2 * peers * T * D * 2, 2),
+        "allgather: combine fwd+bwd": (lambda: _ReduceTokens.apply(part, t).backward(g_out),
+                                       2 * peers * T * D * 2, 2),
+    }
+    # alltoall: balanced routing, T*K/ep copies to each rank; the counts exchange and the host read per call
+    per = T * K // ep
+    splits = [per] * ep
+    copies = torch.randn(ep * per, D, device=dev, dtype=bf, requires_grad=True)
+    g_copies = torch.randn(ep * per, D, device=dev, dtype=bf)
+    counts = torch.full((ep * (E // ep),), T * K // E, device=dev, dtype=torch.int64)
+
+    def a2a_layer():
+        got = t.all_to_all(counts, [E // ep] * ep, [E // ep] * ep)
+        got.view(ep, -1).sum(1).tolist()                 # the host read the layer makes
+        recv = all_to_all(copies, t, splits, splits)
+        back = all_to_all(recv, t, splits, splits)        # combine: the expert outputs return
+        back.backward(g_copies)
+
+    ops["alltoall: counts + dispatch + combine fwd+bwd"] = (a2a_layer, 4 * peers * per * D * 2, 2)
+    for name, (fn, peer_bytes, elem) in ops.items():
+        ours = _timeit(fn, args.reps)
+        # the plain reference: the same collectives' sizes one by one (two per fwd+bwd pair, four for a2a)
+        n_calls = 4 if name.startswith("alltoall") else 2
+        ref = n_calls * plain(peer_bytes // n_calls, elem)
+        rows[name] = {"ours_s": ours, "plain_s": ref, "peer_bytes": peer_bytes,
+                      "ours_gbps": peer_bytes / ours / 1e9, "plain_gbps": peer_bytes / ref / 1e9,
+                      "fraction": ref / ours}
+    if rank == 0:
+        res = {"device": f"{ep} x {torch.cuda.get_device_name(dev) if cuda else 'CPU (gloo)'}", "torch": torch.__version__,
+               "config": f"{args.preset}: T={T} tokens per rank per micro-batch, D={D}, top-{K}, {E} experts, "
+                         f"ep={ep}, bf16 payload, balanced routing, {args.reps} reps",
+               "ops": rows}
+        ag = [v for k, v in rows.items() if k.startswith("allgather")]
+        res["allgather_fraction_of_nccl"] = sum(v["plain_s"] for v in ag) / sum(v["ours_s"] for v in ag)
+        res["allgather_layer_s"] = sum(v["ours_s"] for v in ag)
+        res["alltoall_fraction_of_nccl"] = rows["alltoall: counts + dispatch + combine fwd+bwd"]["fraction"]
+        res["alltoall_layer_s"] = rows["alltoall: counts + dispatch + combine fwd+bwd"]["ours_s"]
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "ep_exchange.json").write_text(json.dumps(res, indent=2) + "\n")
+        print(f"{'exchange (per layer, per micro-batch)':48s} {'dsv3 us':>9s} {'plain us':>9s} {'GB/s':>7s} "
+              f"{'plain GB/s':>10s} {'fraction':>8s}")
+        for k, v in rows.items():
+            print(f"{k:48s} {v['ours_s'] * 1e6:9.1f} {v['plain_s'] * 1e6:9.1f} {v['ours_gbps']:7.1f} "
+                  f"{v['plain_gbps']:10.1f} {v['fraction']:8.3f}")
+        print(f"allgather dispatch+combine: {res['allgather_fraction_of_nccl']:.3f} of plain all_to_all_single, "
+              f"layer {res['allgather_layer_s'] * 1e6:.0f} us vs alltoall {res['alltoall_layer_s'] * 1e6:.0f} us")
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--ranks", type=int, default=2, help="processes (GPUs)")
+    ap.add_argument("--tokens", type=int, default=8192, help="tokens per rank per micro-batch (2 x 4096)")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--reps", type=int, default=50)
+    args = ap.parse_args()
+    if "LOCAL_RANK" in os.environ:
+        return worker(args)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks), "--master_port",
+           "29491", __file__, *sys.argv[1:]]
+    raise SystemExit(subprocess.call(cmd))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""The EP all-gather dispatch's passes over token slots, touching only this rank's copies (Triton on CUDA).
+
+``parallel.ep_dispatch = "allgather"`` (``dsv3.parallel.ep_allgather``) sorts all ep*T*K slots of the gathered
+tokens with this rank's copies first; at ep = 2 about half the slots belong to the other rank and are never
+computed. Written as torch expressions (Inductor), the four passes over the slots still moved every row: the
+forward gather wrote and read all ep*T*K rows, and the combine, its backward and the gather's backward loaded
+the other ranks' rows only to drop them with ``where``. These kernels skip them: a masked load or store moves
+no bytes.
+
+- ``gather_rows_upto(x, src, n)``: out[j] = x[src[j]] for j < n (a device scalar: no host read); rows >= n are
+  left unwritten.
+- ``gather_sum_local(g, rows, mine)``: dx[t] = sum of g[rows[t*K + k]] over the copies k with mine[t, k].
+- ``combine_local(y, rows, w, mine)``: out[t] = sum of w[t, k] y[rows[t*K + k]] over mine[t, k], fp32 sums.
+- ``combine_backward_local(g, y, rows, w, mine)``: its (dy, dw); dw = 0 and dy unwritten for the others' copies.
+
+Each is a torch custom op (Inductor keeps it as one kernel) whose CPU implementation is the torch expression
+it replaces, the reference ``tests/test_local_slots.py`` compares the kernels with. Rows the kernels leave
+unwritten are rows the grouped GEMMs never read (past the last local group), so the references may write them.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+
+def gather_rows_upto_reference(x_ND: torch.Tensor, src_M: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """x[src] (every row: the rows past n are don't-cares)."""
+    return x_ND[src_M]
+
+
+def gather_sum_local_reference(g_MD: torch.Tensor, rows: torch.Tensor, mine_NK: torch.Tensor) -> torch.Tensor:
+    """sum over k with mine[t, k] of g[rows[t*K + k]] -> [N, D] in g's dtype (fp32 sums; the others' rows may
+    hold NaN, so ``where``, not a multiply)."""
+    N, K = mine_NK.shape
+    g_NKD = torch.where(mine_NK[..., None], g_MD[rows].view(N, K, -1).float(), 0.0)
+    return g_NKD.sum(dim=1).to(g_MD.dtype)
+
+
+def combine_local_reference(y_MD: torch.Tensor, rows: torch.Tensor, w_NK: torch.Tensor, mine_NK: torch.Tensor
+                            ) -> torch.Tensor:
+    """sum over k with mine[t, k] of w[t, k] y[rows[t*K + k]] -> [N, D] in y's dtype, fp32 sums."""
+    N, K = w_NK.shape
+    y_NKD = y_MD[rows].view(N, K, -1).float() * w_NK.float()[..., None]
+    return torch.where(mine_NK[..., None], y_NKD, 0.0).sum(dim=1).to(y_MD.dtype)
+
+
+def combine_backward_local_reference(g_ND: torch.Tensor, y_MD: torch.Tensor, rows: torch.Tensor,
+                                     w_NK: torch.Tensor, mine_NK: torch.Tensor
+                                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dy [M, D] in y's dtype, dw [N, K] fp32) of ``combine_local``: dy[rows[t*K + k]] = w[t, k] g[t] (for
+    every copy: the others' rows are don't-cares), dw[t, k] = <g[t], y[rows[t*K + k]]> for mine, else 0."""
+    N, K = w_NK.shape
+    g = g_ND.float()
+    dy = y_MD.new_empty(y_MD.shape).index_copy(0, rows, (g[:, None, :] * w_NK.float()[..., None])
+                                               .view(N * K, -1).to(y_MD.dtype))
+    dw = torch.where(mine_NK, (g[:, None, :] * y_MD[rows].view(N, K, -1).float()).sum(dim=-1), 0.0)
+    return dy, dw
+
+
+if HAS_TRITON:
+    @triton.jit
+    def _gather_rows_upto_kernel(x_ptr, src_ptr, n_ptr, out_ptr, D, BLOCK_D: tl.constexpr):
+        j = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        live = j < tl.load(n_ptr)
+        mask = (offs < D) & live
+        row = tl.load(src_ptr + j, mask=live, other=0).to(tl.int64)
+        tl.store(out_ptr + j * D + offs, tl.load(x_ptr + row * D + offs, mask=mask), mask=mask)
+
+    @triton.jit
+    def _gather_sum_local_kernel(g_ptr, rows_ptr, mine_ptr, out_ptr, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = offs < D
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for k in tl.static_range(K):
+            mine = tl.load(mine_ptr + t * K + k) != 0
+            row = tl.load(rows_ptr + t * K + k).to(tl.int64)
+            acc += tl.load(g_ptr + row * D + offs, mask=dmask & mine, other=0.0).to(tl.float32)
+        tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=dmask)
+
+    @triton.jit
+    def _combine_local_kernel(y_ptr, rows_ptr, w_ptr, mine_ptr, out_ptr, D, K: tl.constexpr, KP: tl.constexpr,
+                              BLOCK_D: tl.constexpr):
+        # one token per program, its K copies as one [KP, BLOCK_D] tile (K row loads in flight at once)
+        t = tl.program_id(0).to(tl.int64)
+        ks = tl.arange(0, KP)
+        kmask = ks < K
+        live = kmask & (tl.load(mine_ptr + t * K + ks, mask=kmask, other=0) != 0)
+        rows = tl.load(rows_ptr + t * K + ks, mask=live, other=0).to(tl.int64)
+        w = tl.load(w_ptr + t * K + ks, mask=live, other=0.0).to(tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs = d0 + tl.arange(0, BLOCK_D)
+            dmask = offs < D
+            y = tl.load(y_ptr + rows[:, None] * D + offs[None, :], mask=live[:, None] & dmask[None, :],
+                        other=0.0).to(tl.float32)
+            tl.store(out_ptr + t * D + offs, tl.sum(w[:, None] * y, axis=0).to(out_ptr.dtype.element_ty),
+                     mask=dmask)
+
+    @triton.jit
+    def _combine_backward_local_kernel(g_ptr, y_ptr, rows_ptr, w_ptr, mine_ptr, dy_ptr, dw_ptr, D,
+                                       K: tl.constexpr, KP: tl.constexpr, BLOCK_D: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        ks = tl.arange(0, KP)
+        kmask = ks < K
+        live = kmask & (tl.load(mine_ptr + t * K + ks, mask=kmask, other=0) != 0)
+        rows = tl.load(rows_ptr + t * K + ks, mask=live, other=0).to(tl.int64)
+        w = tl.load(w_ptr + t * K + ks, mask=live, other=0.0).to(tl.float32)
+        acc = tl.zeros([KP, BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs = d0 + tl.arange(0, BLOCK_D)
+            dmask = offs < D
+            g = tl.load(g_ptr + t * D + offs, mask=dmask, other=0.0).to(tl.float32)
+            m2 = live[:, None] & dmask[None, :]
+            ptrs = rows[:, None] * D + offs[None, :]
+            y = tl.load(y_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)
+            tl.store(dy_ptr + ptrs, (w[:, None] * g[None, :]).to(dy_ptr.dtype.element_ty), mask=m2)
+            acc += g[None, :] * y
+        tl.store(dw_ptr + t * K + ks, tl.sum(acc, axis=1), mask=kmask)
+
+
+def _use_triton(*tensors: torch.Tensor) -> bool:
+    return HAS_TRITON and all(t.is_cuda for t in tensors)
+
+
+def _row_block(D: int) -> int:
+    return min(1024, triton.next_power_of_2(D))
+
+
+def _tile(K: int, D: int) -> tuple[int, int]:
+    kp = triton.next_power_of_2(K)
+    return kp, max(64, min(triton.next_power_of_2(D), 4096 // kp))
+
+
+@torch.library.custom_op("dsv3::gather_rows_upto", mutates_args=())
+def gather_rows_upto(x_ND: torch.Tensor, src_M: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """out[j] = x[src[j]] for j < n (a 0-d device tensor); rows >= n unwritten on CUDA."""
+    if not _use_triton(x_ND, src_M, n):
+        return gather_rows_upto_reference(x_ND, src_M, n)
+    x_ND, src_M = x_ND.contiguous(), src_M.contiguous()
+    M, D = src_M.numel(), x_ND.shape[1]
+    out = x_ND.new_empty(M, D)
+    block = _row_block(D)
+    _gather_rows_upto_kernel[(M, triton.cdiv(D, block))](x_ND, src_M, n.reshape(1), out, D, BLOCK_D=block)
+    return out
+
+
+@gather_rows_upto.register_fake
+def _gather_rows_upto_fake(x_ND, src_M, n):
+    return x_ND.new_empty(src_M.numel(), x_ND.shape[1])
+
+
+@torch.library.custom_op("dsv3::gather_sum_local", mutates_args=())
+def gather_sum_local(g_MD: torch.Tensor, rows: torch.Tensor, mine_NK: torch.Tensor) -> torch.Tensor:
+    """dx[t] = sum over k with mine[t, k] of g[rows[t*K + k]] -> [N, D], fp32 sums (Triton on CUDA)."""
+    if not _use_triton(g_MD, rows, mine_NK):
+        return gather_sum_local_reference(g_MD, rows, mine_NK)
+    g_MD, rows, mine = g_MD.contiguous(), rows.contiguous(), mine_NK.contiguous().view(torch.uint8)
+    (N, K), D = mine_NK.shape, g_MD.shape[1]
+    out = g_MD.new_empty(N, D)
+    block = _row_block(D)
+    _gather_sum_local_kernel[(N, triton.cdiv(D, block))](g_MD, rows, mine, out, D, K=K, BLOCK_D=block)
+    return out
+
+
+@gather_sum_local.register_fake
+def _gather_sum_local_fake(g_MD, rows, mine_NK):
+    return g_MD.new_empty(mine_NK.shape[0], g_MD.shape[1])
+
+
+@torch.library.custom_op("dsv3::combine_local", mutates_args=())
+def combine_local(y_MD: torch.Tensor, rows: torch.Tensor, w_NK: torch.Tensor, mine_NK: torch.Tensor
+                  ) -> torch.Tensor:
+    """out[t] = sum over k with mine[t, k] of w[t, k] y[rows[t*K + k]] -> [N, D] in y's dtype (Triton on CUDA)."""
+    if not _use_triton(y_MD, rows, w_NK, mine_NK):
+        return combine_local_reference(y_MD, rows, w_NK, mine_NK)
+    y_MD, rows = y_MD.contiguous(), rows.contiguous()
+    mine, w = mine_NK.contiguous().view(torch.uint8), w_NK.float().contiguous()
+    (N, K), D = w_NK.shape, y_MD.shape[1]
+    out = y_MD.new_empty(N, D)
+    kp, block = _tile(K, D)
+    _combine_local_kernel[(N,)](y_MD, rows, w, mine, out, D, K=K, KP=kp, BLOCK_D=block, num_warps=8)
+    return out
+
+
+@combine_local.register_fake
+def _combine_local_fake(y_MD, rows, w_NK, mine_NK):
+    return y_MD.new_empty(w_NK.shape[0], y_MD.shape[1])
+
+
+@torch.library.custom_op("dsv3::combine_backward_local", mutates_args=())
+def combine_backward_local(g_ND: torch.Tensor, y_MD: torch.Tensor, rows: torch.Tensor, w_NK: torch.Tensor,
+                           mine_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dy, dw) of ``combine_local`` (``combine_backward_local_reference``; Triton on CUDA)."""
+    if not _use_triton(g_ND, y_MD, rows, w_NK, mine_NK):
+        return combine_backward_local_reference(g_ND, y_MD, rows, w_NK, mine_NK)
+    g_ND, y_MD, rows = g_ND.contiguous(), y_MD.contiguous(), rows.contiguous()
+    mine, w = mine_NK.contiguous().view(torch.uint8), w_NK.float().contiguous()
+    (N, K), D = w_NK.shape, y_MD.shape[1]
+    dy = torch.empty_like(y_MD)
+    dw = torch.empty(N, K, dtype=torch.float32, device=w_NK.device)
+    kp, block = _tile(K, D)
+    _combine_backward_local_kernel[(N,)](g_ND, y_MD, rows, w, mine, dy, dw, D, K=K, KP=kp, BLOCK_D=block,
+                                         num_warps=8)
+    return dy, dw
+
+
+@combine_backward_local.register_fake
+def _combine_backward_local_fake(g_ND, y_MD, rows, w_NK, mine_NK):
+    return torch.empty_like(y_MD), torch.empty(w_NK.shape, dtype=torch.float32, device=w_NK.device)
