@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192, help="tokens per rank per micro-batch (2 x 4096)")
     ap.add_argument("--preset", default="small")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--profile", action="store_true", help="print each case's kernel table")
     args = ap.parse_args()
     import torch._dynamo
     from dsv3.config import preset
@@ -86,6 +87,12 @@ def main() -> None:
         torch._dynamo.reset()
         compiled = torch.compile(fn)
         res["ms"][name] = _time(lambda: compiled().backward(grad), args.reps) * 1e3
+        if args.profile:    # the kernels of one forward+backward, by GPU time
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                compiled().backward(grad)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
         print(f"{name:28s} {res['ms'][name]:8.3f} ms  x{res['ms'][name] / res['ms']['one GPU']:.3f} of one GPU",
               flush=True)
     ep_allgather.SLOT_KERNELS = True

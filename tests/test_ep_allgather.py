@@ -74,16 +74,17 @@ def _poison(t, end):
 
 @pytest.fixture
 def nan_past_last_group(monkeypatch):
-    """The worst bytes the allocator could hold: every grouped GEMM writes NaN past the last group, in its
-    output and in its input gradient."""
+    """The worst bytes the allocator could hold: every grouped GEMM (forward, and the input-gradient GEMMs
+    inside ``_SlotsGateUp``'s backward) writes NaN past the last group, in its output and in its input
+    gradient."""
     from dsv3.parallel import ep_allgather
-    real = ep_allgather.grouped_linear
+    real = ep_allgather.slot_gemm
 
     def poisoned(x, w, ends, counts):
         end = ends[-1]
         return _NaNPastEnd.apply(real(_NaNPastEnd.apply(x, end, True), w, ends, counts), end, False)
 
-    monkeypatch.setattr(ep_allgather, "grouped_linear", poisoned)
+    monkeypatch.setattr(ep_allgather, "slot_gemm", poisoned)
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 4])

@@ -39,6 +39,7 @@ def test_ops_pass_opcheck_on_cpu():
     y, g_M = y.nan_to_num(), g_M.nan_to_num()       # opcheck compares outputs, NaN != NaN
     torch.library.opcheck(torch.ops.dsv3.gather_rows_upto.default, (x, src, n))
     torch.library.opcheck(torch.ops.dsv3.gather_sum_local.default, (g_M, rows, mine))
+    torch.library.opcheck(torch.ops.dsv3.gather_sum_local.default, (g_M, rows, mine, y))
     torch.library.opcheck(torch.ops.dsv3.combine_local.default, (y, rows, w, mine))
     torch.library.opcheck(torch.ops.dsv3.combine_backward_local.default, (g_N, y, rows, w, mine))
 
@@ -50,13 +51,17 @@ def test_cpu_references_drop_the_others_rows():
     N, K = mine.shape
     out = combine_local(y, rows, w, mine)
     dx = gather_sum_local(g_M, rows, mine)
+    dx2 = gather_sum_local(g_M, rows, mine, y)         # two gradients of the same rows, summed in one pass
     dy, dw = combine_backward_local(g_N, y, rows, w, mine)
     assert torch.isfinite(out).all() and torch.isfinite(dx).all() and torch.isfinite(dw).all()
+    assert torch.isfinite(dx2).all()
     for t in range(N):
         ks = [k for k in range(K) if mine[t, k]]
         want = sum((w[t, k] * y[rows[t * K + k]] for k in ks), torch.zeros(y.shape[1]))
         torch.testing.assert_close(out[t], want)
         torch.testing.assert_close(dx[t], sum((g_M[rows[t * K + k]] for k in ks), torch.zeros(y.shape[1])))
+        torch.testing.assert_close(dx2[t], sum((g_M[rows[t * K + k]] + y[rows[t * K + k]] for k in ks),
+                                               torch.zeros(y.shape[1])))
         for k in range(K):
             want_dw = (g_N[t] * y[rows[t * K + k]]).sum() if mine[t, k] else torch.tensor(0.0)
             torch.testing.assert_close(dw[t, k], want_dw)
@@ -77,6 +82,10 @@ def test_triton_kernels_match_references(D):
     # both sum the local rows in fp32 and round once: only the summation order may differ
     torch.testing.assert_close(dx.float(), dx_ref.float(), rtol=1e-2, atol=1e-2)
     assert (dx == dx_ref).float().mean().item() > 0.99
+    dx2, dx2_ref = gather_sum_local(g_M, rows, mine, y), gather_sum_local_reference(g_M, rows, mine, y)
+    assert torch.isfinite(dx2).all()
+    torch.testing.assert_close(dx2.float(), dx2_ref.float(), rtol=1e-2, atol=1e-2)
+    assert (dx2 == dx2_ref).float().mean().item() > 0.99
     out, out_ref = combine_local(y, rows, w, mine), combine_local_reference(y, rows, w, mine)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), out_ref.float(), rtol=1e-2, atol=1e-2)

@@ -267,6 +267,21 @@ def grouped_linear(x_MD: torch.Tensor, w_EOD: torch.Tensor, ends_E: torch.Tensor
     return torch.cat(outs, dim=0) if outs else x_MD.new_zeros(0, w_EOD.shape[1])
 
 
+def grouped_wgrad(g_MO: torch.Tensor, x_MI: torch.Tensor, ends_E: torch.Tensor, counts_E: torch.Tensor
+                   ) -> torch.Tensor:
+    """Per-expert g_e^T x_e -> [E, O, I] for rows sorted by expert: the weight gradient of ``grouped_linear``
+    (the call torch's own _grouped_mm backward makes: a 2D x 2D grouped GEMM split along the rows)."""
+    if _grouped_mm_ok(x_MI):
+        return torch._grouped_mm(g_MO.t(), x_MI, offs=ends_E)
+    out = x_MI.new_zeros(counts_E.numel(), g_MO.shape[1], x_MI.shape[1])
+    start = 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n:
+            out[e] = g_MO[start:start + n].t() @ x_MI[start:start + n]
+        start += n
+    return out
+
+
 # The two backward passes over the token copies run as custom ops (``dsv3.kernels.moe_permute``: Triton on CUDA,
 # their torch references elsewhere). False leaves them to Inductor as plain torch expressions: the A/B switch
 # of ``benchmarks/train_step.py --ab PERMUTE_KERNELS`` (read at trace time, so reset dynamo after flipping it).

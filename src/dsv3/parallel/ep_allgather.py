@@ -39,11 +39,12 @@ partial is rounded before the cross-rank sum, one rounding more than one process
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from dsv3.kernels.local_slots import (combine_backward_local, combine_backward_local_reference, combine_local,
                                       combine_local_reference, gather_rows_upto, gather_sum_local,
                                       gather_sum_local_reference)
-from dsv3.model.moe import Routing, compute_dtype, count_selections, grouped_linear, grouped_swiglu
+from dsv3.model.moe import Routing, compute_dtype, count_selections, grouped_linear, grouped_wgrad
 from dsv3.parallel.transport import Transport, backward_transport
 
 
@@ -84,24 +85,42 @@ class _ReduceTokens(torch.autograd.Function):
         return backward_transport(ctx.transport).all_gather(g.contiguous()), None
 
 
-class _GatherSlots(torch.autograd.Function):
-    """x_sorted = x[order // K] for the slots before ``n_local`` (the rows after it, the other ranks' copies,
-    are never computed: left unwritten on CUDA). The gradient sums each token's K rows of the gradient, its
-    local copies only (``mine``): the others' rows hold garbage. Both passes skip the others' rows
-    (``dsv3.kernels.local_slots``)."""
+def slot_gemm(x_MI: torch.Tensor, w_EOI: torch.Tensor, ends_E: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """y = x w[e]^T over the rows of each local group; rows past the last group are left unwritten (the tests
+    swap this for a version that makes them NaN)."""
+    return grouped_linear(x_MI, w_EOI, ends_E, counts_E)
+
+
+class _SlotsGateUp(torch.autograd.Function):
+    """(gate, up) = (x_s w_gate[e]^T, x_s w_up[e]^T) for the local slots x_s = x[order // K] (rows from
+    ``n_local`` on, the other ranks' copies, are never computed: the gather leaves them unwritten on CUDA).
+
+    One Function for the gather and both GEMMs so that the backward sums the two input gradients inside the
+    gather-sum over each token's local copies (``gather_sum_local(g_gate, rows, mine, g_up)``). Left to
+    autograd, the two [ep*T*K, D] input gradients were first added over every slot, garbage rows included (296
+    us per `small` EP=2 layer on an H100, more than the gather-sum itself)."""
 
     @staticmethod
-    def forward(ctx, x_ND, order, copy_rows, mine_NK, n_local):
-        ctx.save_for_backward(copy_rows, mine_NK)
+    def forward(ctx, x_ND, w_gate, w_up, order, copy_rows, mine_NK, ends_E, counts_E):
         src = order // mine_NK.shape[1]
-        return gather_rows_upto(x_ND, src, n_local) if SLOT_KERNELS else x_ND[src]
+        x_MD = gather_rows_upto(x_ND, src, ends_E[-1]) if SLOT_KERNELS else x_ND[src]
+        ctx.save_for_backward(x_MD, w_gate, w_up, copy_rows, mine_NK, ends_E, counts_E)
+        return slot_gemm(x_MD, w_gate, ends_E, counts_E), slot_gemm(x_MD, w_up, ends_E, counts_E)
 
     @staticmethod
-    def backward(ctx, g_MD):
-        copy_rows, mine_NK = ctx.saved_tensors
-        if SLOT_KERNELS:
-            return gather_sum_local(g_MD, copy_rows, mine_NK), None, None, None, None
-        return gather_sum_local_reference(g_MD, copy_rows, mine_NK), None, None, None, None
+    def backward(ctx, g_gate, g_up):
+        x_MD, w_gate, w_up, copy_rows, mine_NK, ends_E, counts_E = ctx.saved_tensors
+        dx = dwg = dwu = None
+        if ctx.needs_input_grad[0]:
+            dx_gate = slot_gemm(g_gate, w_gate.transpose(1, 2), ends_E, counts_E)
+            dx_up = slot_gemm(g_up, w_up.transpose(1, 2), ends_E, counts_E)
+            gather_sum = gather_sum_local if SLOT_KERNELS else gather_sum_local_reference
+            dx = gather_sum(dx_gate, copy_rows, mine_NK, dx_up)
+        if ctx.needs_input_grad[1]:
+            dwg = grouped_wgrad(g_gate, x_MD, ends_E, counts_E)
+        if ctx.needs_input_grad[2]:
+            dwu = grouped_wgrad(g_up, x_MD, ends_E, counts_E)
+        return dx, dwg, dwu, None, None, None, None, None
 
 
 class _CombineLocal(torch.autograd.Function):
@@ -140,8 +159,9 @@ def local_experts_partial(x_ND: torch.Tensor, idx_NK: torch.Tensor, weight_NK: t
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
     counts = count_selections(key, E_local + 1)[:E_local]
     ends = torch.cumsum(counts, 0)
-    x_sorted = _GatherSlots.apply(x_ND, order, inverse, mine_NK, ends[-1])
-    y_sorted = grouped_swiglu(x_sorted, w_gate, w_up, w_down, grouped_linear, ends.to(torch.int32), counts)
+    ends32 = ends.to(torch.int32)
+    gate, up = _SlotsGateUp.apply(x_ND, w_gate, w_up, order, inverse, mine_NK, ends32, counts)
+    y_sorted = slot_gemm(F.silu(gate) * up, w_down, ends32, counts)
     return _CombineLocal.apply(y_sorted, inverse, weight_NK, mine_NK), ends[-1]
 
 

@@ -95,8 +95,9 @@ from torch import nn
 from dsv3.errors import UserError
 from dsv3.fp8.blocks import dequantize_activation_tiles
 from dsv3.fp8.triton_quant import quantize_tiles
-from dsv3.model.moe import (Experts, Routing, _GatherCopies, _grouped_mm_ok, combine_copies, compute_dtype,
-                            fp8_expert_gemm, fusable_gate_up, grouped_linear, grouped_swiglu, sort_copies)
+from dsv3.model.moe import (Experts, Routing, _GatherCopies, combine_copies, compute_dtype,
+                            fp8_expert_gemm, fusable_gate_up, grouped_linear, grouped_swiglu, grouped_wgrad,
+                            sort_copies)
 from dsv3.parallel.transport import CollectiveTransport, LocalTransport, Transport, all_to_all, backward_transport
 
 EXPERT_PARAMS = ("gate_proj", "up_proj", "down_proj")
@@ -359,21 +360,6 @@ def _exchange(x_sorted: torch.Tensor, counts_E: torch.Tensor, w_gate, w_up, w_do
 
 # ------------------------------------------------------------------ chunked, overlapped dispatch/combine
 
-def _grouped_wgrad(g_MO: torch.Tensor, x_MI: torch.Tensor, ends_E: torch.Tensor, counts_E: torch.Tensor
-                   ) -> torch.Tensor:
-    """Per-expert g_e^T x_e -> [E, O, I] for rows sorted by expert: the weight gradient of ``grouped_linear``
-    (the call torch's own _grouped_mm backward makes: a 2D x 2D grouped GEMM split along the rows)."""
-    if _grouped_mm_ok(x_MI):
-        return torch._grouped_mm(g_MO.t(), x_MI, offs=ends_E)
-    out = x_MI.new_zeros(counts_E.numel(), g_MO.shape[1], x_MI.shape[1])
-    start = 0
-    for e, n in enumerate(counts_E.tolist()):
-        if n:
-            out[e] = g_MO[start:start + n].t() @ x_MI[start:start + n]
-        start += n
-    return out
-
-
 def _swiglu_forward(x_MD, wg, wu, wd, ends, counts):
     """-> (y, a, b): the grouped SwiGLU of ``_local_swiglu`` and the two pre-activations its backward needs."""
     a = grouped_linear(x_MD, wg, ends, counts)
@@ -386,11 +372,11 @@ def _swiglu_backward(gy_MD, x_MD, a, b, wg, wu, wd, ends, counts):
     s = F.silu(a)
     h = s * b
     gh = grouped_linear(gy_MD, wd.transpose(1, 2), ends, counts)        # gy @ Wd[e]
-    dwd = _grouped_wgrad(gy_MD, h, ends, counts)
+    dwd = grouped_wgrad(gy_MD, h, ends, counts)
     ga = torch.ops.aten.silu_backward(gh * b, a)
     gb = gh * s
     dx = grouped_linear(ga, wg.transpose(1, 2), ends, counts) + grouped_linear(gb, wu.transpose(1, 2), ends, counts)
-    return dx, _grouped_wgrad(ga, x_MD, ends, counts), _grouped_wgrad(gb, x_MD, ends, counts), dwd
+    return dx, grouped_wgrad(ga, x_MD, ends, counts), grouped_wgrad(gb, x_MD, ends, counts), dwd
 
 
 class _ChunkPlan:
