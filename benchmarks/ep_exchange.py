@@ -6,9 +6,10 @@ Runs itself under torchrun. Each EP exchange is timed as the MoE layer issues it
 autograd Functions and transport (forward and backward, the balanced routing of a settled run), beside a plain
 ``all_to_all_single`` that sends the same bytes to each peer:
 
-- ``allgather`` (the default at ep = 2): the routing meta [T, 2K] fp32 and x [T, D] all-gathered, the partials
-  [ep*T, D] returned by an equal all-to-all and summed in fp32; backward: the all-to-all + sum of the gathers'
-  gradients and the all-gather of the output gradient (``dsv3.parallel.ep_allgather``).
+- ``allgather`` (the default at ep = 2): x [T, D] and the routing meta [T, 2K] fp32 packed into one
+  all-gather, the partials [ep*T, D] returned by an equal all-to-all and summed in fp32; backward: the
+  all-to-all + sum of the gather's gradients and the all-gather of the output gradient
+  (``dsv3.parallel.ep_allgather``), compiled as the trainer compiles them.
 - ``alltoall``: the counts exchange, the host read of the splits, the copies' all-to-all there and back
   (``dsv3.parallel.transport.all_to_all``), forward and backward.
 
@@ -47,7 +48,7 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
     from dsv3.config import preset
-    from dsv3.parallel.ep_allgather import _GatherTokens, _ReduceTokens
+    from dsv3.parallel.ep_allgather import _GatherTokens, _ReduceTokens, packed_width
     from dsv3.parallel.transport import CollectiveTransport, all_to_all
 
     cuda = torch.cuda.is_available()            # the CPU (gloo) only to try the script out
@@ -70,19 +71,22 @@ def worker(args) -> None:
         return _timeit(lambda: dist.all_to_all_single(y, x), args.reps)
 
     rows = {}
-    # allgather: forward = meta gather, x gather, partial all-to-all; backward = their transposes
+    # allgather: forward = one all-gather of x and the routing meta packed, the partials' all-to-all; backward =
+    # their transposes. Compiled, as the trainer runs them inside the block (eager functional collectives cost
+    # ~0.5 ms of host time a call)
     meta = torch.randn(T, 2 * K, device=dev, requires_grad=True)
     x = torch.randn(T, D, device=dev, dtype=bf, requires_grad=True)
     part = torch.randn(ep * T, D, device=dev, dtype=bf, requires_grad=True)
     g_meta = torch.randn(ep * T, 2 * K, device=dev)
     g_x = torch.randn(ep * T, D, device=dev, dtype=bf)
     g_out = torch.randn(T, D, device=dev, dtype=bf)
+    width = packed_width([(torch.float32, 2 * K), (bf, D)])
+    dispatch = torch.compile(lambda m, x: _GatherTokens.apply(t, m, x), fullgraph=True)
+    combine = torch.compile(lambda p: _ReduceTokens.apply(p, t), fullgraph=True)
     ops = {
-        "allgather: meta gather fwd+bwd": (lambda: _GatherTokens.apply(meta, t).backward(g_meta),
-                                           2 * peers * T * 2 * K * 4, 4),
-        "allgather: x gather fwd+bwd": (lambda: _GatherTokens.apply(x, t).backward(g_x), 2 * peers * T * D * 2, 2),
-        "allgather: combine fwd+bwd": (lambda: _ReduceTokens.apply(part, t).backward(g_out),
-                                       2 * peers * T * D * 2, 2),
+        "allgather: dispatch (x + meta) fwd+bwd": (
+            lambda: torch.autograd.backward(dispatch(meta, x), (g_meta, g_x)), 2 * peers * T * width, 2),
+        "allgather: combine fwd+bwd": (lambda: combine(part).backward(g_out), 2 * peers * T * D * 2, 2),
     }
     # alltoall: balanced routing, T*K/ep copies to each rank; the counts exchange and the host read per call
     per = T * K // ep

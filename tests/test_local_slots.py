@@ -77,6 +77,8 @@ def test_triton_kernels_match_references(D):
     k = int(n)
     got = gather_rows_upto(x, src, n)
     assert torch.equal(got[:k], gather_rows_upto_reference(x, src, n)[:k])
+    wide = torch.cat([x, x[:, :7]], dim=1)[:, :D]         # rows strided, as x inside the packed gather buffer
+    assert torch.equal(gather_rows_upto(wide, src, n)[:k], got[:k])
     dx, dx_ref = gather_sum_local(g_M, rows, mine), gather_sum_local_reference(g_M, rows, mine)
     assert torch.isfinite(dx).all()
     # both sum the local rows in fp32 and round once: only the summation order may differ

@@ -71,14 +71,15 @@ def combine_backward_local_reference(g_ND: torch.Tensor, y_MD: torch.Tensor, row
 
 if HAS_TRITON:
     @triton.jit
-    def _gather_rows_upto_kernel(x_ptr, src_ptr, n_ptr, out_ptr, M, D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _gather_rows_upto_kernel(x_ptr, src_ptr, n_ptr, out_ptr, M, D, stride_x, ROWS: tl.constexpr,
+                                 BLOCK_D: tl.constexpr):
         # ROWS rows x BLOCK_D columns per program; rows at or past n are masked (no bytes moved)
         j = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         live = (j < M) & (j < tl.load(n_ptr))
         row = tl.load(src_ptr + j, mask=live, other=0).to(tl.int64)
         mask = live[:, None] & (offs < D)[None, :]
-        vals = tl.load(x_ptr + row[:, None] * D + offs[None, :], mask=mask)
+        vals = tl.load(x_ptr + row[:, None] * stride_x + offs[None, :], mask=mask)
         tl.store(out_ptr + j[:, None] * D + offs[None, :], vals, mask=mask)
 
     @triton.jit
@@ -155,13 +156,16 @@ def gather_rows_upto(x_ND: torch.Tensor, src_M: torch.Tensor, n: torch.Tensor) -
     """out[j] = x[src[j]] for j < n (a 0-d device tensor); rows >= n unwritten on CUDA."""
     if not _use_triton(x_ND, src_M, n):
         return gather_rows_upto_reference(x_ND, src_M, n)
-    x_ND, src_M = x_ND.contiguous(), src_M.contiguous()
+    if x_ND.stride(1) != 1:     # rows may be strided (x inside the packed all-gather buffer), columns not
+        x_ND = x_ND.contiguous()
+    src_M = src_M.contiguous()
     M, D = src_M.numel(), x_ND.shape[1]
     out = x_ND.new_empty(M, D)
     block = _row_block(D)
     rows = max(1, 2048 // block)
     _gather_rows_upto_kernel[(triton.cdiv(M, rows), triton.cdiv(D, block))](x_ND, src_M, n.reshape(1), out, M, D,
-                                                                              ROWS=rows, BLOCK_D=block)
+                                                                              x_ND.stride(0), ROWS=rows,
+                                                                              BLOCK_D=block)
     return out
 
 

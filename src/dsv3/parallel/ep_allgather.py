@@ -6,7 +6,8 @@ per MoE layer, the CPU can no longer run ahead of the GPU, and the exchange runs
 
 Here every rank of the EP group receives every token of the group once:
 
-1. dispatch: all-gather x [T, D] and the routing (indices and weights packed as [T, 2K] fp32) -> [ep*T, ...];
+1. dispatch: all-gather x [T, D] and the routing (indices and weights as [T, 2K] fp32), packed side by side
+   as bytes into one buffer (one collective) -> [ep*T, ...];
 2. each rank runs its local experts on the copies that chose them: the ep*T*K slots sorted by local expert
    (slots of other ranks' experts sort last and are never computed: the grouped GEMMs stop at the last
    group's end), and sums each token's local copies, weighted, in fp32 -> one partial [ep*T, D];
@@ -54,20 +55,50 @@ from dsv3.parallel.transport import Transport, backward_transport
 SLOT_KERNELS = True
 
 
+def packed_width(parts: list[tuple[torch.dtype, int]]) -> int:
+    """Bytes per token of ``parts`` ((dtype, columns) each) packed side by side, rounded up to 16."""
+    return -(-sum(dt.itemsize * cols for dt, cols in parts) // 16) * 16
+
+
+def _pack(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
+    """[R, c_i] tensors -> one [R, width] uint8 buffer: their bytes side by side, zero padding at the end."""
+    cols = [t.contiguous().view(torch.uint8) for t in tensors]
+    pad = width - sum(c.shape[1] for c in cols)
+    if pad:
+        cols.append(cols[0].new_zeros(cols[0].shape[0], pad))
+    return torch.cat(cols, dim=1)
+
+
+def _unpack(buf: torch.Tensor, parts: list[tuple[torch.dtype, int]]) -> list[torch.Tensor]:
+    """The views of ``_pack``'s parts in a [R, width] uint8 buffer (strided: no copies)."""
+    out, start = [], 0
+    for dt, cols in parts:
+        out.append(buf[:, start:start + dt.itemsize * cols].view(dt))
+        start += dt.itemsize * cols
+    return out
+
+
 class _GatherTokens(torch.autograd.Function):
-    """[T, ...] on every rank -> [ep*T, ...], rank-major. Backward: block p of the gradient goes back to rank p,
-    which sums the ep blocks it receives in fp32, in rank order."""
+    """Tensors [T, c_i] on every rank -> each [ep*T, c_i], rank-major, in ONE all-gather: their bytes packed
+    side by side (the routing meta rides with x: one collective per layer and direction fewer, whose host
+    cost, ~150 us a call, paced the host-bound EP step). Backward: the gradients packed the same way, block p
+    to rank p in one equal all-to-all; each rank sums the ep blocks it receives in fp32, in rank order.
+    Put the widest dtypes first: each part's byte offset must be a multiple of its item size."""
 
     @staticmethod
-    def forward(ctx, x, transport: Transport):
+    def forward(ctx, transport: Transport, *tensors):
         ctx.transport = transport
-        return transport.all_gather(x)
+        ctx.parts = [(t.dtype, t.shape[1]) for t in tensors]
+        ctx.width = packed_width(ctx.parts)
+        return tuple(_unpack(transport.all_gather(_pack(list(tensors), ctx.width)), ctx.parts))
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, *grads):
         t = backward_transport(ctx.transport)
-        parts = t.all_to_all_equal(g).view(t.size, -1, *g.shape[1:])
-        return parts.float().sum(dim=0).to(g.dtype), None
+        recv = t.all_to_all_equal(_pack(list(grads), ctx.width))
+        sums = [g.view(t.size, -1, cols).float().sum(dim=0).to(dt)
+                for (dt, cols), g in zip(ctx.parts, _unpack(recv, ctx.parts))]
+        return (None, *sums)
 
 
 class _ReduceTokens(torch.autograd.Function):
@@ -174,14 +205,14 @@ def allgather_experts_forward(x_TD: torch.Tensor, routing: Routing, w_gate, w_up
     K = routing.idx_TK.shape[1]
     dtype = compute_dtype(x_TD)
     wg, wu, wd = (w.to(dtype) for w in (w_gate, w_up, w_down))
-    # indices travel as fp32 beside the weights (exact below 2^24 experts): one gather for both
+    # indices travel as fp32 beside the weights (exact below 2^24 experts), and both beside x: one all-gather
     meta_TK2 = torch.cat([routing.weight_TK.float(), routing.idx_TK.float()], dim=1)
-    meta_all = _GatherTokens.apply(meta_TK2, transport)
-    x_all = _GatherTokens.apply(x_TD.to(dtype), transport)
+    meta_all, x_all = _GatherTokens.apply(transport, meta_TK2, x_TD.to(dtype))
     weight_all, idx_all = meta_all[:, :K], meta_all[:, K:].detach().long()
     partial, rows = local_experts_partial(x_all, idx_all, weight_all, first, wg, wu, wd)
     if stats is not None:
-        per_peer = T * (2 * D * dtype.itemsize + 2 * K * 4)     # dispatch + meta + combine, to each peer
+        # dispatch (x and the meta, packed) + combine, to each peer
+        per_peer = T * (packed_width([(torch.float32, 2 * K), (dtype, D)]) + D * dtype.itemsize)
         stats[0].add_(rows)
         stats[1].add_(per_peer)   # a Python int: no host-to-device copy (which would wait for the GPU)
     return _ReduceTokens.apply(partial, transport)
