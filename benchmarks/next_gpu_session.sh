@@ -26,6 +26,7 @@
 #                                         #   NEXT: RUNS=one,dp2,ep2 with the last-step profile, to re-measure
 #                                         #   ep_scaling without the step-6 aftermath; rank{r}.cpu.txt gives the
 #                                         #   EP step's host-time breakdown (the bound, session 10)
+#   benchmarks/next_gpu_session.sh exch   # two GPUs (#9): ep_exchange.py, then DualPipeV PP=2 alone with its trace
 #   benchmarks/next_gpu_session.sh local  # one GPU (#9): local_slots / ep_allgather GPU tests, ep_local_probe.py
 #   benchmarks/next_gpu_session.sh ep2    # two GPUs: corpus + the 10-minute EP=2 real-corpus run in the background
 #   benchmarks/next_gpu_session.sh one    # one GPU: the same run on one GPU (the control: today's code, same data)
@@ -90,6 +91,23 @@ case "${1:-}" in
         tests/test_moe_permute_kernels.py ${TESTS:-} 2>&1 | grep -E "^E  |passed|failed|^FAILED" | head -40 \
         | tee "$OUT/gpu_tests.txt"
     timeout ${PROBE_S:-200} python3 benchmarks/ep_local_probe.py --out "$OUT" 2>&1 | grep -v Warn | tail -8 ;;
+  exch)
+    # two GPUs (#9, session 12): ep_exchange.py (EP dispatch+combine vs plain all_to_all_single, compiled, 16
+    # layers per graph), then the DualPipeV PP=2 run alone (distributed.py's settings, 20 steps, its trace)
+    nvidia-smi --query-gpu=name --format=csv,noheader
+    S=/tmp/stage; mkdir -p $S
+    timeout 200 python3 benchmarks/ep_exchange.py --out $S 2>&1 | grep -v Warn | tail -8 | tee $S/ep_exchange.log
+    python3 -m dsv3 prepare /usr/lib/python3.12/json /usr/lib/python3.12/email /usr/lib/python3.12/asyncio \
+        /usr/lib/python3.12/unittest --ext py --vocab-size 32768 --out /tmp/data --no-progress > /dev/null 2>&1
+    timeout ${PP_S:-300} python3 -m torch.distributed.run --nproc_per_node 2 -m dsv3 train --data /tmp/data \
+        --out /tmp/pp2 --force --quiet --set model.preset='"small"' --set model.vocab_size=32768 \
+        --set train.steps=${STEPS:-20} --set train.seq_len=4096 --set train.micro_batch_size=2 --set train.eval_every=0 \
+        --set train.eval_batches=1 --set train.sample_tokens=0 --set train.save_every=100000 --set train.save_final=false \
+        --set train.batch_ramp_start=0 --set train.warmup_steps=2 --set train.lr=0.00042 --set train.device='"cuda"' \
+        --set train.compile=true --set train.batch_size=16 --set parallel.pp=2 --set parallel.schedule='"dualpipev"' \
+        --set parallel.trace=true > $S/pp2.log 2>&1; echo "pp2 rc=$?" | tee -a $S/pp2.log
+    cp /tmp/pp2/metrics.jsonl $S/pp2_metrics.jsonl 2>/dev/null; cp -r /tmp/pp2/traces $S/pp2_traces 2>/dev/null
+    tar czf $OUT/exch.tar.gz -C $S . ; tail -3 $S/pp2.log ;;
   ep2|one)
     # corpus, then the 10-minute real-corpus run (EP=2 on two GPUs, or one GPU) in the background;
     # `ep2wait` / `onewait` (the next call, within the idle window) waits for it and returns its records
