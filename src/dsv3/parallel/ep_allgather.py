@@ -19,8 +19,9 @@ functional collectives), traces into the compiled block's graph.
 
 Cost against "alltoall", per rank, layer and direction (balanced routing): it sends T rows to each peer,
 where "alltoall" sends about T*K/ep copies to each: ep/K of the bytes (a third at ep = 2 with K = 6; more bytes
-once ep > K, so large EP groups should keep "alltoall"). The local sort and gathers run over ep*T*K slots
-where about T*K are local (the grouped GEMMs' FLOPs are those of the local copies only), and the slot buffers
+once ep > K, so large EP groups should keep "alltoall"). The local sort runs over ep*T*K slots where about
+T*K are local (the grouped GEMMs, and the slot kernels' bytes, are those of the local copies only), and the
+slot buffers
 the backward keeps (the gathered rows, the SwiGLU pre-activations, the expert outputs: [ep*T*K, D or F]) are ep
 times the single-device ones: at `small`'s 2 x 4096-token micro-batches about 7 GB more per micro-batch in
 flight at ep = 2. So "auto" picks this mode at ep = 2 only (``expert_parallel.resolve_dispatch``).

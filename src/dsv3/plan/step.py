@@ -292,11 +292,11 @@ def ep_seconds(cfg: ModelConfig, layout: Layout, rates: Rates, opts: Options, to
         return 0.0, 0.0
     nodes, per_node = _ep_geometry(layout, rates)
     if opts.ep_dispatch == "allgather":
-        # T rows to each of the ep - 1 peers (their routing beside them: a second, small collective), T partial
-        # sums back from each
+        # T rows to each of the ep - 1 peers (their routing packed beside them in the same collective, rows
+        # padded to 16 bytes), T partial sums back from each
         peers_nvl, peers_ib = per_node - 1, layout.ep - per_node
         out = []
-        for per_token, calls in ((cfg.hidden_size * 2.0 + 8.0 * cfg.num_experts_per_tok, 2),
+        for per_token, calls in ((math.ceil((cfg.hidden_size * 2.0 + 8.0 * cfg.num_experts_per_tok) / 16) * 16, 1),
                                  (cfg.hidden_size * 2.0, 1)):
             value = tokens * per_token
             nvl = value * peers_nvl / (rates.nvlink_gbps * 1e9) + (calls * rates.nvlink_latency_us * 1e-6
@@ -367,14 +367,15 @@ def layer_work(cfg: ModelConfig, moe: bool, layout: Layout, rates: Rates, opts: 
         if opts.torch_routing:  # torch.topk / sort kernels: latency-bound, priced per token (measured)
             parts["routing"] = T * rates.routing_ns_per_token * 1e-9
         if opts.moe_permute and opts.ep_dispatch == "allgather" and layout.ep > 1:
-            # ep*T*K slots whatever the routing: forward the slot gather (read + write, 4Kd per slot-token) and
-            # the masked combine's gather-reduce (2Kd); backward the dy gather, the dw gather of y and the
-            # gather-sum of the input gradient (8Kd), all over ep x the single-device copies; and the SwiGLU's
-            # elementwise passes also run over the (ep - 1) x T x K slots no GEMM wrote (6f bytes forward: gate and
-            # up read, h written; 12f backward), beyond the real copies that ``ew`` prices
+            # ep*T*K slots whatever the routing, but the slot kernels (dsv3.kernels.local_slots) move only the
+            # local copies' rows, ~T*K on average: forward the slot gather (read + write, 4Kd per copy) and the
+            # combine's gather-reduce (2Kd); backward the dy scatter, the dw read of y and the gather-sum of both
+            # input gradients (10Kd). The SwiGLU's elementwise passes still run over the (ep - 1) x T x K slots
+            # no GEMM wrote (6f bytes forward: gate and up read, h written; 12f backward), beyond the real
+            # copies that ``ew`` prices
             other = (layout.ep - 1) * K * f * T
-            f_extra += 6 * K * d * T * layout.ep / hbm + 6 * other / hbm
-            b_extra += 8 * K * d * T * layout.ep / hbm + 12 * other / hbm
+            f_extra += 6 * K * d * T / hbm + 6 * other / hbm
+            b_extra += 10 * K * d * T / hbm + 12 * other / hbm
         elif opts.moe_permute:
             # forward: gather the K copies into expert order (read + write 2 bytes x K x d) and the index_copy_
             # back to token order (the same): 8Kd. Backward: the un-permute's gradient gathered (4Kd), the
