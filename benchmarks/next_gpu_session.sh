@@ -97,6 +97,7 @@ case "${1:-}" in
     nvidia-smi --query-gpu=name --format=csv,noheader
     S=/tmp/stage; mkdir -p $S
     timeout 200 python3 benchmarks/ep_exchange.py --out $S 2>&1 | grep -v Warn | tail -8 | tee $S/ep_exchange.log
+    if [ "${PP_S:-300}" != 0 ]; then   # PP_S=0: the exchange benchmark alone
     python3 -m dsv3 prepare /usr/lib/python3.12/json /usr/lib/python3.12/email /usr/lib/python3.12/asyncio \
         /usr/lib/python3.12/unittest --ext py --vocab-size 32768 --out /tmp/data --no-progress > /dev/null 2>&1
     timeout ${PP_S:-300} python3 -m torch.distributed.run --nproc_per_node 2 -m dsv3 train --data /tmp/data \
@@ -106,6 +107,7 @@ case "${1:-}" in
         --set train.batch_ramp_start=0 --set train.warmup_steps=2 --set train.lr=0.00042 --set train.device='"cuda"' \
         --set train.compile=true --set train.batch_size=16 --set parallel.pp=2 --set parallel.schedule='"dualpipev"' \
         --set parallel.trace=true > $S/pp2.log 2>&1; echo "pp2 rc=$?" | tee -a $S/pp2.log
+    fi
     cp /tmp/pp2/metrics.jsonl $S/pp2_metrics.jsonl 2>/dev/null; cp -r /tmp/pp2/traces $S/pp2_traces 2>/dev/null
     tar czf $OUT/exch.tar.gz -C $S . ; tail -3 $S/pp2.log ;;
   ep2|one)
