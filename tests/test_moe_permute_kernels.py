@@ -29,6 +29,10 @@ def _case(device, T=300, K=6, D=200, E=16, padded=False, dtype=torch.float32):
 def test_ops_pass_opcheck_on_cpu(padded):
     y, gy, gt, rows, w, K = _case("cpu", T=20, D=12, padded=padded)
     torch.library.opcheck(torch.ops.dsv3.gather_sum.default, (gy, rows, K))
+    torch.library.opcheck(torch.ops.dsv3.gather_sum.default, (gy, rows, K, y))
+    # two gradients of the same rows summed in one pass: the sum of the two gather-sums
+    torch.testing.assert_close(gather_sum(gy, rows, K, y), gather_sum_reference(gy, rows, K)
+                               + gather_sum_reference(y, rows, K))
     torch.library.opcheck(torch.ops.dsv3.combine_backward.default, (gt, y, rows, w))
     assert torch.equal(gather_sum(gy, rows, K), gather_sum_reference(gy, rows, K))
 
@@ -43,6 +47,9 @@ def test_triton_kernels_match_references(padded, D):
     # both sum the K rows in fp32 and round once; only the summation order may differ
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
     assert (got == want).float().mean().item() > 0.99
+    got2, want2 = gather_sum(gy, rows, K, y), gather_sum_reference(gy, rows, K, y)
+    torch.testing.assert_close(got2.float(), want2.float(), rtol=1e-2, atol=1e-2)
+    assert (got2 == want2).float().mean().item() > 0.99
     dy, dw = combine_backward(gt, y, rows, w)
     dy_ref, dw_ref = combine_backward_reference(gt, y, rows, w)
     assert torch.equal(dy, dy_ref)                    # one product, rounded once: exact

@@ -23,10 +23,14 @@ except ImportError:
     HAS_TRITON = False
 
 
-def gather_sum_reference(g_MD: torch.Tensor, rows: torch.Tensor, K: int) -> torch.Tensor:
-    """sum_k g[rows[t*K + k]] -> [T, D] in g's dtype (the reduction in fp32)."""
+def gather_sum_reference(g_MD: torch.Tensor, rows: torch.Tensor, K: int, g2_MD: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+    """sum_k g[rows[t*K + k]] (+ g2[rows[t*K + k]]) -> [T, D] in g's dtype (the reduction in fp32)."""
     T = rows.numel() // K
-    return g_MD[rows].view(T, K, -1).float().sum(dim=1).to(g_MD.dtype)
+    g = g_MD[rows].view(T, K, -1).float()
+    if g2_MD is not None:
+        g = g + g2_MD[rows].view(T, K, -1).float()
+    return g.sum(dim=1).to(g_MD.dtype)
 
 
 def combine_backward_reference(g_TD: torch.Tensor, y_MD: torch.Tensor, rows: torch.Tensor, w_TK: torch.Tensor
@@ -43,7 +47,8 @@ def combine_backward_reference(g_TD: torch.Tensor, y_MD: torch.Tensor, rows: tor
 
 if HAS_TRITON:
     @triton.jit
-    def _gather_sum_kernel(g_ptr, rows_ptr, out_ptr, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _gather_sum_kernel(g_ptr, g2_ptr, rows_ptr, out_ptr, D, K: tl.constexpr, HAS_G2: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
         t = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask = offs < D
@@ -51,6 +56,8 @@ if HAS_TRITON:
         for k in tl.static_range(K):
             row = tl.load(rows_ptr + t * K + k).to(tl.int64)
             acc += tl.load(g_ptr + row * D + offs, mask=mask).to(tl.float32)
+            if HAS_G2:
+                acc += tl.load(g2_ptr + row * D + offs, mask=mask).to(tl.float32)
         tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -82,20 +89,23 @@ def _use_triton(*tensors: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("dsv3::gather_sum", mutates_args=())
-def gather_sum(g_MD: torch.Tensor, rows: torch.Tensor, K: int) -> torch.Tensor:
-    """dx[t] = sum_k g[rows[t*K + k]] -> [T, D] in g's dtype, fp32 sums (Triton on CUDA)."""
+def gather_sum(g_MD: torch.Tensor, rows: torch.Tensor, K: int, g2_MD: torch.Tensor | None = None) -> torch.Tensor:
+    """dx[t] = sum_k g[rows[t*K + k]] (+ g2[rows[t*K + k]]: a second gradient of the same rows, summed in the same
+    pass instead of added as [M, D] tensors first) -> [T, D] in g's dtype, fp32 sums (Triton on CUDA)."""
     if not _use_triton(g_MD, rows):
-        return gather_sum_reference(g_MD, rows, K)
+        return gather_sum_reference(g_MD, rows, K, g2_MD)
     g_MD, rows = g_MD.contiguous(), rows.contiguous()
+    g2 = g_MD if g2_MD is None else g2_MD.contiguous()
     T, D = rows.numel() // K, g_MD.shape[1]
     out = g_MD.new_empty(T, D)
     block = min(1024, triton.next_power_of_2(D))
-    _gather_sum_kernel[(T, triton.cdiv(D, block))](g_MD, rows, out, D, K=K, BLOCK_D=block)
+    _gather_sum_kernel[(T, triton.cdiv(D, block))](g_MD, g2, rows, out, D, K=K, HAS_G2=g2_MD is not None,
+                                                   BLOCK_D=block)
     return out
 
 
 @gather_sum.register_fake
-def _gather_sum_fake(g_MD, rows, K):
+def _gather_sum_fake(g_MD, rows, K, g2_MD=None):
     return g_MD.new_empty(rows.numel() // K, g_MD.shape[1])
 
 

@@ -292,6 +292,10 @@ PERMUTE_KERNELS = True
 # One weight-gradient GEMM over the whole buffer ([E, 2F, D], split) was worse still (session 8: 0.96x on 3.2B,
 # 0.99x on `small`; the split halves are copied to match the parameters' layout).
 FUSED_GATE_UP_DGRAD = False
+# The dispatch gather and the gate/up GEMMs as one Function (``_CopiesGateUp``) whose backward sums both input
+# gradients inside the gather-sum (BF16 path, unpadded groups, with PERMUTE_KERNELS). False: autograd adds them
+# first (the A/B switch of ``benchmarks/train_step.py --ab COPIES_GATE_UP``).
+COPIES_GATE_UP = True
 
 
 class _GroupedSwiGLUInput(torch.autograd.Function):
@@ -356,6 +360,35 @@ class _GatherCopies(torch.autograd.Function):
             return gather_sum(g_MD, copy_rows, ctx.K), None, None, None, None, None
         T = copy_rows.numel() // ctx.K
         return g_MD[copy_rows].view(T, ctx.K, -1).sum(dim=1), None, None, None, None, None
+
+
+class _CopiesGateUp(torch.autograd.Function):
+    """(gate, up) = (x_s w_gate[e]^T, x_s w_up[e]^T) for the token copies in expert order, x_s = x[order // K]:
+    the dispatch gather and both grouped GEMMs as one Function, so that the backward sums the two GEMMs' input
+    gradients inside the gather-sum (``gather_sum(g_gate_dx, rows, K, g_up_dx)``). Left to autograd the two
+    [T*K, D] input gradients were first added (a pass that writes one and reads two: 145 us per `small` layer
+    and 8192-token micro-batch on an H100, more than the gather-sum itself)."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w_gate_EFD, w_up_EFD, order, copy_rows, K, ends_E, counts_E):
+        x_MD = x_TD[order // K]
+        ctx.save_for_backward(x_MD, w_gate_EFD, w_up_EFD, copy_rows, ends_E, counts_E)
+        ctx.K = K
+        return (grouped_linear(x_MD, w_gate_EFD, ends_E, counts_E),
+                grouped_linear(x_MD, w_up_EFD, ends_E, counts_E))
+
+    @staticmethod
+    def backward(ctx, g_gate, g_up):
+        x_MD, w_gate_EFD, w_up_EFD, copy_rows, ends_E, counts_E = ctx.saved_tensors
+        dx = dwg = dwu = None
+        if ctx.needs_input_grad[0]:
+            dx = gather_sum(grouped_linear(g_gate, w_gate_EFD.transpose(1, 2), ends_E, counts_E), copy_rows, ctx.K,
+                            grouped_linear(g_up, w_up_EFD.transpose(1, 2), ends_E, counts_E))
+        if ctx.needs_input_grad[1]:
+            dwg = grouped_wgrad(g_gate, x_MD, ends_E, counts_E)
+        if ctx.needs_input_grad[2]:
+            dwu = grouped_wgrad(g_up, x_MD, ends_E, counts_E)
+        return dx, dwg, dwu, None, None, None, None, None
 
 
 class _CombineCopies(torch.autograd.Function):
@@ -430,6 +463,10 @@ def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_
     else:
         ends_E = torch.cumsum(counts_E, 0).to(torch.int32)
         copy_rows = inverse
+        if COPIES_GATE_UP and PERMUTE_KERNELS and gemm is None and not fuse_gate_up and not FUSED_GATE_UP_DGRAD:
+            gate, up = _CopiesGateUp.apply(x_TD, w_gate_EFD, w_up_EFD, order, copy_rows, K, ends_E, counts_E)
+            y_sorted = grouped_linear(F.silu(gate) * up, w_down_EDF, ends_E, counts_E)
+            return combine_copies(y_sorted, copy_rows, routing.weight_TK)
         x_sorted = _GatherCopies.apply(x_TD, order, copy_rows, K)
     # FP8 experts pass their own grouped GEMM
     y_sorted = grouped_swiglu(x_sorted, w_gate_EFD, w_up_EFD, w_down_EDF, gemm or grouped_linear, ends_E, counts_E,
