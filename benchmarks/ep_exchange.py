@@ -44,20 +44,6 @@ def _timeit(fn, reps: int) -> float:
     return (time.perf_counter() - t) / reps
 
 
-def _gpu_time(fn, reps: int) -> float:
-    """Seconds per call by CUDA events (the GPU's time; calls queue ahead of it)."""
-    import torch
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps / 1e3
-
-
 def worker(args) -> None:
     import torch
     import torch.distributed as dist
@@ -118,8 +104,11 @@ def worker(args) -> None:
     }
     packed = torch.empty(ep * T, width, device=dev, dtype=torch.uint8)
     view = packed[:, 8 * K:8 * K + 2 * D].view(bf)          # x's rows inside the gathered buffer
-    standin = _timeit(lambda: view.contiguous(), args.reps) if not cuda else _gpu_time(lambda: view.contiguous(),
-                                                                                         args.reps)
+    if cuda:
+        from ep_local_probe import _time as gpu_time    # CUDA events: the GPU's time, calls queued ahead
+        standin = gpu_time(lambda: view.contiguous(), args.reps)
+    else:
+        standin = _timeit(lambda: view.contiguous(), args.reps)
     # alltoall: balanced routing, T*K/ep copies to each rank; the counts exchange and the host read per call
     per = T * K // ep
     splits = [per] * ep

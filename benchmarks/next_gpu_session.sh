@@ -17,15 +17,11 @@
 #                                         #   train.gc_every A/Bs (session 10: neither paid; both opt-in)
 #                                         #   RUNS=one,ep2,ep2_a2a,ep2_ag_cg: parallel.ep_dispatch (session 11: ep2 =
 #                                         #   'auto' = allgather 0.844, alltoall 0.67-0.71, allgather + CUDA graphs 0.877)
-#                                         #   NEXT for ep_scaling: TESTS=tests/test_ep_allgather.py STEPS=60
-#                                         #   MEDIAN_FROM=40 RUNS=one,ep2,ep2_fbo,ep2_ag_cg (the router balances in
-#                                         #   ~50 steps; fb_overlap now that the host no longer blocks; the GPU tests
-#                                         #   include the never-run host-sync check); ~3 min per EP run: DIST_S
-#                                         #   THEN the default set (one,dp2,ep2,pp2_dualpipev): DualPipeV after the
-#                                         #   session-11 B/W fix (compiled blocks no longer run their backward twice)
-#                                         #   NEXT: RUNS=one,dp2,ep2 with the last-step profile, to re-measure
-#                                         #   ep_scaling without the step-6 aftermath; rank{r}.cpu.txt gives the
-#                                         #   EP step's host-time breakdown (the bound, session 10)
+#                                         #   RUNS=one:160:120,ep2:160:120 (session 12: ep_scaling 0.954 once the
+#                                         #   router has balanced; NAME:STEPS:FROM = a run's own length and medians)
+#                                         #   NEXT: RUNS=one:160:120,dp2:160:120 to re-measure dp_scaling on the
+#                                         #   H100 pair (0.95 is session 8's, on H200s); ep2_fbo (allgather +
+#                                         #   fb_overlap) never ran on a GPU
 #   benchmarks/next_gpu_session.sh exch   # two GPUs (#9): ep_exchange.py, then DualPipeV PP=2 alone with its trace
 #   benchmarks/next_gpu_session.sh local  # one GPU (#9): local_slots / ep_allgather GPU tests, ep_local_probe.py
 #   benchmarks/next_gpu_session.sh ep2    # two GPUs: corpus + the 10-minute EP=2 real-corpus run in the background
