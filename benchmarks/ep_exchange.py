@@ -105,8 +105,8 @@ def worker(args) -> None:
     packed = torch.empty(ep * T, width, device=dev, dtype=torch.uint8)
     view = packed[:, 8 * K:8 * K + 2 * D].view(bf)          # x's rows inside the gathered buffer
     if cuda:
-        from ep_local_probe import _time as gpu_time    # CUDA events: the GPU's time, calls queued ahead
-        standin = gpu_time(lambda: view.contiguous(), args.reps)
+        from fp8_linear import bench       # CUDA events: the GPU's time, calls queued ahead
+        standin = bench(lambda: view.contiguous(), 1, warmup=3, inner=args.reps) / 1e3
     else:
         standin = _timeit(lambda: view.contiguous(), args.reps)
     # alltoall: balanced routing, T*K/ep copies to each rank; the counts exchange and the host read per call

@@ -21,19 +21,9 @@ import json
 from pathlib import Path
 
 import torch
+import torch._dynamo
 
-
-def _time(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps / 1e3
+from fp8_linear import bench
 
 
 def main() -> None:
@@ -44,7 +34,6 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--profile", action="store_true", help="print each case's kernel table")
     args = ap.parse_args()
-    import torch._dynamo
     from dsv3.config import preset
     from dsv3.model.moe import Routing, experts_forward_sorted
     from dsv3.parallel import ep_allgather
@@ -86,7 +75,8 @@ def main() -> None:
         ep_allgather.SLOT_KERNELS = kernels
         torch._dynamo.reset()
         compiled = torch.compile(fn)
-        res["ms"][name] = _time(lambda: compiled().backward(grad), args.reps) * 1e3
+        # one timing of reps back-to-back calls (CUDA events), as fp8_linear.bench times
+        res["ms"][name] = bench(lambda: compiled().backward(grad), 1, warmup=3, inner=args.reps)
         if args.profile:    # the kernels of one forward+backward, by GPU time
             from torch.profiler import ProfilerActivity, profile
             with profile(activities=[ProfilerActivity.CUDA]) as prof:

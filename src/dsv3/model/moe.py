@@ -362,6 +362,23 @@ class _GatherCopies(torch.autograd.Function):
         return g_MD[copy_rows].view(T, ctx.K, -1).sum(dim=1), None, None, None, None, None
 
 
+def gathered_gate_up_backward(needs_input_grad, g_gate_MF, g_up_MF, x_MD, w_gate_EFD, w_up_EFD, ends_E, counts_E,
+                              gemm, gather_sum_two):
+    """(dx, dw_gate, dw_up) of (gate, up) = (x_s w_gate[e]^T, x_s w_up[e]^T), x_s rows gathered from x: the two
+    input-gradient GEMMs (``gemm``) go to ``gather_sum_two(dx_gate, dx_up)``, which sums both back to the
+    tokens in one pass; None where ``needs_input_grad`` (x, w_gate, w_up first) is False. Shared by the
+    single-device ``_CopiesGateUp`` and EP's ``ep_allgather._SlotsGateUp``."""
+    dx = dwg = dwu = None
+    if needs_input_grad[0]:
+        dx = gather_sum_two(gemm(g_gate_MF, w_gate_EFD.transpose(1, 2), ends_E, counts_E),
+                            gemm(g_up_MF, w_up_EFD.transpose(1, 2), ends_E, counts_E))
+    if needs_input_grad[1]:
+        dwg = grouped_wgrad(g_gate_MF, x_MD, ends_E, counts_E)
+    if needs_input_grad[2]:
+        dwu = grouped_wgrad(g_up_MF, x_MD, ends_E, counts_E)
+    return dx, dwg, dwu
+
+
 class _CopiesGateUp(torch.autograd.Function):
     """(gate, up) = (x_s w_gate[e]^T, x_s w_up[e]^T) for the token copies in expert order, x_s = x[order // K]:
     the dispatch gather and both grouped GEMMs as one Function, so that the backward sums the two GEMMs' input
@@ -380,14 +397,9 @@ class _CopiesGateUp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_gate, g_up):
         x_MD, w_gate_EFD, w_up_EFD, copy_rows, ends_E, counts_E = ctx.saved_tensors
-        dx = dwg = dwu = None
-        if ctx.needs_input_grad[0]:
-            dx = gather_sum(grouped_linear(g_gate, w_gate_EFD.transpose(1, 2), ends_E, counts_E), copy_rows, ctx.K,
-                            grouped_linear(g_up, w_up_EFD.transpose(1, 2), ends_E, counts_E))
-        if ctx.needs_input_grad[1]:
-            dwg = grouped_wgrad(g_gate, x_MD, ends_E, counts_E)
-        if ctx.needs_input_grad[2]:
-            dwu = grouped_wgrad(g_up, x_MD, ends_E, counts_E)
+        dx, dwg, dwu = gathered_gate_up_backward(
+            ctx.needs_input_grad, g_gate, g_up, x_MD, w_gate_EFD, w_up_EFD, ends_E, counts_E, grouped_linear,
+            lambda dx_gate, dx_up: gather_sum(dx_gate, copy_rows, ctx.K, dx_up))
         return dx, dwg, dwu, None, None, None, None, None
 
 

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from dsv3.kernels.local_slots import (combine_backward_local, combine_backward_local_reference, combine_local,
                                       combine_local_reference, gather_rows_upto, gather_sum_local,
                                       gather_sum_local_reference)
-from dsv3.model.moe import Routing, compute_dtype, count_selections, grouped_linear, grouped_wgrad
+from dsv3.model.moe import Routing, compute_dtype, count_selections, gathered_gate_up_backward, grouped_linear
 from dsv3.parallel.transport import Transport, backward_transport
 
 
@@ -142,16 +142,10 @@ class _SlotsGateUp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_gate, g_up):
         x_MD, w_gate, w_up, copy_rows, mine_NK, ends_E, counts_E = ctx.saved_tensors
-        dx = dwg = dwu = None
-        if ctx.needs_input_grad[0]:
-            dx_gate = slot_gemm(g_gate, w_gate.transpose(1, 2), ends_E, counts_E)
-            dx_up = slot_gemm(g_up, w_up.transpose(1, 2), ends_E, counts_E)
-            gather_sum = gather_sum_local if SLOT_KERNELS else gather_sum_local_reference
-            dx = gather_sum(dx_gate, copy_rows, mine_NK, dx_up)
-        if ctx.needs_input_grad[1]:
-            dwg = grouped_wgrad(g_gate, x_MD, ends_E, counts_E)
-        if ctx.needs_input_grad[2]:
-            dwu = grouped_wgrad(g_up, x_MD, ends_E, counts_E)
+        gather_sum = gather_sum_local if SLOT_KERNELS else gather_sum_local_reference
+        dx, dwg, dwu = gathered_gate_up_backward(
+            ctx.needs_input_grad, g_gate, g_up, x_MD, w_gate, w_up, ends_E, counts_E, slot_gemm,
+            lambda dx_gate, dx_up: gather_sum(dx_gate, copy_rows, mine_NK, dx_up))
         return dx, dwg, dwu, None, None, None, None, None
 
 
