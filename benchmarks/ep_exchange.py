@@ -48,7 +48,7 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
     from dsv3.config import preset
-    from dsv3.parallel.ep_allgather import _GatherTokens, _ReduceTokens, packed_width
+    from dsv3.parallel.ep_allgather import _ReduceTokens, gather_packed, packed_width, return_packed
     from dsv3.parallel.transport import CollectiveTransport, all_to_all
 
     cuda = torch.cuda.is_available()            # the CPU (gloo) only to try the script out
@@ -71,44 +71,56 @@ def worker(args) -> None:
         return _timeit(lambda: dist.all_to_all_single(y, x), args.reps)
 
     rows = {}
-    # allgather: forward = one all-gather of x and the routing meta packed, the partials' all-to-all; backward =
-    # their transposes. Compiled, as the trainer runs them inside the block (eager functional collectives cost
-    # ~0.5 ms of host time a call)
-    meta = torch.randn(T, 2 * K, device=dev, requires_grad=True)
+    # allgather, as the layer issues it: forward = one all-gather of x and the routing meta packed
+    # (gather_packed), the partials' all-to-all + fp32 sum (_ReduceTokens); backward = the output gradient's
+    # all-gather, and the all-to-all + fp32 sums of the packed gradients (return_packed). Compiled, as the
+    # trainer runs them inside the block (eager functional collectives cost ~0.5 ms of host time a call)
+    meta = torch.randn(T, 2 * K, device=dev)
     x = torch.randn(T, D, device=dev, dtype=bf, requires_grad=True)
     part = torch.randn(ep * T, D, device=dev, dtype=bf, requires_grad=True)
-    meta_const = meta.detach()
-    g_meta = torch.randn(ep * T, 2 * K, device=dev)
-    g_x = torch.randn(ep * T, D, device=dev, dtype=bf)
     g_out = torch.randn(T, D, device=dev, dtype=bf)
-    width = packed_width([(torch.float32, 2 * K), (bf, D)])
-    dispatch = torch.compile(lambda m, x: _GatherTokens.apply(t, m, x), fullgraph=True)
+    parts = [(torch.float32, 2 * K), (bf, D)]
+    width = packed_width(parts)
+
+    class StandInExperts(torch.autograd.Function):
+        """The dispatch with free "experts": the partials [ep*T, D] are a fresh buffer, and so is the packed
+        gradient buffer [ep*T, width] the backward sends. The layer's experts write both anyway (the expert
+        combine writes the partials; the gate/up gather-sum writes the x gradient straight into the packed
+        rows, ``gather_sum_local_packed``), so neither is the exchange's cost. One row of each is copied so
+        that the collectives before them have a consumer (and are neither reordered nor dropped)."""
+
+        @staticmethod
+        def forward(ctx, m, h):
+            _, x_all = gather_packed(t, [m, h])
+            partial = torch.empty(ep * T, D, device=h.device, dtype=h.dtype)
+            partial[:1] = x_all[:1]
+            return partial
+
+        @staticmethod
+        def backward(ctx, g):
+            buf = torch.empty(ep * T, width, device=g.device, dtype=torch.uint8)
+            buf[:1, :2 * D] = g[:1].view(torch.uint8)
+            return tuple(return_packed(t, buf, parts))
+
+    dispatch = torch.compile(lambda m, h: StandInExperts.apply(m, h), fullgraph=True)
     combine = torch.compile(lambda p: _ReduceTokens.apply(p, t), fullgraph=True)
     L = args.layers
 
     def stacked(m, h):
-        # L layers' exchanges in one graph, as a step issues them between blocks (identity experts: the
-        # gathered rows are the partials), so that the host's per-graph cost is not what gets timed
+        # L layers' exchanges in one graph, as a step issues them between blocks, so that the host's per-graph
+        # cost is not what gets timed
         for _ in range(L):
-            _, h_all = _GatherTokens.apply(t, m, h)
-            h = _ReduceTokens.apply(h_all, t)
+            h = _ReduceTokens.apply(StandInExperts.apply(m, h), t)
         return h
 
     stacked_c = torch.compile(stacked, fullgraph=True)
     ops = {
         f"allgather: dispatch + combine fwd+bwd, {L} layers in one graph (per layer)": (
-            lambda: stacked_c(meta_const, x).backward(g_out), [T * width] * 2 + [T * D * 2] * 2, L),
+            lambda: stacked_c(meta, x).backward(g_out), [T * width] * 2 + [T * D * 2] * 2, L),
         "allgather: dispatch (x + meta) fwd+bwd": (
-            lambda: torch.autograd.backward(dispatch(meta, x), (g_meta, g_x)), [T * width] * 2, 1),
+            lambda: dispatch(meta, x).backward(part.detach()), [T * width] * 2, 1),
         "allgather: combine fwd+bwd": (lambda: combine(part).backward(g_out), [T * D * 2] * 2, 1),
     }
-    packed = torch.empty(ep * T, width, device=dev, dtype=torch.uint8)
-    view = packed[:, 8 * K:8 * K + 2 * D].view(bf)          # x's rows inside the gathered buffer
-    if cuda:
-        from fp8_linear import bench       # CUDA events: the GPU's time, calls queued ahead
-        standin = bench(lambda: view.contiguous(), 1, warmup=3, inner=args.reps) / 1e3
-    else:
-        standin = _timeit(lambda: view.contiguous(), args.reps)
     # alltoall: balanced routing, T*K/ep copies to each rank; the counts exchange and the host read per call
     per = T * K // ep
     splits = [per] * ep
@@ -142,11 +154,6 @@ def worker(args) -> None:
         head = rows[next(k for k in rows if "in one graph" in k)]
         res["allgather_fraction_of_nccl"] = head["fraction"]
         res["allgather_layer_s"] = head["ours_s"]
-        # the stacked layers' identity "experts" hand the combine the gathered rows, a strided view into the
-        # packed buffer, which the combine's all-to-all copies to contiguous memory: a copy the layer does not
-        # make (its partials are written fresh by the expert combine). Timed alone (GPU events), and netted out.
-        res["standin_copy_s"] = standin
-        res["allgather_fraction_of_nccl_net_of_standin"] = head["plain_s"] / (head["ours_s"] - standin)
         res["alltoall_fraction_of_nccl"] = rows["alltoall: counts + dispatch + combine fwd+bwd"]["fraction"]
         res["alltoall_layer_s"] = rows["alltoall: counts + dispatch + combine fwd+bwd"]["ours_s"]
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -156,8 +163,6 @@ def worker(args) -> None:
         for k, v in rows.items():
             print(f"{k:48s} {v['ours_s'] * 1e6:9.1f} {v['plain_s'] * 1e6:9.1f} {v['ours_gbps']:7.1f} "
                   f"{v['plain_gbps']:10.1f} {v['fraction']:8.3f}")
-        print(f"stand-in copy {standin * 1e6:.1f} us per layer; net of it: "
-              f"{res['allgather_fraction_of_nccl_net_of_standin']:.3f}")
         print(f"allgather dispatch+combine: {res['allgather_fraction_of_nccl']:.3f} of plain all_to_all_single, "
               f"layer {res['allgather_layer_s'] * 1e6:.0f} us vs alltoall {res['alltoall_layer_s'] * 1e6:.0f} us")
     dist.destroy_process_group()

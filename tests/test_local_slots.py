@@ -8,7 +8,8 @@ import torch
 
 from dsv3.kernels.local_slots import (combine_backward_local, combine_backward_local_reference, combine_local,
                                       combine_local_reference, gather_rows_upto, gather_rows_upto_reference,
-                                      gather_sum_local, gather_sum_local_reference)
+                                      gather_sum_local, gather_sum_local_packed, gather_sum_local_packed_reference,
+                                      gather_sum_local_reference)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
@@ -41,6 +42,8 @@ def test_ops_pass_opcheck_on_cpu():
     torch.library.opcheck(torch.ops.dsv3.gather_sum_local.default, (g_M, rows, mine))
     torch.library.opcheck(torch.ops.dsv3.gather_sum_local.default, (g_M, rows, mine, y))
     torch.library.opcheck(torch.ops.dsv3.combine_local.default, (y, rows, w, mine))
+    head = torch.randn(mine.shape[0], 12)
+    torch.library.opcheck(torch.ops.dsv3.gather_sum_local_packed.default, (g_M, y, rows, mine, head, 96))
     torch.library.opcheck(torch.ops.dsv3.combine_backward_local.default, (g_N, y, rows, w, mine))
 
 
@@ -70,6 +73,18 @@ def test_cpu_references_drop_the_others_rows():
     assert torch.equal(gather_rows_upto(x, src, n)[:n], x[src][:n])
 
 
+def test_packed_reference_lays_out_head_then_sum_then_padding():
+    """The EP backward's send rows: head (fp32) bytes, the two-gradient gather-sum's bytes, zeros."""
+    x, src, n, rows, mine, y, g_M, g_N, w = _case("cpu", D=10)
+    head = torch.randn(mine.shape[0], 12)
+    width = 12 * 4 + 10 * 4 + 8
+    buf = gather_sum_local_packed(g_M, y, rows, mine, head, width)
+    assert buf.dtype == torch.uint8 and buf.shape == (mine.shape[0], width)
+    assert torch.equal(buf[:, :48].contiguous().view(torch.float32), head)
+    assert torch.equal(buf[:, 48:88].contiguous().view(torch.float32), gather_sum_local(g_M, rows, mine, y))
+    assert not buf[:, 88:].any()
+
+
 @cuda
 @pytest.mark.parametrize("D", [40, 1536, 7168])
 def test_triton_kernels_match_references(D):
@@ -94,6 +109,16 @@ def test_triton_kernels_match_references(D):
     assert (out == out_ref).float().mean().item() > 0.99
     dy, dw = combine_backward_local(g_N, y, rows, w, mine)
     dy_ref, dw_ref = combine_backward_local_reference(g_N, y, rows, w, mine)
+    # the packed form (EP's backward send buffer): head then the sum, at the buffer's row stride; the padding
+    # bytes (unwritten on CUDA) are not compared
+    head = torch.randn(mine.shape[0], 12, device="cuda")
+    width = -(-(48 + 2 * D) // 16) * 16 + 16
+    buf = gather_sum_local_packed(g_M, y, rows, mine, head, width)
+    ref_buf = gather_sum_local_packed_reference(g_M, y, rows, mine, head, width)
+    assert torch.equal(buf[:, :48], ref_buf[:, :48])
+    body = buf[:, 48:48 + 2 * D].contiguous().view(torch.bfloat16)
+    assert torch.equal(body, dx2)                          # the same kernel and sums as the unpacked op
+    torch.testing.assert_close(body.float(), dx2_ref.float(), rtol=1e-2, atol=1e-2)
     assert torch.equal(dy[:k], dy_ref[:k])                 # one product, rounded once: exact
     assert torch.isfinite(dw).all() and torch.equal(dw[~mine], torch.zeros_like(dw[~mine]))
     torch.testing.assert_close(dw, dw_ref, rtol=1e-5, atol=1e-4)

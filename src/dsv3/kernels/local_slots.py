@@ -12,6 +12,9 @@ no bytes.
 - ``gather_sum_local(g, rows, mine[, g2])``: dx[t] = sum of g[rows[t*K + k]] (+ g2[rows[t*K + k]]) over the
   copies k with mine[t, k]: the gate and up GEMMs' two input gradients are summed here, row by row, where
   autograd would first add them as [ep*T*K, D] tensors (an extra write and two reads of every slot).
+- ``gather_sum_local_packed(g, g2, rows, mine, head, width)``: the same sum (of both gradients) written into
+  rows of a packed byte buffer behind ``head``'s fp32 bytes: the EP backward all-to-all's send buffer, built
+  without a copy into it.
 - ``combine_local(y, rows, w, mine)``: out[t] = sum of w[t, k] y[rows[t*K + k]] over mine[t, k], fp32 sums.
 - ``combine_backward_local(g, y, rows, w, mine)``: its (dy, dw); dw = 0 and dy unwritten for the others' copies.
 
@@ -83,8 +86,11 @@ if HAS_TRITON:
         tl.store(out_ptr + j[:, None] * D + offs[None, :], vals, mask=mask)
 
     @triton.jit
-    def _gather_sum_local_kernel(g_ptr, g2_ptr, rows_ptr, mine_ptr, out_ptr, D, K: tl.constexpr,
-                                 HAS_G2: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _gather_sum_local_kernel(g_ptr, g2_ptr, rows_ptr, mine_ptr, out_ptr, head_ptr, head_out_ptr, D, stride_out,
+                                 stride_head_out, H, K: tl.constexpr, HAS_G2: tl.constexpr,
+                                 HAS_HEAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
+        # out row t at out_ptr + t * stride_out (a packed buffer's rows: ``gather_sum_local_packed``); with
+        # HAS_HEAD the first column block also copies head[t] (fp32 [N, H]) to head_out_ptr + t * stride_head_out
         t = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = offs < D
@@ -95,7 +101,13 @@ if HAS_TRITON:
             acc += tl.load(g_ptr + row * D + offs, mask=dmask & mine, other=0.0).to(tl.float32)
             if HAS_G2:
                 acc += tl.load(g2_ptr + row * D + offs, mask=dmask & mine, other=0.0).to(tl.float32)
-        tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=dmask)
+        tl.store(out_ptr + t * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=dmask)
+        if HAS_HEAD:
+            if tl.program_id(1) == 0:
+                hs = tl.arange(0, BLOCK_H)
+                hmask = hs < H
+                tl.store(head_out_ptr + t * stride_head_out + hs, tl.load(head_ptr + t * H + hs, mask=hmask),
+                         mask=hmask)
 
     @triton.jit
     def _combine_local_kernel(y_ptr, rows_ptr, w_ptr, mine_ptr, out_ptr, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -181,19 +193,59 @@ def gather_sum_local(g_MD: torch.Tensor, rows: torch.Tensor, mine_NK: torch.Tens
     rows summed in the same pass, never added as [M, D] tensors) -> [N, D], fp32 sums (Triton on CUDA)."""
     if not _use_triton(g_MD, rows, mine_NK):
         return gather_sum_local_reference(g_MD, rows, mine_NK, g2_MD)
-    g_MD, rows, mine = g_MD.contiguous(), rows.contiguous(), mine_NK.contiguous().view(torch.uint8)
-    g2 = g_MD if g2_MD is None else g2_MD.contiguous()
-    (N, K), D = mine_NK.shape, g_MD.shape[1]
-    out = g_MD.new_empty(N, D)
-    block = _row_block(D)
-    _gather_sum_local_kernel[(N, triton.cdiv(D, block))](g_MD, g2, rows, mine, out, D, K=K,
-                                                         HAS_G2=g2_MD is not None, BLOCK_D=block)
+    out = g_MD.new_empty(mine_NK.shape[0], g_MD.shape[1])
+    _launch_gather_sum(g_MD, g2_MD, rows, mine_NK, out, out.stride(0))
     return out
 
 
 @gather_sum_local.register_fake
 def _gather_sum_local_fake(g_MD, rows, mine_NK, g2_MD=None):
     return g_MD.new_empty(mine_NK.shape[0], g_MD.shape[1])
+
+
+def _launch_gather_sum(g_MD, g2_MD, rows, mine_NK, out, stride_out, head=None, head_out=None, stride_head_out=0):
+    g_MD, rows, mine = g_MD.contiguous(), rows.contiguous(), mine_NK.contiguous().view(torch.uint8)
+    g2 = g_MD if g2_MD is None else g2_MD.contiguous()
+    (N, K), D = mine_NK.shape, g_MD.shape[1]
+    H = 0 if head is None else head.shape[1]
+    block = _row_block(D)
+    _gather_sum_local_kernel[(N, triton.cdiv(D, block))](
+        g_MD, g2, rows, mine, out, out if head is None else head.contiguous(), out if head_out is None else head_out,
+        D, stride_out, stride_head_out, H, K=K, HAS_G2=g2_MD is not None, HAS_HEAD=head is not None,
+        BLOCK_D=block, BLOCK_H=triton.next_power_of_2(max(H, 1)))
+
+
+def gather_sum_local_packed_reference(g_MD: torch.Tensor, g2_MD: torch.Tensor, rows: torch.Tensor,
+                                      mine_NK: torch.Tensor, head_NH: torch.Tensor, width: int) -> torch.Tensor:
+    """[N, width] uint8 rows: head's bytes (fp32 [N, H]), then ``gather_sum_local(g, rows, mine, g2)``'s row
+    (in g's dtype), then zero padding."""
+    dx = gather_sum_local_reference(g_MD, rows, mine_NK, g2_MD)
+    cols = [head_NH.float().contiguous().view(torch.uint8), dx.view(torch.uint8)]
+    pad = width - sum(c.shape[1] for c in cols)
+    return torch.cat(cols + [cols[0].new_zeros(cols[0].shape[0], pad)] if pad else cols, dim=1)
+
+
+@torch.library.custom_op("dsv3::gather_sum_local_packed", mutates_args=())
+def gather_sum_local_packed(g_MD: torch.Tensor, g2_MD: torch.Tensor, rows: torch.Tensor, mine_NK: torch.Tensor,
+                            head_NH: torch.Tensor, width: int) -> torch.Tensor:
+    """``gather_sum_local(g, rows, mine, g2)`` written straight into rows of a packed byte buffer [N, width]
+    behind head (fp32 [N, H]): the buffer the EP backward all-to-all sends (``ep_allgather``), with no copy
+    into it. Bytes past the two parts are unwritten on CUDA (zero in the reference)."""
+    if not _use_triton(g_MD, g2_MD, rows, mine_NK, head_NH):
+        return gather_sum_local_packed_reference(g_MD, g2_MD, rows, mine_NK, head_NH, width)
+    N, H = head_NH.shape
+    item = g_MD.element_size()
+    assert width % 4 == 0 and (4 * H) % item == 0 and 4 * H + item * g_MD.shape[1] <= width
+    buf = torch.empty(N, width, dtype=torch.uint8, device=g_MD.device)
+    body = buf.view(g_MD.dtype)[:, 4 * H // item:]            # row stride width / item, a view: no copy
+    _launch_gather_sum(g_MD, g2_MD, rows, mine_NK, body, width // item, head_NH.float(), buf.view(torch.float32),
+                       width // 4)
+    return buf
+
+
+@gather_sum_local_packed.register_fake
+def _gather_sum_local_packed_fake(g_MD, g2_MD, rows, mine_NK, head_NH, width):
+    return g_MD.new_empty(mine_NK.shape[0], width, dtype=torch.uint8)
 
 
 @torch.library.custom_op("dsv3::combine_local", mutates_args=())

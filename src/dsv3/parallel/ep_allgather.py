@@ -34,7 +34,9 @@ a multiply by zero) inside their gather-reduce.
 
 Gradients: the backward of the all-gather is an equal all-to-all of each rank's gradients for the other
 ranks' tokens, summed in fp32 in rank order (every token slot's weight gradient is non-zero on one rank
-only); the backward of the combine is the all-gather of the output gradient. In fp32, results match one
+only). Its send buffer is written by the gate/up backward's gather-sum itself, x's gradient rows behind the
+routing weights' gradient (``_DispatchGateUp``: the dispatch and the gate/up GEMMs are one Function for this),
+so the exchange adds no pass over the gradients before the all-to-all. The backward of the combine is the all-gather of the output gradient. In fp32, results match one
 process to summation order (tested with 2 gloo processes against the single-process run). In BF16 each rank's
 partial is rounded before the cross-rank sum, one rounding more than one process (as DeepEP's BF16 combine).
 """
@@ -45,6 +47,7 @@ import torch.nn.functional as F
 
 from dsv3.kernels.local_slots import (combine_backward_local, combine_backward_local_reference, combine_local,
                                       combine_local_reference, gather_rows_upto, gather_sum_local,
+                                      gather_sum_local_packed, gather_sum_local_packed_reference,
                                       gather_sum_local_reference)
 from dsv3.model.moe import Routing, compute_dtype, count_selections, gathered_gate_up_backward, grouped_linear
 from dsv3.parallel.transport import Transport, backward_transport
@@ -79,27 +82,23 @@ def _unpack(buf: torch.Tensor, parts: list[tuple[torch.dtype, int]]) -> list[tor
     return out
 
 
-class _GatherTokens(torch.autograd.Function):
+def gather_packed(transport: Transport, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Tensors [T, c_i] on every rank -> each [ep*T, c_i], rank-major, in ONE all-gather: their bytes packed
     side by side (the routing meta rides with x: one collective per layer and direction fewer, whose host
-    cost, ~150 us a call, paced the host-bound EP step). Backward: the gradients packed the same way, block p
-    to rank p in one equal all-to-all; each rank sums the ep blocks it receives in fp32, in rank order.
-    Put the widest dtypes first: each part's byte offset must be a multiple of its item size."""
+    cost, ~150 us a call, paced the host-bound EP step). The results are strided views of the gathered
+    buffer. Put the widest dtypes first: each part's byte offset must be a multiple of its item size."""
+    parts = [(t.dtype, t.shape[1]) for t in tensors]
+    return _unpack(transport.all_gather(_pack(tensors, packed_width(parts))), parts)
 
-    @staticmethod
-    def forward(ctx, transport: Transport, *tensors):
-        ctx.transport = transport
-        ctx.parts = [(t.dtype, t.shape[1]) for t in tensors]
-        ctx.width = packed_width(ctx.parts)
-        return tuple(_unpack(transport.all_gather(_pack(list(tensors), ctx.width)), ctx.parts))
 
-    @staticmethod
-    def backward(ctx, *grads):
-        t = backward_transport(ctx.transport)
-        recv = t.all_to_all_equal(_pack(list(grads), ctx.width))
-        sums = [g.view(t.size, -1, cols).float().sum(dim=0).to(dt)
-                for (dt, cols), g in zip(ctx.parts, _unpack(recv, ctx.parts))]
-        return (None, *sums)
+def return_packed(transport: Transport, buf: torch.Tensor, parts: list[tuple[torch.dtype, int]]
+                  ) -> list[torch.Tensor]:
+    """The backward of ``gather_packed``: ``buf`` [ep*T, width] holds, packed the same way, this rank's
+    gradients for every rank's tokens; block p goes to rank p in one equal all-to-all, and each rank sums the
+    ep blocks it receives in fp32, in rank order -> each part's gradient [T, c_i]."""
+    t = backward_transport(transport)
+    recv = t.all_to_all_equal(buf)
+    return [g.view(t.size, -1, cols).float().sum(dim=0).to(dt) for (dt, cols), g in zip(parts, _unpack(recv, parts))]
 
 
 class _ReduceTokens(torch.autograd.Function):
@@ -123,6 +122,27 @@ def slot_gemm(x_MI: torch.Tensor, w_EOI: torch.Tensor, ends_E: torch.Tensor, cou
     return grouped_linear(x_MI, w_EOI, ends_E, counts_E)
 
 
+def local_slot_order(idx_NK: torch.Tensor, first: int, E_local: int):
+    """The N tokens' N*K slots sorted by local expert [first, first + E_local), the other ranks' copies last
+    -> (order, inverse [N*K], mine_NK, counts [E_local], ends int32 [E_local], local copies: a device scalar)."""
+    local_NK = idx_NK - first
+    mine_NK = (local_NK >= 0) & (local_NK < E_local)
+    key = torch.where(mine_NK, local_NK, E_local).reshape(-1)       # other ranks' copies sort last
+    order = torch.argsort(key, stable=True)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    counts = count_selections(key, E_local + 1)[:E_local]
+    ends = torch.cumsum(counts, 0)
+    return order, inverse, mine_NK, counts, ends.to(torch.int32), ends[-1]
+
+
+def _gate_up_forward(x_ND, w_gate, w_up, order, K, ends_E, counts_E):
+    """The local slots' rows x[order // K] (rows from the last group's end on never written on CUDA) and
+    their (gate, up) GEMMs -> (x_MD, gate, up)."""
+    src = order // K
+    x_MD = gather_rows_upto(x_ND, src, ends_E[-1]) if SLOT_KERNELS else x_ND[src]
+    return x_MD, slot_gemm(x_MD, w_gate, ends_E, counts_E), slot_gemm(x_MD, w_up, ends_E, counts_E)
+
+
 class _SlotsGateUp(torch.autograd.Function):
     """(gate, up) = (x_s w_gate[e]^T, x_s w_up[e]^T) for the local slots x_s = x[order // K] (rows from
     ``n_local`` on, the other ranks' copies, are never computed: the gather leaves them unwritten on CUDA).
@@ -130,14 +150,15 @@ class _SlotsGateUp(torch.autograd.Function):
     One Function for the gather and both GEMMs so that the backward sums the two input gradients inside the
     gather-sum over each token's local copies (``gather_sum_local(g_gate, rows, mine, g_up)``). Left to
     autograd, the two [ep*T*K, D] input gradients were first added over every slot, garbage rows included (296
-    us per `small` EP=2 layer on an H100, more than the gather-sum itself)."""
+    us per `small` EP=2 layer on an H100, more than the gather-sum itself). The layer itself runs
+    ``_DispatchGateUp`` (this plus the dispatch all-gather); this one is its local half, for the tests and
+    ``benchmarks/ep_local_probe.py``."""
 
     @staticmethod
     def forward(ctx, x_ND, w_gate, w_up, order, copy_rows, mine_NK, ends_E, counts_E):
-        src = order // mine_NK.shape[1]
-        x_MD = gather_rows_upto(x_ND, src, ends_E[-1]) if SLOT_KERNELS else x_ND[src]
+        x_MD, gate, up = _gate_up_forward(x_ND, w_gate, w_up, order, mine_NK.shape[1], ends_E, counts_E)
         ctx.save_for_backward(x_MD, w_gate, w_up, copy_rows, mine_NK, ends_E, counts_E)
-        return slot_gemm(x_MD, w_gate, ends_E, counts_E), slot_gemm(x_MD, w_up, ends_E, counts_E)
+        return gate, up
 
     @staticmethod
     def backward(ctx, g_gate, g_up):
@@ -147,6 +168,52 @@ class _SlotsGateUp(torch.autograd.Function):
             ctx.needs_input_grad, g_gate, g_up, x_MD, w_gate, w_up, ends_E, counts_E, slot_gemm,
             lambda dx_gate, dx_up: gather_sum(dx_gate, copy_rows, mine_NK, dx_up))
         return dx, dwg, dwu, None, None, None, None, None
+
+
+class _DispatchGateUp(torch.autograd.Function):
+    """The dispatch and the local experts' gate/up GEMMs as one Function:
+
+    forward: x [T, D] and meta [T, 2K] (routing weights, then indices, fp32) all-gathered in one packed
+    collective; this rank's slots sorted (``local_slot_order``); (gate, up) of the local copies
+    (``_SlotsGateUp``'s forward). Returns gate, up, the gathered routing weights [ep*T, K] (a view of the
+    gathered buffer) and the slot order the combine needs (not differentiable).
+
+    backward: the gate/up input gradients are summed per token straight into the rows of the packed buffer
+    the return all-to-all sends, behind the routing weights' gradient (``gather_sum_local_packed``). Built
+    from separate Functions, autograd handed the x gradient [ep*T, D] to the gather's backward, which copied it
+    and the weights' gradient into that buffer: a pass over 2 x 25 MB per `small` layer and micro-batch at
+    ep = 2, on the exchange's critical path."""
+
+    @staticmethod
+    def forward(ctx, transport, meta_TK2, x_TD, w_gate, w_up, first):
+        K = meta_TK2.shape[1] // 2
+        meta_all, x_all = gather_packed(transport, [meta_TK2, x_TD])
+        order, inverse, mine_NK, counts, ends32, n_local = local_slot_order(meta_all[:, K:].long(), first,
+                                                                            w_gate.shape[0])
+        x_MD, gate, up = _gate_up_forward(x_all, w_gate, w_up, order, K, ends32, counts)
+        ctx.save_for_backward(x_MD, w_gate, w_up, inverse, mine_NK, ends32, counts)
+        ctx.transport = transport
+        ctx.parts = [(meta_TK2.dtype, 2 * K), (x_TD.dtype, x_TD.shape[1])]
+        ctx.mark_non_differentiable(inverse, mine_NK, ends32, counts, n_local)
+        return gate, up, meta_all[:, :K], inverse, mine_NK, ends32, counts, n_local
+
+    @staticmethod
+    def backward(ctx, g_gate, g_up, g_weight, *_):
+        x_MD, w_gate, w_up, inverse, mine_NK, ends32, counts = ctx.saved_tensors
+        needs_meta, needs_x = ctx.needs_input_grad[1:3]
+        if not (needs_meta or needs_x):      # the experts' weights alone: no exchange
+            _, dwg, dwu = gathered_gate_up_backward((False, *ctx.needs_input_grad[3:5]), g_gate, g_up, x_MD,
+                                                    w_gate, w_up, ends32, counts, slot_gemm, None)
+            return None, None, None, dwg, dwu, None
+        width = packed_width(ctx.parts)
+        # the indices' half of the meta has no gradient: zeros ride in its columns
+        head = torch.cat([g_weight.float(), torch.zeros_like(g_weight, dtype=torch.float32)], dim=1)
+        pack = gather_sum_local_packed if SLOT_KERNELS else gather_sum_local_packed_reference
+        buf, dwg, dwu = gathered_gate_up_backward(
+            (True, ctx.needs_input_grad[3], ctx.needs_input_grad[4]), g_gate, g_up, x_MD, w_gate, w_up, ends32,
+            counts, slot_gemm, lambda dx_gate, dx_up: pack(dx_gate, dx_up, inverse, mine_NK, head, width))
+        g_meta, g_x = return_packed(ctx.transport, buf, ctx.parts)
+        return None, g_meta if needs_meta else None, g_x if needs_x else None, dwg, dwu, None
 
 
 class _CombineLocal(torch.autograd.Function):
@@ -175,20 +242,16 @@ def local_experts_partial(x_ND: torch.Tensor, idx_NK: torch.Tensor, weight_NK: t
                           w_gate, w_up, w_down) -> tuple[torch.Tensor, torch.Tensor]:
     """The local experts [first, first + E_local) applied to the N tokens' copies that chose them:
     -> (partial [N, D] = sum over token n's local copies of weight * expert(x_n), in fp32, returned in x's dtype;
-    the number of local copies, a device scalar). Fixed shapes throughout: no host read."""
-    N, K = idx_NK.shape
-    E_local = w_gate.shape[0]
-    local_NK = idx_NK - first
-    mine_NK = (local_NK >= 0) & (local_NK < E_local)
-    key = torch.where(mine_NK, local_NK, E_local).reshape(-1)       # other ranks' copies sort last
-    order = torch.argsort(key, stable=True)
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    counts = count_selections(key, E_local + 1)[:E_local]
-    ends = torch.cumsum(counts, 0)
-    ends32 = ends.to(torch.int32)
+    the number of local copies, a device scalar). Fixed shapes throughout: no host read. (The layer's own
+    composition, dispatch included, is ``allgather_experts_forward``; this is its local work alone.)"""
+    order, inverse, mine_NK, counts, ends32, n_local = local_slot_order(idx_NK, first, w_gate.shape[0])
     gate, up = _SlotsGateUp.apply(x_ND, w_gate, w_up, order, inverse, mine_NK, ends32, counts)
+    return _down_combine(gate, up, w_down, inverse, weight_NK, mine_NK, ends32, counts), n_local
+
+
+def _down_combine(gate, up, w_down, inverse, weight_NK, mine_NK, ends32, counts):
     y_sorted = slot_gemm(F.silu(gate) * up, w_down, ends32, counts)
-    return _CombineLocal.apply(y_sorted, inverse, weight_NK, mine_NK), ends[-1]
+    return _CombineLocal.apply(y_sorted, inverse, weight_NK, mine_NK)
 
 
 def allgather_experts_forward(x_TD: torch.Tensor, routing: Routing, w_gate, w_up, w_down, transport: Transport,
@@ -202,9 +265,9 @@ def allgather_experts_forward(x_TD: torch.Tensor, routing: Routing, w_gate, w_up
     wg, wu, wd = (w.to(dtype) for w in (w_gate, w_up, w_down))
     # indices travel as fp32 beside the weights (exact below 2^24 experts), and both beside x: one all-gather
     meta_TK2 = torch.cat([routing.weight_TK.float(), routing.idx_TK.float()], dim=1)
-    meta_all, x_all = _GatherTokens.apply(transport, meta_TK2, x_TD.to(dtype))
-    weight_all, idx_all = meta_all[:, :K], meta_all[:, K:].detach().long()
-    partial, rows = local_experts_partial(x_all, idx_all, weight_all, first, wg, wu, wd)
+    gate, up, weight_all, inverse, mine_NK, ends32, counts, rows = _DispatchGateUp.apply(
+        transport, meta_TK2, x_TD.to(dtype), wg, wu, first)
+    partial = _down_combine(gate, up, wd, inverse, weight_all, mine_NK, ends32, counts)
     if stats is not None:
         # dispatch (x and the meta, packed) + combine, to each peer
         per_peer = T * (packed_width([(torch.float32, 2 * K), (dtype, D)]) + D * dtype.itemsize)
