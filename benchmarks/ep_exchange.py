@@ -82,6 +82,21 @@ def worker(args) -> None:
     parts = [(torch.float32, 2 * K), (bf, D)]
     width = packed_width(parts)
 
+    @torch.library.custom_op("dsv3bench::fresh_rows", mutates_args=(),
+                             schema="(Tensor src, int n, int cols) -> Tensor")
+    def fresh_rows(src, n, cols):
+        """A new [n, cols] buffer in src's dtype, unwritten but for row 0's first columns (copied from src's):
+        what the stand-in experts hand on. Opaque to Inductor, so that no pass over the buffer is made (a
+        slice assignment in the graph became a slice_scatter that wrote every row)."""
+        out = src.new_empty(n, cols)
+        k = min(cols, src.shape[1])
+        out[:1, :k].copy_(src[:1, :k])
+        return out
+
+    @fresh_rows.register_fake
+    def _(src, n, cols):
+        return src.new_empty(n, cols)
+
     class StandInExperts(torch.autograd.Function):
         """The dispatch with free "experts": the partials [ep*T, D] are a fresh buffer, and so is the packed
         gradient buffer [ep*T, width] the backward sends. The layer's experts write both anyway (the expert
@@ -92,14 +107,11 @@ def worker(args) -> None:
         @staticmethod
         def forward(ctx, m, h):
             _, x_all = gather_packed(t, [m, h])
-            partial = torch.empty(ep * T, D, device=h.device, dtype=h.dtype)
-            partial[:1] = x_all[:1]
-            return partial
+            return fresh_rows(x_all, ep * T, D)
 
         @staticmethod
         def backward(ctx, g):
-            buf = torch.empty(ep * T, width, device=g.device, dtype=torch.uint8)
-            buf[:1, :2 * D] = g[:1].view(torch.uint8)
+            buf = fresh_rows(g.contiguous().view(torch.uint8), ep * T, width)
             return tuple(return_packed(t, buf, parts))
 
     dispatch = torch.compile(lambda m, h: StandInExperts.apply(m, h), fullgraph=True)
