@@ -19,9 +19,11 @@
 #                                         #   'auto' = allgather 0.844, alltoall 0.67-0.71, allgather + CUDA graphs 0.877)
 #                                         #   RUNS=one:160:120,ep2:160:120 (session 12: ep_scaling 0.954 once the
 #                                         #   router has balanced; NAME:STEPS:FROM = a run's own length and medians)
-#                                         #   NEXT: RUNS=one:160:120,dp2:160:120 to re-measure dp_scaling on the
-#                                         #   H100 pair (0.95 is session 8's, on H200s); ep2_fbo (allgather +
-#                                         #   fb_overlap) never ran on a GPU
+#                                         #   (session 13, H200 pairs: eager steps host-bound; ep2 0.80, ep2_cg 0.942,
+#                                         #   dp2 0.882; calls of 3 runs x 110 steps hit the 10-minute limit)
+#                                         #   NEXT: RUNS=one:90:50,dp2_cg:90:50 (DP=2 with CUDA graphs, never run
+#                                         #   since session 9) then RUNS=one:90:50,dp2:90:50,ep2_cg:90:50 in one call
+#                                         #   with DIST_S=560; ep2_fbo (allgather + fb_overlap) never ran on a GPU
 #   benchmarks/next_gpu_session.sh exch   # two GPUs (#9): ep_exchange.py, then DualPipeV PP=2 alone with its trace
 #   benchmarks/next_gpu_session.sh local  # one GPU (#9): local_slots / ep_allgather GPU tests, ep_local_probe.py
 #   benchmarks/next_gpu_session.sh ep2    # two GPUs: corpus + the 10-minute EP=2 real-corpus run in the background
