@@ -86,11 +86,16 @@ if HAS_TRITON:
         tl.store(out_ptr + j[:, None] * D + offs[None, :], vals, mask=mask)
 
     @triton.jit
-    def _gather_sum_local_kernel(g_ptr, g2_ptr, rows_ptr, mine_ptr, out_ptr, head_ptr, head_out_ptr, D, stride_out,
-                                 stride_head_out, H, K: tl.constexpr, HAS_G2: tl.constexpr,
-                                 HAS_HEAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
-        # out row t at out_ptr + t * stride_out (a packed buffer's rows: ``gather_sum_local_packed``); with
-        # HAS_HEAD the first column block also copies head[t] (fp32 [N, H]) to head_out_ptr + t * stride_head_out
+    def _gather_sum_local_kernel(g_ptr, g2_ptr, w_ptr, rows_ptr, mine_ptr, out_ptr, head_ptr, head_out_ptr, D,
+                                 stride_out, stride_head_out, H, K: tl.constexpr, HAS_G2: tl.constexpr,
+                                 HAS_W: tl.constexpr, HAS_HEAD: tl.constexpr, BLOCK_D: tl.constexpr,
+                                 BLOCK_H: tl.constexpr):
+        # out[t] = sum over token t's local copies k of (g[row] (+ g2[row])) (* w[t, k]): the gather-sum of the
+        # gradients, and with HAS_W the weighted combine. A copy at a time into a 1-D accumulator: a [K, BLOCK_D]
+        # tile summed over K every block (the combine backward's layout) measured 869 us per `small` EP=2 combine
+        # on an H100 against 120 for Inductor's kernel. Out row t at out_ptr + t * stride_out (a packed buffer's
+        # rows: ``gather_sum_local_packed``); with HAS_HEAD the first column block also copies head[t] (fp32
+        # [N, H]) to head_out_ptr + t * stride_head_out
         t = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         dmask = offs < D
@@ -98,9 +103,12 @@ if HAS_TRITON:
         for k in tl.static_range(K):
             mine = tl.load(mine_ptr + t * K + k) != 0
             row = tl.load(rows_ptr + t * K + k).to(tl.int64)
-            acc += tl.load(g_ptr + row * D + offs, mask=dmask & mine, other=0.0).to(tl.float32)
+            v = tl.load(g_ptr + row * D + offs, mask=dmask & mine, other=0.0).to(tl.float32)
             if HAS_G2:
-                acc += tl.load(g2_ptr + row * D + offs, mask=dmask & mine, other=0.0).to(tl.float32)
+                v += tl.load(g2_ptr + row * D + offs, mask=dmask & mine, other=0.0).to(tl.float32)
+            if HAS_W:
+                v *= tl.load(w_ptr + t * K + k).to(tl.float32)
+            acc += v
         tl.store(out_ptr + t * stride_out + offs, acc.to(out_ptr.dtype.element_ty), mask=dmask)
         if HAS_HEAD:
             if tl.program_id(1) == 0:
@@ -108,21 +116,6 @@ if HAS_TRITON:
                 hmask = hs < H
                 tl.store(head_out_ptr + t * stride_head_out + hs, tl.load(head_ptr + t * H + hs, mask=hmask),
                          mask=hmask)
-
-    @triton.jit
-    def _combine_local_kernel(y_ptr, rows_ptr, w_ptr, mine_ptr, out_ptr, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
-        # a copy at a time into a 1-D accumulator: a [K, BLOCK_D] tile summed over K every block (the backward's
-        # layout) measured 869 us per `small` EP=2 layer on an H100 against 120 for Inductor's kernel
-        t = tl.program_id(0).to(tl.int64)
-        offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        dmask = offs < D
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for k in tl.static_range(K):
-            mine = tl.load(mine_ptr + t * K + k) != 0
-            row = tl.load(rows_ptr + t * K + k).to(tl.int64)
-            w = tl.load(w_ptr + t * K + k).to(tl.float32)
-            acc += w * tl.load(y_ptr + row * D + offs, mask=dmask & mine, other=0.0).to(tl.float32)
-        tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=dmask)
 
     @triton.jit
     def _combine_backward_local_kernel(g_ptr, y_ptr, rows_ptr, w_ptr, mine_ptr, dy_ptr, dw_ptr, D,
@@ -203,16 +196,19 @@ def _gather_sum_local_fake(g_MD, rows, mine_NK, g2_MD=None):
     return g_MD.new_empty(mine_NK.shape[0], g_MD.shape[1])
 
 
-def _launch_gather_sum(g_MD, g2_MD, rows, mine_NK, out, stride_out, head=None, head_out=None, stride_head_out=0):
+def _launch_gather_sum(g_MD, g2_MD, rows, mine_NK, out, stride_out, head=None, head_out=None, stride_head_out=0,
+                       w=None):
+    """``_gather_sum_local_kernel`` over the N tokens: the sum of g (+ g2) (times w [N, K]) into out's rows."""
     g_MD, rows, mine = g_MD.contiguous(), rows.contiguous(), mine_NK.contiguous().view(torch.uint8)
     g2 = g_MD if g2_MD is None else g2_MD.contiguous()
     (N, K), D = mine_NK.shape, g_MD.shape[1]
     H = 0 if head is None else head.shape[1]
     block = _row_block(D)
     _gather_sum_local_kernel[(N, triton.cdiv(D, block))](
-        g_MD, g2, rows, mine, out, out if head is None else head.contiguous(), out if head_out is None else head_out,
-        D, stride_out, stride_head_out, H, K=K, HAS_G2=g2_MD is not None, HAS_HEAD=head is not None,
-        BLOCK_D=block, BLOCK_H=triton.next_power_of_2(max(H, 1)))
+        g_MD, g2, g_MD if w is None else w.float().contiguous(), rows, mine, out,
+        out if head is None else head.contiguous(), out if head_out is None else head_out,
+        D, stride_out, stride_head_out, H, K=K, HAS_G2=g2_MD is not None, HAS_W=w is not None,
+        HAS_HEAD=head is not None, BLOCK_D=block, BLOCK_H=triton.next_power_of_2(max(H, 1)))
 
 
 def gather_sum_local_packed_reference(g_MD: torch.Tensor, g2_MD: torch.Tensor, rows: torch.Tensor,
@@ -254,12 +250,8 @@ def combine_local(y_MD: torch.Tensor, rows: torch.Tensor, w_NK: torch.Tensor, mi
     """out[t] = sum over k with mine[t, k] of w[t, k] y[rows[t*K + k]] -> [N, D] in y's dtype (Triton on CUDA)."""
     if not _use_triton(y_MD, rows, w_NK, mine_NK):
         return combine_local_reference(y_MD, rows, w_NK, mine_NK)
-    y_MD, rows = y_MD.contiguous(), rows.contiguous()
-    mine, w = mine_NK.contiguous().view(torch.uint8), w_NK.float().contiguous()
-    (N, K), D = w_NK.shape, y_MD.shape[1]
-    out = y_MD.new_empty(N, D)
-    block = _row_block(D)
-    _combine_local_kernel[(N, triton.cdiv(D, block))](y_MD, rows, w, mine, out, D, K=K, BLOCK_D=block)
+    out = y_MD.new_empty(w_NK.shape[0], y_MD.shape[1])
+    _launch_gather_sum(y_MD, None, rows, mine_NK, out, out.stride(0), w=w_NK)
     return out
 
 
