@@ -215,10 +215,17 @@ def gather_sum_local_packed_reference(g_MD: torch.Tensor, g2_MD: torch.Tensor, r
                                       mine_NK: torch.Tensor, head_NH: torch.Tensor, width: int) -> torch.Tensor:
     """[N, width] uint8 rows: head's bytes (fp32 [N, H]), then ``gather_sum_local(g, rows, mine, g2)``'s row
     (in g's dtype), then zero padding."""
-    dx = gather_sum_local_reference(g_MD, rows, mine_NK, g2_MD)
-    cols = [head_NH.float().contiguous().view(torch.uint8), dx.view(torch.uint8)]
+    return pack_bytes([head_NH.float(), gather_sum_local_reference(g_MD, rows, mine_NK, g2_MD)], width)
+
+
+def pack_bytes(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
+    """[R, c_i] tensors -> one [R, width] uint8 buffer: their bytes side by side, zero padding at the end (the
+    row layout of the EP all-gather dispatch, ``dsv3.parallel.ep_allgather``)."""
+    cols = [t.contiguous().view(torch.uint8) for t in tensors]
     pad = width - sum(c.shape[1] for c in cols)
-    return torch.cat(cols + [cols[0].new_zeros(cols[0].shape[0], pad)] if pad else cols, dim=1)
+    if pad:
+        cols.append(cols[0].new_zeros(cols[0].shape[0], pad))
+    return torch.cat(cols, dim=1)
 
 
 @torch.library.custom_op("dsv3::gather_sum_local_packed", mutates_args=())

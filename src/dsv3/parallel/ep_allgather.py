@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from dsv3.kernels.local_slots import (combine_backward_local, combine_backward_local_reference, combine_local,
                                       combine_local_reference, gather_rows_upto, gather_sum_local,
                                       gather_sum_local_packed, gather_sum_local_packed_reference,
-                                      gather_sum_local_reference)
+                                      gather_sum_local_reference, pack_bytes)
 from dsv3.model.moe import Routing, compute_dtype, count_selections, gathered_gate_up_backward, grouped_linear
 from dsv3.parallel.transport import Transport, backward_transport
 
@@ -64,17 +64,8 @@ def packed_width(parts: list[tuple[torch.dtype, int]]) -> int:
     return -(-sum(dt.itemsize * cols for dt, cols in parts) // 16) * 16
 
 
-def _pack(tensors: list[torch.Tensor], width: int) -> torch.Tensor:
-    """[R, c_i] tensors -> one [R, width] uint8 buffer: their bytes side by side, zero padding at the end."""
-    cols = [t.contiguous().view(torch.uint8) for t in tensors]
-    pad = width - sum(c.shape[1] for c in cols)
-    if pad:
-        cols.append(cols[0].new_zeros(cols[0].shape[0], pad))
-    return torch.cat(cols, dim=1)
-
-
 def _unpack(buf: torch.Tensor, parts: list[tuple[torch.dtype, int]]) -> list[torch.Tensor]:
-    """The views of ``_pack``'s parts in a [R, width] uint8 buffer (strided: no copies)."""
+    """The views of ``pack_bytes``'s parts in a [R, width] uint8 buffer (strided: no copies)."""
     out, start = [], 0
     for dt, cols in parts:
         out.append(buf[:, start:start + dt.itemsize * cols].view(dt))
@@ -88,7 +79,7 @@ def gather_packed(transport: Transport, tensors: list[torch.Tensor]) -> list[tor
     cost, ~150 us a call, paced the host-bound EP step). The results are strided views of the gathered
     buffer. Put the widest dtypes first: each part's byte offset must be a multiple of its item size."""
     parts = [(t.dtype, t.shape[1]) for t in tensors]
-    return _unpack(transport.all_gather(_pack(tensors, packed_width(parts))), parts)
+    return _unpack(transport.all_gather(pack_bytes(tensors, packed_width(parts))), parts)
 
 
 def return_packed(transport: Transport, buf: torch.Tensor, parts: list[tuple[torch.dtype, int]]
