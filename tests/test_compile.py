@@ -98,11 +98,18 @@ def test_cudagraph_mode_blocks_return_a_clone_and_keep_their_names(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_gpu_cudagraph_blocks_train_like_eager():
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_gpu_cudagraph_blocks_train_like_eager(precision):
     """compile_mode 'reduce-overhead' on one GPU, two micro-batches as the trainer runs them (a step marker before
-    each forward): the accumulated gradients match eager. On 2026-11-26 this setting stopped in its first
-    backward (CUDA-graph output overwritten), and still did after compile_blocks cloned each block's hidden state
-    (session 9, H100): this test fails on the GPU until that is fixed (the mode is documented as experimental)."""
+    each forward; bf16 autocast as ``train.precision = 'bf16'``): the accumulated gradients match eager.
+
+    History: on 2026-11-26 a one-GPU run in this mode stopped in its first backward (CUDA-graph output
+    overwritten); then this test, written in fp32, failed the same way after compile_blocks began cloning each
+    block's hidden state. In fp32 on CUDA the routed experts take the per-expert loop (``_grouped_mm`` is bf16
+    only), whose host read of the group ends is a graph break inside every block; the trainer's bf16 blocks
+    have none. The fp32 case is kept to show which of the two still fails (session 14)."""
+    from contextlib import nullcontext
+
     from dsv3.train.compile_blocks import compile_blocks
 
     torch.manual_seed(0)
@@ -111,13 +118,21 @@ def test_gpu_cudagraph_blocks_train_like_eager():
     graphed = DeepseekV3(cfg).cuda()
     graphed.load_state_dict(eager.state_dict())
     compile_blocks(list(graphed.layers) + list(graphed.mtp), "reduce-overhead")
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
     batches = [torch.randint(0, 256, (2, 64), device="cuda") for _ in range(6)]
     for step in range(3):          # warm-up, recording, replay
         for m in (eager, graphed):
             m.zero_grad(set_to_none=True)
             for ids in batches[2 * step:2 * step + 2]:
                 torch.compiler.cudagraph_mark_step_begin()
-                m(ids, ids, return_logits=False).loss.backward()
+                with autocast():
+                    loss = m(ids, ids, return_logits=False).loss
+                loss.backward()
         for (n, p), q in zip(eager.named_parameters(), graphed.parameters()):
-            if p.grad is not None:
+            if p.grad is None:
+                continue
+            if precision == "fp32":
                 torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"step {step} {n}: {m}")
+            else:   # bf16: Inductor's fused kernels round differently from eager; compare whole tensors
+                err = (q.grad - p.grad).norm() / p.grad.norm().clamp_min(1e-12)
+                assert err < 3e-2, f"step {step} {n}: relative error {err:.3g}"
