@@ -26,6 +26,9 @@
 #                                         #   with DIST_S=560; ep2_fbo (allgather + fb_overlap) never ran on a GPU
 #   benchmarks/next_gpu_session.sh exch   # two GPUs (#9): ep_exchange.py, then DualPipeV PP=2 alone with its trace
 #   benchmarks/next_gpu_session.sh local  # one GPU (#9): local_slots / ep_allgather GPU tests, ep_local_probe.py
+#   benchmarks/next_gpu_session.sh cg1    # one GPU (session 14): the slot-kernel and CUDA-graph GPU tests, then
+#                                         #   distributed.py's one-GPU trainer run eager against CUDA graphs
+#                                         #   (RUNS, default one:40:20,one_cg:40:20); everything in $OUT/cg1.tar.gz
 #   benchmarks/next_gpu_session.sh ep2    # two GPUs: corpus + the 10-minute EP=2 real-corpus run in the background
 #   benchmarks/next_gpu_session.sh one    # one GPU: the same run on one GPU (the control: today's code, same data)
 #   benchmarks/next_gpu_session.sh step   # one GPU (#5): test_moe_compile.py first (the padded-layout compiled-dx
@@ -94,6 +97,20 @@ case "${1:-}" in
         tests/test_moe_permute_kernels.py ${TESTS:-} 2>&1 | grep -E "^E  |passed|failed|^FAILED" | head -40 \
         | tee "$OUT/gpu_tests.txt"
     timeout ${PROBE_S:-200} python3 benchmarks/ep_local_probe.py --out "$OUT" 2>&1 | grep -v Warn | tail -8 ;;
+  cg1)
+    S=/tmp/cg1; mkdir -p $S
+    nvidia-smi --query-gpu=name --format=csv,noheader | tee $S/gpu.txt
+    timeout ${TEST_S:-220} python3 -m pytest -q -p no:cacheprovider tests/test_local_slots.py tests/test_ep_allgather.py \
+        tests/test_moe_permute_kernels.py tests/test_compile.py ${TESTS:-} 2>&1 \
+        | grep -E "^E  |passed|failed|^FAILED|Error:" | head -40 | tee $S/gpu_tests.txt
+    timeout ${PROBE_S:-100} python3 benchmarks/ep_local_probe.py --out $S 2>&1 | grep -v Warn | tail -8
+    timeout ${DIST_S:-300} python3 benchmarks/distributed.py --out /tmp/d --runs ${RUNS:-one:40:20,one_cg:40:20} \
+        > $S/distributed.log 2>&1; echo "distributed rc=$?"; tail -6 $S/distributed.log
+    for r in $(ls /tmp/d 2>/dev/null); do [ -f /tmp/d/$r/metrics.jsonl ] || continue; mkdir -p $S/$r
+      cp /tmp/d/$r/result.json /tmp/d/$r/metrics.jsonl $S/$r/ 2>/dev/null
+      cp /tmp/d/$r/profile/*.txt /tmp/d/$r/profile/*.summary.json $S/$r/ 2>/dev/null; done
+    cp /tmp/d/distributed.json $S/ 2>/dev/null
+    tar czf $OUT/cg1.tar.gz -C /tmp cg1 ;;
   exch)
     # two GPUs (#9, session 12): ep_exchange.py (EP dispatch+combine vs plain all_to_all_single, compiled, 16
     # layers per graph), then the DualPipeV PP=2 run alone (distributed.py's settings, 20 steps, its trace)
@@ -165,5 +182,5 @@ case "${1:-}" in
     grep -E "^\[|device|fp8|FP8" $S/train_step.log | head -20
     tar czf $OUT/fp8lin.tar.gz -C /tmp fp8lin ;;
   *)
-    echo "usage: $0 fp8|dist|ep2|ep2wait|one|onewait|step|fp8lin" >&2; exit 2 ;;
+    echo "usage: $0 fp8|dist|cg1|local|exch|ep2|ep2wait|one|onewait|step|fp8lin" >&2; exit 2 ;;
 esac
