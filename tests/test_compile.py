@@ -110,8 +110,9 @@ def test_gpu_cudagraph_blocks_train_like_eager(precision):
     overwritten); then this test, written in fp32, failed the same way after compile_blocks began cloning each
     block's hidden state. In fp32 on CUDA the routed experts take the per-expert loop (``_grouped_mm`` is bf16
     only), whose host read of the group ends is a graph break inside every block; the trainer's bf16 blocks
-    have none. Session 14 (H200): fp32 passes and bf16 still fails (the first block's input-norm output is
-    overwritten), so that graph break was not the cause; bf16 is marked xfail(strict) until it trains."""
+    have none. Session 14 (H200): fp32 passes (perhaps because Inductor skips CUDA graphs around the host read;
+    not checked) and bf16 still fails (the first block's input-norm output is overwritten), though its blocks have
+    no graph break; bf16 is marked xfail(strict) until it trains."""
     from contextlib import nullcontext
 
     from dsv3.train.compile_blocks import compile_blocks
