@@ -29,6 +29,10 @@
 #   benchmarks/next_gpu_session.sh cg1    # one GPU (session 14): the slot-kernel and CUDA-graph GPU tests, then
 #                                         #   distributed.py's one-GPU trainer run eager against CUDA graphs
 #                                         #   (RUNS, default one:40:20,one_cg:40:20); everything in $OUT/cg1.tar.gz
+#                                         #   (session 14, H200: kernels pass; one_cg fails in bf16; one 450.9 ms)
+#   NEXT (one GPU, session 14 could not start a machine again): PYTHONPATH=src python3 benchmarks/cudagraph_probe.py
+#                                         #   (which change makes bf16 one-GPU CUDA graphs train), then
+#                                         #   CONFIGS=819m,small,3b ... step (819M never run on an H100; carry .whl)
 #   benchmarks/next_gpu_session.sh ep2    # two GPUs: corpus + the 10-minute EP=2 real-corpus run in the background
 #   benchmarks/next_gpu_session.sh one    # one GPU: the same run on one GPU (the control: today's code, same data)
 #   benchmarks/next_gpu_session.sh step   # one GPU (#5): test_moe_compile.py first (the padded-layout compiled-dx
