@@ -98,16 +98,14 @@ case "${1:-}" in
     # expert work (slot kernels vs torch expressions) against one GPU's experts
     nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
     timeout ${TEST_S:-240} python3 -m pytest -q tests/test_local_slots.py tests/test_ep_allgather.py \
-        tests/test_moe_permute_kernels.py ${TESTS:-} 2>&1 | grep -E "^E  |passed|failed|^FAILED" | head -40 \
+        tests/test_moe_permute_kernels.py ${TESTS:-} 2>&1 | grep -E "^E  |passed|failed|^FAILED|Error:" | head -40 \
         | tee "$OUT/gpu_tests.txt"
     timeout ${PROBE_S:-200} python3 benchmarks/ep_local_probe.py --out "$OUT" 2>&1 | grep -v Warn | tail -8 ;;
   cg1)
+    # the `local` phase (its tests plus test_compile.py's CUDA-graph test, and ep_local_probe.py) into the stage
     S=/tmp/cg1; mkdir -p $S
-    nvidia-smi --query-gpu=name --format=csv,noheader | tee $S/gpu.txt
-    timeout ${TEST_S:-220} python3 -m pytest -q -p no:cacheprovider tests/test_local_slots.py tests/test_ep_allgather.py \
-        tests/test_moe_permute_kernels.py tests/test_compile.py ${TESTS:-} 2>&1 \
-        | grep -E "^E  |passed|failed|^FAILED|Error:" | head -40 | tee $S/gpu_tests.txt
-    timeout ${PROBE_S:-100} python3 benchmarks/ep_local_probe.py --out $S 2>&1 | grep -v Warn | tail -8
+    OUT=$S TESTS="tests/test_compile.py ${TESTS:-}" TEST_S=${TEST_S:-220} PROBE_S=${PROBE_S:-100} \
+        benchmarks/next_gpu_session.sh local
     timeout ${DIST_S:-300} python3 benchmarks/distributed.py --out /tmp/d --runs ${RUNS:-one:40:20,one_cg:40:20} \
         > $S/distributed.log 2>&1; echo "distributed rc=$?"; tail -6 $S/distributed.log
     for r in $(ls /tmp/d 2>/dev/null); do [ -f /tmp/d/$r/metrics.jsonl ] || continue; mkdir -p $S/$r

@@ -113,8 +113,6 @@ def test_gpu_cudagraph_blocks_train_like_eager(precision):
     have none. Session 14 (H200): fp32 passes (perhaps because Inductor skips CUDA graphs around the host read;
     not checked) and bf16 still fails (the first block's input-norm output is overwritten), though its blocks have
     no graph break; bf16 is marked xfail(strict) until it trains."""
-    from contextlib import nullcontext
-
     from dsv3.train.compile_blocks import compile_blocks
 
     torch.manual_seed(0)
@@ -123,14 +121,13 @@ def test_gpu_cudagraph_blocks_train_like_eager(precision):
     graphed = DeepseekV3(cfg).cuda()
     graphed.load_state_dict(eager.state_dict())
     compile_blocks(list(graphed.layers) + list(graphed.mtp), "reduce-overhead")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
     batches = [torch.randint(0, 256, (2, 64), device="cuda") for _ in range(6)]
     for step in range(3):          # warm-up, recording, replay
         for m in (eager, graphed):
             m.zero_grad(set_to_none=True)
             for ids in batches[2 * step:2 * step + 2]:
                 torch.compiler.cudagraph_mark_step_begin()
-                with autocast():
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
                     loss = m(ids, ids, return_logits=False).loss
                 loss.backward()
         for (n, p), q in zip(eager.named_parameters(), graphed.parameters()):
