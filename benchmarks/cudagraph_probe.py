@@ -26,6 +26,9 @@ VARIANTS = {
     "per_layer_bf16_params": "per_layer with bf16 parameters, no autocast",
     "selective": "selective recompute, as configs/small.toml trains",
     "mark_once": "one step marker per optimizer step, not per micro-batch",
+    "owned_grads": "base with dsv3.train.cudagraph_grads.OwnedGradients (the fix the trainer uses)",
+    "owned_no_clone": "owned_grads without compile_blocks' cloning wrapper (is the clone still needed?)",
+    "owned_fp32": "owned_grads in fp32",
 }
 
 
@@ -56,7 +59,7 @@ def run_variant(name: str) -> None:
     if name == "selective":
         m.set_recompute("selective")
     blocks = list(m.layers) + list(m.mtp)
-    if name == "no_clone":
+    if name in ("no_clone", "owned_no_clone"):
         for b in blocks:
             b.forward = torch.compile(b.forward, mode="reduce-overhead")
     elif name.startswith("per_layer"):
@@ -64,10 +67,16 @@ def run_variant(name: str) -> None:
             b.forward = _cloning_forward(torch.compile(own_code(b.forward), mode="reduce-overhead"))
     else:
         compile_blocks(blocks, "reduce-overhead")
+    owned = None
+    if name.startswith("owned"):
+        from dsv3.train.cudagraph_grads import OwnedGradients
+        owned = OwnedGradients(m.parameters())
     micro = 1 if name == "one_micro" else 2
-    use_autocast = name not in ("fp32",) and not name.endswith("bf16_params")
+    use_autocast = name not in ("fp32", "owned_fp32") and not name.endswith("bf16_params")
     for step in range(4):
         m.zero_grad(set_to_none=True)
+        if owned is not None:
+            owned.reset()
         for i in range(micro):
             ids = torch.randint(0, 256, (2, 64), device="cuda")
             if name != "mark_once" or i == 0:

@@ -97,23 +97,57 @@ def test_cudagraph_mode_blocks_return_a_clone_and_keep_their_names(monkeypatch):
     assert h.data_ptr() != calls[-1].data_ptr() and torch.equal(h, calls[-1])
 
 
+def test_owned_gradients_give_the_first_micro_batch_gradient_memory_of_its_own():
+    """The CUDA-graph fix's mechanism, on the CPU: without OwnedGradients autograd stores the first incoming weight
+    gradient itself as ``p.grad`` (under CUDA graphs, memory the next replay overwrites); with it ``p.grad`` is a
+    copy, later micro-batches accumulate into it, the sum is unchanged, and a reset starts over."""
+    from dsv3.train.cudagraph_grads import OwnedGradients
+
+    torch.manual_seed(0)
+    gain = torch.nn.Parameter(torch.randn(8))     # a norm-like weight: its incoming gradient has its layout
+
+    def loss(x, w):
+        return (x * w).square().sum()
+
+    xs = [torch.randn(3, 8) for _ in range(3)]
+    incoming = []
+    gain.register_hook(lambda g: incoming.append(g.data_ptr()))   # no reference kept: autograd steals unshared gradients
+    loss(xs[0], gain).backward()
+    assert gain.grad.data_ptr() == incoming[-1]     # the default: that very tensor is kept
+    gain.grad = None
+
+    owned = OwnedGradients([gain])
+    for step in range(2):
+        expected = torch.zeros(8)
+        for x in xs[:2]:
+            w = gain.detach().requires_grad_()
+            expected += torch.autograd.grad(loss(x, w), w)[0]
+            loss(x, gain).backward()
+            assert gain.grad.data_ptr() != incoming[-1]
+        torch.testing.assert_close(gain.grad, expected)
+        gain.grad = None
+        owned.reset()
+    owned.remove()
+    loss(xs[2], gain).backward()
+    assert gain.grad.data_ptr() == incoming[-1]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("precision", [
-    pytest.param("bf16", marks=pytest.mark.xfail(strict=True, reason="one-GPU CUDA graphs in bf16: CUDA-graph output "
-                                                  "overwritten (H200, 2026-12-07); remove this mark once it trains")),
-    "fp32"])
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_gpu_cudagraph_blocks_train_like_eager(precision):
     """compile_mode 'reduce-overhead' on one GPU, two micro-batches as the trainer runs them (a step marker before
-    each forward; bf16 autocast as ``train.precision = 'bf16'``): the accumulated gradients match eager.
+    each forward, OwnedGradients on the parameters; bf16 autocast as ``train.precision = 'bf16'``): the accumulated
+    gradients match eager.
 
-    History: on 2026-11-26 a one-GPU run in this mode stopped in its first backward (CUDA-graph output
-    overwritten); then this test, written in fp32, failed the same way after compile_blocks began cloning each
-    block's hidden state. In fp32 on CUDA the routed experts take the per-expert loop (``_grouped_mm`` is bf16
-    only), whose host read of the group ends is a graph break inside every block; the trainer's bf16 blocks
-    have none. Session 14 (H200): fp32 passes (perhaps because Inductor skips CUDA graphs around the host read;
-    not checked) and bf16 still fails (the first block's input-norm output is overwritten), though its blocks have
-    no graph break; bf16 is marked xfail(strict) until it trains."""
+    History: from 2026-11-26 one-GPU runs in this mode stopped in a backward ("CUDA-graph output overwritten");
+    cloning each block's hidden state (compile_blocks) did not cure it. ``benchmarks/cudagraph_probe.py`` (H100,
+    2026-12-07) found the cause: autocast or not, any step of two micro-batches failed and one micro-batch
+    trained; the overwritten tensors were the first micro-batch's weight gradients, which autograd had kept as
+    ``p.grad`` without a copy (dsv3.train.cudagraph_grads). Without OwnedGradients this test failed in bf16
+    (H200, H100) and in fp32 on the H100 (it passed once in fp32 on an H200: the overwrite depends on the
+    allocator's reuse)."""
     from dsv3.train.compile_blocks import compile_blocks
+    from dsv3.train.cudagraph_grads import OwnedGradients
 
     torch.manual_seed(0)
     cfg = preset("tiny").replace(num_hidden_layers=3, vocab_size=256)
@@ -121,10 +155,12 @@ def test_gpu_cudagraph_blocks_train_like_eager(precision):
     graphed = DeepseekV3(cfg).cuda()
     graphed.load_state_dict(eager.state_dict())
     compile_blocks(list(graphed.layers) + list(graphed.mtp), "reduce-overhead")
-    batches = [torch.randint(0, 256, (2, 64), device="cuda") for _ in range(6)]
-    for step in range(3):          # warm-up, recording, replay
+    owned = OwnedGradients(graphed.parameters())
+    batches = [torch.randint(0, 256, (2, 64), device="cuda") for _ in range(8)]
+    for step in range(4):          # warm-up, recording, replays
         for m in (eager, graphed):
             m.zero_grad(set_to_none=True)
+            owned.reset()
             for ids in batches[2 * step:2 * step + 2]:
                 torch.compiler.cudagraph_mark_step_begin()
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):

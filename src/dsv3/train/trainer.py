@@ -110,6 +110,13 @@ class Trainer:
         # CUDA graphs (compile_mode 'reduce-overhead' / 'max-autotune'): each forward starts a new replay
         # generation, so the previous micro-batch's graph outputs (consumed by its backward) may be reused
         self._cudagraphs = t.compile and t.compile_mode in CUDAGRAPH_MODES and self.device.type == "cuda"
+        # ... and the first micro-batch's weight gradients are graph outputs too: give them memory of their own
+        # unless the data-parallel reducer already copies them into its bucket buffers (dsv3.train.cudagraph_grads)
+        self._owned_grads = None
+        reducer = getattr(self.layout.par, "reducer", None)
+        if self._cudagraphs and (reducer is None or not reducer.as_view):
+            from dsv3.train.cudagraph_grads import OwnedGradients
+            self._owned_grads = OwnedGradients(self.model.parameters())
         # parallel.fb_overlap: two streams for the forwards (dsv3.train.overlap); on the CPU the plain loop
         self._fb_streams = None
         if self.layout.pc.fb_overlap:
@@ -273,6 +280,8 @@ class Trainer:
                 vios = [float(max_violation(c)) for c in pipeline_counts]
             self.nan_streak = 0
         self.optimizer.zero_grad(set_to_none=True)
+        if self._owned_grads is not None:
+            self._owned_grads.reset()
 
         step_tokens = global_batch * t.seq_len
         self.step += 1
