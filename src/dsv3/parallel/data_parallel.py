@@ -258,6 +258,7 @@ class ShardedOptimizer:
         zero_class = ZeroRedundancyOptimizer
         self._groups: list[list[nn.Parameter]] = []   # forward order; launched in this order on every rank
         self._next_group = 0
+        self._landed: list[Callable[[list[nn.Parameter]], object]] = []   # on_params_landed callbacks
         if overlap_param_sync:
             zero_class = _deferred_sync_zero_class()
             self._groups = _forward_groups(model)
@@ -320,6 +321,18 @@ class ShardedOptimizer:
             work = self._pending.pop(id(p), None)
             if work is not None:
                 work.wait()
+        for callback in self._landed:
+            callback(self._groups[i])
+
+    def on_params_landed(self, callback: Callable[[list[nn.Parameter]], object]) -> bool:
+        """With ``overlap_param_sync``: call ``callback(params)`` whenever parameters updated by a step have
+        landed, group by group inside the next forward's waits (and for all groups in ``wait_params``, maybe
+        again). Returns False, registering nothing, without ``overlap_param_sync`` (parameters are current when
+        ``step`` returns). The trainer's bf16 compute copies refresh this way (``dsv3.train.compute_weights``)."""
+        if not self._groups:
+            return False
+        self._landed.append(callback)
+        return True
 
     def owners(self) -> dict[int, int]:
         """id(param) -> global rank of the rank that steps it (ZeroRedundancyOptimizer's partition)."""
@@ -336,6 +349,10 @@ class ShardedOptimizer:
             if work is not None:
                 work.wait()
         self._pending.clear()
+        if self._landed:
+            every = [p for g in self._groups for p in g]
+            for callback in self._landed:
+                callback(every)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for z in self.parts:

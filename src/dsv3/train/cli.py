@@ -188,10 +188,15 @@ def _train_and_report(trainer, cfg: RunConfig, run_dir: Path, data: Path, ckpt, 
 
     say = trainer.progress.print
     m = trainer.model
+    if trainer.compute is not None:
+        compute = ("bf16 compute" + (" under autocast" if trainer.autocast else "")
+                   + " with bf16 weight copies cast once per step (train.weight_cast = 'per_step')")
+    else:
+        compute = (f"{'bf16 autocast' if trainer.autocast else 'fp32'} compute"
+                   + (" (bf16 requested; CPU runs fp32)" if cfg.train.precision == "bf16" and not trainer.autocast
+                      else ""))
     say(f"run {run_dir}: {m.num_parameters() / 1e6:.2f}M parameters ({m.num_activated_parameters() / 1e6:.2f}M "
-        f"activated incl. embedding), device {trainer.device}, "
-        f"{'bf16 autocast' if trainer.autocast else 'fp32'} compute"
-        + (" (bf16 requested; CPU runs fp32)" if cfg.train.precision == "bf16" and not trainer.autocast else ""))
+        f"activated incl. embedding), device {trainer.device}, {compute}")
     say(f"MFU peak: {trainer.peak_flops / 1e12:.3f} TFLOP/s ({trainer.peak_desc}); "
         f"{trainer.flops_per_token / 1e6:.2f} MFLOP/token")
     if ckpt is not None:

@@ -20,6 +20,7 @@ from dsv3.errors import UserError
 
 FP8_FAMILIES = {"attention", "mlp", "experts"}
 PRECISIONS = ("bf16", "fp32", "fp8")
+WEIGHT_CASTS = ("auto", "per_step", "per_use")   # train.weight_cast (dsv3.train.compute_weights)
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")   # torch.compile modes that replay CUDA graphs
 COMPILE_MODES = ("default", *CUDAGRAPH_MODES, "max-autotune-no-cudagraphs")
 DEVICES_HINT = "'auto', 'cpu', 'cuda' or 'cuda:N'"
@@ -56,7 +57,8 @@ class TrainConfig:
     bias_gamma: float = 0.001             # aux-loss-free balance bias update speed
     bias_gamma_off: float = 0.95          # fraction of steps after which the bias is frozen (gamma = 0)
     balance_alpha: float = 1e-4           # sequence-wise balance loss weight; 0 = off
-    precision: str = "bf16"               # 'bf16' (autocast on CUDA; fp32 on CPU), 'fp32', or 'fp8' (V3's block-scaled FP8 GEMMs, bf16 elsewhere)
+    precision: str = "bf16"               # 'bf16' (autocast on CUDA; fp32 on CPU unless weight_cast is 'per_step'), 'fp32', or 'fp8' (V3's block-scaled FP8 GEMMs, bf16 elsewhere)
+    weight_cast: str = "auto"             # with precision 'bf16': 'per_step' (cast once per optimizer step into bf16 copies the model computes with, embedding/norms/router too; fp32 masters for optimizer and checkpoints), 'per_use' (autocast casts at every use), 'auto' (per_step on CUDA, else per_use)
     fp8_modules: str = "attention,mlp,experts"  # with precision 'fp8': which GEMM families run in FP8 (comma-separated)
     fp8_backend: str = "auto"             # FP8 GEMM kernels: 'auto' (fastest available), 'reference' (dequantize + fp32 matmul, for checking)
     device: str = "auto"                  # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'
@@ -115,9 +117,11 @@ class RunConfig:
     def from_saved(cls, d: dict) -> "RunConfig":
         """Read the resolved form written by ``to_dict`` (a run's config.json). Runs written by earlier versions
         still resume: keys since retired are dropped (``RETIRED_TRAIN_KEYS``), and a run saved before
-        ``parallel.ep_dispatch`` existed keeps the dispatch it trained with ("alltoall"), so that its resume is
-        exact; new runs save the key (``resolve``)."""
+        ``parallel.ep_dispatch`` existed keeps the dispatch it trained with ("alltoall"), and one saved before
+        ``train.weight_cast`` existed the weight casts it trained with ("per_use"), so that its resume is
+        exact; new runs save the keys (``resolve``, the TrainConfig default)."""
         train = {k: v for k, v in d.get("train", {}).items() if k not in RETIRED_TRAIN_KEYS}
+        train.setdefault("weight_cast", "per_use")   # saved before it existed: trained with autocast's casts
         parallel = dict(d.get("parallel", {}))
         parallel.setdefault("ep_dispatch", "alltoall")
         return cls(model=ModelConfig.from_dict(d["model"], strict=True, where="model"),
@@ -164,6 +168,14 @@ class RunConfig:
             hint = ""
             raise UserError(f"train.precision = {t.precision!r} is invalid{hint}: use one of "
                             f"{', '.join(repr(p) for p in PRECISIONS)}")
+        if t.weight_cast not in WEIGHT_CASTS:
+            raise UserError(f"train.weight_cast = {t.weight_cast!r} is invalid: use one of "
+                            f"{', '.join(repr(w) for w in WEIGHT_CASTS)}")
+        if t.weight_cast == "per_step" and t.precision != "bf16":
+            why = ("FP8 quantizes the fp32 master weights once per step itself" if t.precision == "fp8"
+                   else "fp32 computes with the fp32 weights")
+            raise UserError(f"train.weight_cast = 'per_step' needs train.precision = 'bf16', not {t.precision!r} "
+                            f"({why}); set train.weight_cast = 'auto' or 'per_use'")
         fams = t.fp8_families()
         if not fams or fams - FP8_FAMILIES:
             raise UserError(f"train.fp8_modules = {t.fp8_modules!r} is invalid: use a comma-separated subset of "

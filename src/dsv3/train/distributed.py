@@ -114,6 +114,14 @@ class Layout:
         if self.par is not None:
             self.par.wait_params()
 
+    def on_params_landed(self, callback) -> bool:
+        """ZeRO-1 with ``parallel.overlap_param_sync``: ``callback(params)`` runs as the parameters a step updated
+        land during the next forward (``ShardedOptimizer.on_params_landed``); True if registered. False
+        everywhere else: the parameters are current as soon as the optimizer step returns."""
+        from dsv3.parallel.data_parallel import ShardedOptimizer
+        opt = self.par.optimizer if self.par is not None else None
+        return isinstance(opt, ShardedOptimizer) and opt.on_params_landed(callback)
+
     def clip_grad_norm_(self, model, max_norm: float) -> float:
         if self.pp > 1 and self.par is not None:  # global norm over dp/ep and pp; tied copies counted once
             from dsv3.parallel.data_parallel import clip_grad_norm_ as dp_clip

@@ -28,6 +28,7 @@ from dsv3.fp8.weight_cache import reuse_quantized_weights
 from dsv3.model import DeepseekV3
 from dsv3.train import balance, checkpoint, metrics, overlap, schedules
 from dsv3.train.compile_blocks import compile_blocks
+from dsv3.train.compute_weights import ComputeWeights, resolve_weight_cast
 from dsv3.train.config import CUDAGRAPH_MODES, RunConfig
 from dsv3.train.distributed import Layout
 from dsv3.train.evaluate import evaluate
@@ -144,6 +145,17 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         if resume is not None:
             self._restore(resume)
+        # train.weight_cast = "per_step": bf16 compute copies of the fp32 masters, cast once per optimizer step and
+        # held by the modules during the step's passes and evaluation (dsv3.train.compute_weights). Built after a
+        # resume, so the copies come from the loaded masters. Under ZeRO-1's overlapped parameter sync the copies
+        # refresh as the parameters land in the next forward; everywhere else before the step's passes.
+        self.weight_cast = resolve_weight_cast(t.weight_cast, t.precision, self.device)
+        self.compute: ComputeWeights | None = None
+        self._refresh_in_forward = False
+        if self.weight_cast == "per_step":
+            self.compute = ComputeWeights(self.layout.held if self.layout.pp > 1 else self.model)
+            self._refresh_in_forward = self.layout.on_params_landed(self.compute.refresh)
+            self.compute.refresh()
 
         self.flops_per_token = metrics.flops_per_token(cfg.model, t.seq_len)
         self.peak_flops, self.peak_desc = (t.peak_tflops * 1e12, "train.peak_tflops") if t.peak_tflops > 0 \
@@ -216,7 +228,7 @@ class Trainer:
         # optimizer step, after this scope)
         fp8_scope = reuse_quantized_weights() if t.precision == "fp8" else nullcontext()
         if lay.pp > 1:
-            with fp8_scope:
+            with fp8_scope, self._compute_copies(masters_current=False):
                 pipelined = self._pipeline_backward(mbs, weights, lam, ctx)
             return self._finish_step(start, step, global_batch, lr, lam, gamma, *pipelined)
 
@@ -234,7 +246,7 @@ class Trainer:
             for k, v in out.losses.items():
                 parts[k] = parts.get(k, 0) + v.detach().float() * weights[i]
 
-        with fp8_scope:
+        with fp8_scope, self._compute_copies(masters_current=False):
             overlap.accumulate(mbs, forward, backward, self._fb_streams)
         lay.finish_gradients()
 
@@ -274,6 +286,8 @@ class Trainer:
             self.nan_streak += 1
         else:
             self.optimizer.step()
+            if self.compute is not None:
+                self.compute.mark_stale()
             vios = balance.update_balance_biases(self.model, gamma, self.all_reduce)
             if pipeline_counts is not None:  # a rank only counts its own layers: MaxVio from all of them
                 from dsv3.model.moe import max_violation
@@ -327,6 +341,16 @@ class Trainer:
             old[s] = signal.signal(s, self._on_signal)
         return old
 
+    def _compute_copies(self, masters_current: bool):
+        """``train.weight_cast = "per_step"``: the modules hold the bf16 compute copies inside, refreshed first if
+        the masters changed (unless ZeRO-1's overlapped sync refreshes them as the masters land in the forward,
+        and they have not all landed: ``masters_current``). Otherwise nothing."""
+        if self.compute is None:
+            return nullcontext()
+        if masters_current or not self._refresh_in_forward:
+            self.compute.refresh()
+        return self.compute.swapped_in()
+
     def _before_forward(self) -> None:
         if self._cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
@@ -352,11 +376,19 @@ class Trainer:
         self.layout.wait_params()
         if self.layout.pp > 1:  # stages live on different ranks: rank 0 assembles the model and evaluates alone
             whole = self.layout.assembled_model(self.model)
-            result = self.evaluate_alone(whole) if self.is_main else {}
+            result = {}
+            if self.is_main:   # per_step: the assembled model computes with bf16 copies too, as the stages do
+                copies = ComputeWeights(whole, self.compute.dtype) if self.compute is not None else None
+                if copies is not None:
+                    copies.refresh()
+                with copies.swapped_in() if copies is not None else nullcontext():
+                    result = self.evaluate_alone(whole)
+                del copies
             del whole
             self.layout.barrier()
         else:
-            result = self.evaluate()
+            with self._compute_copies(masters_current=True):   # compiled blocks see the training dtypes
+                result = self.evaluate()
         if result.get("tokens") and self.is_main:
             record = {"step": self.step, "tokens_seen": self.tokens, **result}
             self.eval_log.write(record)

@@ -24,7 +24,8 @@ computed and dropped) and again in W. On the CPU, a compiled two-linear block's 
 backward. Parameters joining at one are therefore differentiated in B itself, in the same engine call as
 the stage input. Their backward runs once, and only the built-in nodes' weight branches are deferred to W.
 
-The weight gradients are accumulated into ``.grad`` exactly as ``backward()`` would.
+The weight gradients are accumulated into ``.grad`` exactly as ``backward()`` would, and then the parameter's
+post-accumulate-grad hooks run, as after autograd's own accumulation.
 """
 from __future__ import annotations
 
@@ -126,6 +127,9 @@ class WeightGrad:
 
 
 def _accumulate(params, grads) -> None:
+    """Add into ``.grad`` as autograd's AccumulateGrad would, post-accumulate-grad hooks included (the
+    gradient reducer's buckets; ``train.weight_cast = "per_step"``'s move into the FP32 master)."""
+    from dsv3.train.compute_weights import run_post_accumulate_grad_hooks
     for p, g in zip(params, grads):
         if g is None:
             continue
@@ -133,6 +137,7 @@ def _accumulate(params, grads) -> None:
             p.grad = g.detach().clone() if g.requires_grad else g
         else:
             p.grad += g
+        run_post_accumulate_grad_hooks(p)
 
 
 def backward_input(outputs: Sequence[torch.Tensor], grad_outputs: Sequence[torch.Tensor | None],

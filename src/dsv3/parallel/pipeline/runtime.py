@@ -230,7 +230,10 @@ def sync_tied_grads(stages: Sequence[PipelineStage], schedule: str, pp: int, gro
     if not has_mtp or rank not in (0, last):
         return
     st = stages[0]
-    p = st.get_parameter("embed_tokens.weight")
+    # the FP32 parameter, also while the stage holds its bf16 compute copy (train.weight_cast = "per_step",
+    # whose hook has moved every gradient there)
+    from dsv3.train.compute_weights import master_of
+    p = master_of(st.get_parameter("embed_tokens.weight"))
     g = p.grad if p.grad is not None else torch.zeros_like(p)
     peer = last if rank == 0 else 0
     gp = lambda r: dist.get_global_rank(group, r) if group is not None else r  # noqa: E731
