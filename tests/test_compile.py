@@ -152,13 +152,17 @@ def test_gpu_cudagraph_blocks_train_like_eager(precision):
     torch.manual_seed(0)
     cfg = preset("tiny").replace(num_hidden_layers=3, vocab_size=256)
     eager = DeepseekV3(cfg).cuda()
+    compiled = DeepseekV3(cfg).cuda()      # the same Inductor kernels without CUDA graphs: the tight reference
     graphed = DeepseekV3(cfg).cuda()
+    compiled.load_state_dict(eager.state_dict())
     graphed.load_state_dict(eager.state_dict())
+    compile_blocks(list(compiled.layers) + list(compiled.mtp), "default")
     compile_blocks(list(graphed.layers) + list(graphed.mtp), "reduce-overhead")
     owned = OwnedGradients(graphed.parameters())
     batches = [torch.randint(0, 256, (2, 64), device="cuda") for _ in range(8)]
+    worst_vs_eager, worst_vs_compiled, where = 0.0, 0.0, ""
     for step in range(4):          # warm-up, recording, replays
-        for m in (eager, graphed):
+        for m in (eager, compiled, graphed):
             m.zero_grad(set_to_none=True)
             owned.reset()
             for ids in batches[2 * step:2 * step + 2]:
@@ -166,11 +170,17 @@ def test_gpu_cudagraph_blocks_train_like_eager(precision):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
                     loss = m(ids, ids, return_logits=False).loss
                 loss.backward()
-        for (n, p), q in zip(eager.named_parameters(), graphed.parameters()):
+        for (n, p), q, r in zip(eager.named_parameters(), compiled.parameters(), graphed.parameters()):
             if p.grad is None:
                 continue
-            if precision == "fp32":
-                torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"step {step} {n}: {m}")
-            else:   # bf16: Inductor's fused kernels round differently from eager; compare whole tensors
-                err = (q.grad - p.grad).norm() / p.grad.norm().clamp_min(1e-12)
-                assert err < 3e-2, f"step {step} {n}: relative error {err:.3g}"
+            err = float((r.grad - q.grad).norm() / q.grad.norm().clamp_min(1e-12))
+            if err > worst_vs_compiled:
+                worst_vs_compiled, where = err, f"step {step} {n}"
+            worst_vs_eager = max(worst_vs_eager, float((r.grad - p.grad).norm() / p.grad.norm().clamp_min(1e-12)))
+    print(f"{precision}: worst relative gradient difference of CUDA graphs vs compiled {worst_vs_compiled:.3g} "
+          f"({where}), vs eager {worst_vs_eager:.3g}")
+    # CUDA graphs replay the compiled kernels: the same gradients up to the order of atomic additions
+    assert worst_vs_compiled < 1e-4, where
+    # against eager, loosely: Inductor's fused kernels round differently, and in bf16 a rounding can move a token
+    # to another expert
+    assert worst_vs_eager < (0.2 if precision == "bf16" else 1e-2)
