@@ -242,7 +242,8 @@ def main() -> None:
                          "parallel.fp8_dispatch on; one_fbo, dp2_fbo, ep2_fbo, ep2_fbo_fp8d: "
                          "parallel.fb_overlap on; one_gc50, ep2_gc50: train.gc_every = 50; ep2_ag, ep2_ag_cg: "
                          "parallel.ep_dispatch = 'allgather', the second with CUDA graphs (ep2 itself runs 'auto', = "
-                         "'allgather' at ep 2); ep2_a2a, ep2_a2a_cg: 'alltoall'); the others are read from "
+                         "'allgather' at ep 2); ep2_a2a, ep2_a2a_cg: 'alltoall'; one_pu, one_cg_pu, ep2_pu, ep2_cg_pu, "
+                         "dp2_pu: train.weight_cast = 'per_use', one_ps, one_cg_ps: 'per_step'); the others are read from "
                          "OUT/NAME/result.json of an earlier call (e.g. the one-GPU baseline on a free GPU while "
                          "another job runs). NAME:STEPS:FROM gives a run its own length and first median step, e.g. "
                          "one:110:80,ep2:110:80,dp2,pp2_dualpipev: EP=2 measured once the router has balanced, "
@@ -302,6 +303,8 @@ def main() -> None:
     gc50 = ["--set", "train.gc_every=50"]
     ag = ["--set", 'parallel.ep_dispatch="allgather"']   # fixed-size exchanges: no host read of splits
     a2a = ["--set", 'parallel.ep_dispatch="alltoall"']   # the default before session 11 ('auto' = allgather at ep 2)
+    pu = ["--set", 'train.weight_cast="per_use"']   # autocast casting fp32 weights at every use (before 2026-12-07)
+    ps = ["--set", 'train.weight_cast="per_step"']  # bf16 weight copies cast once per optimizer step
     variant_runs = {"one_cg": (1, cg), "dp2_cg": (2, cg), "ep2_cg": (2, ep + cg), "ep2_fp8d": (2, ep + fp8d),
                     "ep2_cg_fp8d": (2, ep + cg + fp8d), "one_fbo": (1, fbo), "dp2_fbo": (2, fbo),
                     "ep2_fbo": (2, ep + fbo), "ep2_fbo_fp8d": (2, ep + fbo + fp8d),
@@ -309,7 +312,9 @@ def main() -> None:
                     # default-50 code against 'ep2_autogc' = train.gc_every 0, now the default)
                     "one_gc50": (1, gc50), "ep2_gc50": (2, ep + gc50),
                     "ep2_ag": (2, ep + ag), "ep2_ag_cg": (2, ep + ag + cg), "ep2_a2a": (2, ep + a2a),
-                    "ep2_a2a_cg": (2, ep + a2a + cg)}
+                    "ep2_a2a_cg": (2, ep + a2a + cg),
+                    "one_pu": (1, pu), "one_ps": (1, ps), "one_cg_pu": (1, cg + pu), "one_cg_ps": (1, cg + ps),
+                    "ep2_pu": (2, ep + pu), "ep2_cg_pu": (2, ep + cg + pu), "dp2_pu": (2, pu)}
     if RUNS & variant_runs.keys() or RUNS == {"one", "ep2"}:
         if "ep2" in RUNS and not RUNS & {"dp2", "pp2_dualpipev"}:   # the EP A/B: default EP=2 on the same machine,
             r = train("ep2", out, data, 2, common, ["--set", f"train.batch_size={2 * per_gpu}", *ep])  # first
