@@ -94,9 +94,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(h_TD: torch.Tensor, w_VD: torch.Tensor, labels_T: torch.Tensor,
                          chunk: int = 8192, compiled: bool | None = None) -> torch.Tensor:
     """mean CE of softmax(h W^T) against labels (-100 ignored); runs in autocast's dtype when it is on.
-    ``compiled``: the per-chunk softmax/gradient compiled (default: on CUDA) or eager (the reference)."""
+    ``compiled``: the per-chunk softmax/gradient compiled (default: on CUDA) or eager (the reference).
+    The weight is cast at each call (``train.weight_cast = "per_step"`` hands over its once-per-step copy
+    instead, the same values: ``dsv3.train.compute_weights.cast_for_use``)."""
+    from dsv3.train.compute_weights import cast_for_use
     dtype = h_TD.dtype
     if torch.is_autocast_enabled(h_TD.device.type):
         dtype = torch.get_autocast_dtype(h_TD.device.type)
     with torch.autocast(h_TD.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(h_TD.to(dtype), w_VD.to(dtype), labels_T, chunk, compiled)
+        return _LinearCrossEntropy.apply(h_TD.to(dtype), cast_for_use(w_VD, dtype), labels_T, chunk, compiled)

@@ -409,9 +409,12 @@ class _ChunkedRouted(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TD, weight_TK, w_gate, w_up, w_down, plan: _ChunkPlan):
+        from dsv3.train.compute_weights import cast_for_use
         p, t = plan, plan.transport
         C, K, D, dtype = p.C, p.K, p.D, p.dtype
-        wg, wu, wd = (w.to(dtype) for w in (w_gate, w_up, w_down))
+        # the weights' gradients are summed over the chunks in fp32 and returned in the weights' dtype, so
+        # train.weight_cast = "per_step" leaves the fp32 masters here and hands over their bf16 copies
+        wg, wu, wd = (cast_for_use(w, dtype) for w in (w_gate, w_up, w_down))
         x_sorted = x_TD[p.src_token]                  # all chunks' send buffers, chunk after chunk
         p.src_token = None                            # the backward needs only the chunk-local indices
         if p.fp8:

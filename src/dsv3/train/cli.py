@@ -188,9 +188,11 @@ def _train_and_report(trainer, cfg: RunConfig, run_dir: Path, data: Path, ckpt, 
 
     say = trainer.progress.print
     m = trainer.model
-    if trainer.compute is not None:
-        compute = ("bf16 compute" + (" under autocast" if trainer.autocast else "")
-                   + " with bf16 weight copies cast once per step (train.weight_cast = 'per_step')")
+    if trainer.compute is not None:   # per_step runs under autocast on every device (the CPU included)
+        cw = trainer.compute
+        compute = (f"bf16 autocast compute, its weight casts done once per step (train.weight_cast = 'per_step': "
+                   f"bf16 copies of the {len(cw.masters)} GEMM weight tensors this rank holds, "
+                   f"{sum(p.numel() for p in cw.masters) / 1e6:.2f}M parameters)")
     else:
         compute = (f"{'bf16 autocast' if trainer.autocast else 'fp32'} compute"
                    + (" (bf16 requested; CPU runs fp32)" if cfg.train.precision == "bf16" and not trainer.autocast

@@ -57,8 +57,8 @@ class TrainConfig:
     bias_gamma: float = 0.001             # aux-loss-free balance bias update speed
     bias_gamma_off: float = 0.95          # fraction of steps after which the bias is frozen (gamma = 0)
     balance_alpha: float = 1e-4           # sequence-wise balance loss weight; 0 = off
-    precision: str = "bf16"               # 'bf16' (autocast on CUDA; fp32 on CPU unless weight_cast is 'per_step'), 'fp32', or 'fp8' (V3's block-scaled FP8 GEMMs, bf16 elsewhere)
-    weight_cast: str = "auto"             # with precision 'bf16': 'per_step' (cast once per optimizer step into bf16 copies the model computes with, embedding/norms/router too; fp32 masters for optimizer and checkpoints), 'per_use' (autocast casts at every use), 'auto' (per_step on CUDA, else per_use)
+    precision: str = "bf16"               # 'bf16' (autocast on CUDA; on CPU fp32, or bf16 autocast with weight_cast 'per_step'), 'fp32', or 'fp8' (V3's block-scaled FP8 GEMMs, bf16 elsewhere)
+    weight_cast: str = "auto"             # with precision 'bf16': 'per_step' (autocast's weight casts done once per optimizer step into bf16 copies of the GEMM weights and head; same numerics as per_use; embedding, norms, router and masters stay fp32; runs under bf16 autocast on the CPU too), 'per_use' (autocast casts at every use), 'auto' (per_step on CUDA, else per_use)
     fp8_modules: str = "attention,mlp,experts"  # with precision 'fp8': which GEMM families run in FP8 (comma-separated)
     fp8_backend: str = "auto"             # FP8 GEMM kernels: 'auto' (fastest available), 'reference' (dequantize + fp32 matmul, for checking)
     device: str = "auto"                  # 'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'

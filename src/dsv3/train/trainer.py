@@ -74,7 +74,12 @@ class Trainer:
         self.layout = Layout(cfg.parallel, cfg.model, "auto" if t.device == "auto" else str(pick_device(t.device)))
         self.device = self.layout.device
         self.is_main = self.layout.is_main
-        self.autocast = torch.bfloat16 if (t.precision in ("bf16", "fp8") and self.device.type == "cuda") else None
+        # train.weight_cast = "per_step" (dsv3.train.compute_weights) is bf16 autocast with the weight casts done
+        # once per step, so it runs under autocast on every device: on the CPU too, where precision 'bf16' with
+        # 'per_use' runs fp32 (with only the GEMM weights in bf16, the model cannot run without autocast)
+        self.weight_cast = resolve_weight_cast(t.weight_cast, t.precision, self.device)
+        self.autocast = torch.bfloat16 if (t.precision in ("bf16", "fp8") and self.device.type == "cuda"
+                                           or self.weight_cast == "per_step") else None
         self.progress = metrics.Progress(t.steps, quiet=quiet or not self.is_main)
 
         # Some CPU backward kernels (scatter/index-add style) accumulate in thread order; deterministic mode
@@ -145,11 +150,11 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         if resume is not None:
             self._restore(resume)
-        # train.weight_cast = "per_step": bf16 compute copies of the fp32 masters, cast once per optimizer step and
-        # held by the modules during the step's passes and evaluation (dsv3.train.compute_weights). Built after a
-        # resume, so the copies come from the loaded masters. Under ZeRO-1's overlapped parameter sync the copies
-        # refresh as the parameters land in the next forward; everywhere else before the step's passes.
-        self.weight_cast = resolve_weight_cast(t.weight_cast, t.precision, self.device)
+        # train.weight_cast = "per_step": bf16 copies of the fp32 masters that autocast would cast at every use
+        # (GEMM weights, head), cast once per optimizer step and used during the step's passes and evaluation
+        # (dsv3.train.compute_weights). Built after a resume, so the copies come from the loaded masters. Under
+        # ZeRO-1's overlapped parameter sync the copies refresh as the parameters land in the next forward;
+        # everywhere else before the step's passes.
         self.compute: ComputeWeights | None = None
         self._refresh_in_forward = False
         if self.weight_cast == "per_step":
@@ -377,7 +382,7 @@ class Trainer:
         if self.layout.pp > 1:  # stages live on different ranks: rank 0 assembles the model and evaluates alone
             whole = self.layout.assembled_model(self.model)
             result = {}
-            if self.is_main:   # per_step: the assembled model computes with bf16 copies too, as the stages do
+            if self.is_main:   # per_step: the assembled model uses bf16 copies too, as the stages do
                 copies = ComputeWeights(whole, self.compute.dtype) if self.compute is not None else None
                 if copies is not None:
                     copies.refresh()

@@ -230,8 +230,8 @@ def sync_tied_grads(stages: Sequence[PipelineStage], schedule: str, pp: int, gro
     if not has_mtp or rank not in (0, last):
         return
     st = stages[0]
-    # the FP32 parameter, also while the stage holds its bf16 compute copy (train.weight_cast = "per_step",
-    # whose hook has moved every gradient there)
+    # the FP32 parameter, also if the stage held a bf16 compute copy of it (train.weight_cast = "per_step", whose
+    # hooks move every gradient into the master; it copies no embedding today, so this is the parameter itself)
     from dsv3.train.compute_weights import master_of
     p = master_of(st.get_parameter("embed_tokens.weight"))
     g = p.grad if p.grad is not None else torch.zeros_like(p)
