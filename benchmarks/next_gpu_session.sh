@@ -30,9 +30,14 @@
 #                                         #   distributed.py's one-GPU trainer run eager against CUDA graphs
 #                                         #   (RUNS, default one:40:20,one_cg:40:20); everything in $OUT/cg1.tar.gz
 #                                         #   (session 14, H200: kernels pass; one_cg fails in bf16; one 450.9 ms)
-#   NEXT (one GPU, session 14 could not start a machine again): PYTHONPATH=src python3 benchmarks/cudagraph_probe.py
-#                                         #   (which change makes bf16 one-GPU CUDA graphs train), then
-#                                         #   CONFIGS=819m,small,3b ... step (819M never run on an H100; carry .whl)
+#   NEXT (one GPU, session 15 ran out of device time before its last call), in one call (~5 min):
+#     PYTHONPATH=src python3 -m pytest -q tests/test_weight_cast_gpu.py   # per_step == per_use bit for bit on CUDA
+#     PYTHONPATH=src python3 benchmarks/compile_parity_probe.py --precisions fp32   # why compiled fp32 != eager
+#                                         #   on CUDA/torch 2.11 (tests/test_compile.py's CUDA test: rel. 1.0)
+#     PYTHONPATH=src python3 benchmarks/distributed.py --out /tmp/d --runs one:24:8,one_pu:24:8
+#                                         #   (final per_step timed; session 15's first version: 483.3 vs 517.8 ms)
+#   then CONFIGS=819m,small,3b ... step (819M never run on an H100; carry .whl)
+#   NEXT (two GPUs): RUNS=one_cg:90:50,ep2_cg:90:50,dp2_cg:90:50 dist (one-GPU CUDA graphs train since session 15)
 #   benchmarks/next_gpu_session.sh ep2    # two GPUs: corpus + the 10-minute EP=2 real-corpus run in the background
 #   benchmarks/next_gpu_session.sh one    # one GPU: the same run on one GPU (the control: today's code, same data)
 #   benchmarks/next_gpu_session.sh step   # one GPU (#5): test_moe_compile.py first (the padded-layout compiled-dx
