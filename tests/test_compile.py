@@ -184,3 +184,16 @@ def test_gpu_cudagraph_blocks_train_like_eager(precision):
     # against eager, loosely: Inductor's fused kernels round differently, and in bf16 a rounding can move a token
     # to another expert
     assert worst_vs_eager < (0.2 if precision == "bf16" else 1e-2)
+
+
+def test_cudagraph_gradient_copies_skip_the_masters_fed_by_per_step_hooks():
+    """Under train.weight_cast = 'per_step' the swapped weights' masters get their .grad from the copies' hooks
+    (a fresh fp32 tensor, never a graph output), so the trainer leaves them out of OwnedGradients; the weights
+    the model keeps in fp32 (embedding, norms, router) still get autograd's gradient and stay in."""
+    from dsv3.train.compute_weights import ComputeWeights
+
+    m = DeepseekV3(preset("tiny").replace(num_hidden_layers=2, vocab_size=256))
+    fed = {id(p) for p in ComputeWeights(m).hook_fed_masters()}
+    assert id(m.layers[0].self_attn.q_a_proj.weight) in fed and id(m.layers[1].mlp.experts.gate_proj) in fed
+    for kept in (m.embed_tokens.weight, m.layers[0].input_layernorm.weight, m.layers[1].mlp.gate.weight):
+        assert id(kept) not in fed

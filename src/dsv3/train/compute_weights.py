@@ -179,6 +179,10 @@ class ComputeWeights:
         self.active = False
         self.refreshed = 0                             # tensors copied so far (tests: no needless refresh)
 
+    def hook_fed_masters(self) -> list[nn.Parameter]:
+        """The masters whose ``.grad`` the copies' hooks write (SWAP kind), never autograd itself."""
+        return [p for p, kind in zip(self.masters, self.kinds) if kind == SWAP]
+
     def mark_stale(self) -> None:
         """The masters changed (an optimizer step, a load): the next ``refresh`` copies every one."""
         self._stale = set(range(len(self.masters)))

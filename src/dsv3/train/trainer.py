@@ -116,13 +116,6 @@ class Trainer:
         # CUDA graphs (compile_mode 'reduce-overhead' / 'max-autotune'): each forward starts a new replay
         # generation, so the previous micro-batch's graph outputs (consumed by its backward) may be reused
         self._cudagraphs = t.compile and t.compile_mode in CUDAGRAPH_MODES and self.device.type == "cuda"
-        # ... and the first micro-batch's weight gradients are graph outputs too: give them memory of their own
-        # unless the data-parallel reducer already copies them into its bucket buffers (dsv3.train.cudagraph_grads)
-        self._owned_grads = None
-        reducer = getattr(self.layout.par, "reducer", None)
-        if self._cudagraphs and (reducer is None or not reducer.as_view):
-            from dsv3.train.cudagraph_grads import OwnedGradients
-            self._owned_grads = OwnedGradients(self.model.parameters())
         # parallel.fb_overlap: two streams for the forwards (dsv3.train.overlap); on the CPU the plain loop
         self._fb_streams = None
         if self.layout.pc.fb_overlap:
@@ -161,6 +154,15 @@ class Trainer:
             self.compute = ComputeWeights(self.layout.held if self.layout.pp > 1 else self.model)
             self._refresh_in_forward = self.layout.on_params_landed(self.compute.refresh)
             self.compute.refresh()
+        # CUDA graphs: the first micro-batch's weight gradients are graph outputs too; give them memory of their
+        # own (dsv3.train.cudagraph_grads), unless the data-parallel reducer copies them into its bucket buffers
+        # already, or they reach the master through a per_step copy's hook (which writes a fresh fp32 tensor)
+        self._owned_grads = None
+        reducer = getattr(self.layout.par, "reducer", None)
+        if self._cudagraphs and (reducer is None or not reducer.as_view):
+            from dsv3.train.cudagraph_grads import OwnedGradients
+            fed = set() if self.compute is None else {id(p) for p in self.compute.hook_fed_masters()}
+            self._owned_grads = OwnedGradients(p for p in self.model.parameters() if id(p) not in fed)
 
         self.flops_per_token = metrics.flops_per_token(cfg.model, t.seq_len)
         self.peak_flops, self.peak_desc = (t.peak_tflops * 1e12, "train.peak_tflops") if t.peak_tflops > 0 \
