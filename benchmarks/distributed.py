@@ -183,7 +183,11 @@ def simulate(res: dict, args, seq: int, one: dict, dp2: dict | None, ep2: dict |
     rates = load_rates("h100", args.rates, nvlink_gbps=res.get("a2a_plain_gbps"))
     res["sim_rates"] = rates.name
     res["sim_nvlink_gbps"] = rates.nvlink_gbps
+    from dsv3.train.compute_weights import resolve_weight_cast
+    import torch
+    weight_cast = resolve_weight_cast(t.weight_cast, t.precision, torch.device(args.device))
     res["sim_options"] = {"precision": t.precision, "recompute": t.recompute, "bf16_moments": t.bf16_moments,
+                          "weight_cast": weight_cast,
                           "fp8_dispatch": pc.fp8_dispatch, "ep_chunks": pc.ep_chunks,
                           "micro_batch": args.micro, "microbatches": args.accum, "seq": seq,
                           "mtp_layers": cfg.num_nextn_predict_layers}
@@ -192,7 +196,7 @@ def simulate(res: dict, args, seq: int, one: dict, dp2: dict | None, ep2: dict |
         opts = trainer_options(t.precision, t.recompute, ep=ep, dp=dp, bf16_moments=t.bf16_moments,
                                fp8_dispatch=pc.fp8_dispatch, ep_chunks=pc.ep_chunks,
                                overlap_param_sync=pc.overlap_param_sync, reduce_to_owner=pc.reduce_to_owner,
-                               grad_as_bucket_view=pc.grad_as_bucket_view, **kw)
+                               grad_as_bucket_view=pc.grad_as_bucket_view, weight_cast=weight_cast, **kw)
         return predict_step(cfg, layout, rates, micro_batch=args.micro, seq_len=seq, microbatches=args.accum,
                             schedule="1f1b", options=opts)["step_s"]
 

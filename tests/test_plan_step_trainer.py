@@ -66,6 +66,20 @@ def test_autocast_casts_and_fp32_accumulation(model_counts):
     assert cast == 2_622_849_024  # every Linear and expert weight; not norms, router, embedding
 
 
+def test_weight_casts_once_per_step(model_counts):
+    """train.weight_cast = 'per_step' (the trainer's default on CUDA): 6 B per cast weight once per step; its
+    gradient converted into .grad in the first micro-batch (6 B) and added in the others (10 B); the parameters it
+    does not copy accumulate 12 B as before. The saving against per_use, against the one-H100 measurement of
+    2026-12-07 (distributed.py one vs one_pu, small, 4 micro-batches of 2 x 4096: 517.8 -> 483.3 ms, 34.5 ms)."""
+    total, cast = model_counts
+    want = (6 * cast + 6 * cast + (M - 1) * 10 * cast + (M - 1) * 12 * (total - cast)) / HBM
+    assert delta(autocast_casts=True, casts_once_per_step=True) == pytest.approx(want, rel=1e-5)
+    assert trainer_options(weight_cast="per_step").casts_once_per_step
+    assert not trainer_options("fp8", weight_cast="per_step").casts_once_per_step   # FP8 keeps per_use
+    saving = delta(autocast_casts=True) - delta(autocast_casts=True, casts_once_per_step=True)
+    assert saving == pytest.approx(0.0345, rel=0.25), saving
+
+
 def test_clipping_bytes(model_counts):
     total, _ = model_counts
     r = step(clip_bytes=12.0)
@@ -263,3 +277,12 @@ def test_allgather_prediction_against_the_measured_step():
     r = predict_step(CFG, "pp=1,ep=2,dp=2", R, MB, SEQ, M, "1f1b",
                      trainer_options(ep=2, dp=2, expert_imbalance=1.030, ep_dispatch="allgather"))
     assert abs(r["step_s"] / 0.5537 - 1) < 0.10, r["step_s"]
+
+
+def test_one_stage_takes_any_schedule():
+    """`dsv3 plan step MODEL --layout pp=1,...` with the default schedule (DualPipe, V3's) stopped with a KeyError;
+    one stage has no pipeline to schedule, so every schedule gives the 1F1B step."""
+    plain = predict_step(CFG, "pp=1,ep=1,dp=1", R, MB, SEQ, M, "1f1b", trainer_options())
+    for schedule in ("dualpipe", "dualpipev"):
+        r = predict_step(CFG, "pp=1,ep=1,dp=1", R, MB, SEQ, M, schedule, trainer_options())
+        assert r["step_s"] == plain["step_s"] and r["schedule"] == plain["schedule"]

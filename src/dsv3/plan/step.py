@@ -163,6 +163,8 @@ class Options:
     residual_bytes: float = 2.0     # bytes per value of the residual stream (4: fp32 under autocast)
     autocast_casts: bool = False    # fp32 master weights cast to BF16 every micro-batch, BF16 weight gradients
     #                                 cast back and accumulated into fp32 .grad
+    casts_once_per_step: bool = False  # with autocast_casts: train.weight_cast = "per_step" (BF16 copies cast once
+    #                                 per step; their BF16 gradients added straight into the fp32 .grad)
     router_fp32: bool = False       # router GEMMs in fp32 (Rates.gemm_fp32_tflops), its input cast to fp32
     torch_routing: bool = False     # top-k routing and the dispatch sort as torch kernels (Rates.routing_ns_per_token)
     moe_permute: bool = False       # sort-based gather of the K copies and the un-permute (V3: inside DeepEP)
@@ -215,7 +217,8 @@ def trainer_options(precision: str = "bf16", recompute: str = "none", *, ep: int
                     bf16_moments: bool = False, fp8_dispatch: bool = False, ep_chunks: int = 1,
                     ep_host_syncs: int = 1, expert_imbalance: float = 1.0, pp: int = 1,
                     overlap_param_sync: bool = True, reduce_to_owner: bool = True,
-                    grad_as_bucket_view: bool = True, ep_dispatch: str = "alltoall") -> Options:
+                    grad_as_bucket_view: bool = True, ep_dispatch: str = "alltoall",
+                    weight_cast: str = "per_use") -> Options:
     """Options for a step of ``dsv3 train`` (dsv3.train.trainer) on CUDA: ``precision`` 'bf16' (autocast) or
     'fp8', ``recompute`` as train.recompute ('selective' replays the attention sub-block), the layout's ``ep``
     and ``dp``, train.bf16_moments, parallel.fp8_dispatch / ep_chunks, and the measured EP receive imbalance.
@@ -225,7 +228,11 @@ def trainer_options(precision: str = "bf16", recompute: str = "none", *, ep: int
     * fp32 parameters under autocast: every Linear / grouped weight is cast to BF16 in each micro-batch's
       forward (read 4 + write 2) and its BF16 gradient cast back (read 2 + write 4); micro-batches after the
       first add into the fp32 ``.grad`` (read 4 + 4, write 4). The embedding lookup is not autocast, so the
-      residual stream is fp32: ``residual_bytes = 4``.
+      residual stream is fp32: ``residual_bytes = 4``. ``weight_cast = "per_step"`` (train.weight_cast, as
+      resolved: the trainer's 'auto' on CUDA; ``dsv3.train.compute_weights``): the same weights are cast once per
+      optimizer step (read 4 + write 2, spread over the micro-batches), and each BF16 weight gradient goes
+      straight into the fp32 ``.grad``: the first micro-batch's converted (read 2 + write 4), the later ones'
+      added (read 4 + 2, write 4). The weights it does not copy (norms, router, embedding) accumulate as above.
     * the router runs fp32 (``MoE.gate``: ``F.linear(x.float(), weight.float())`` with autocast off; torch
       leaves TF32 off), top-k routing and the dispatch argsort are torch kernels, and the K copies of each
       token are gathered into expert order and un-permuted with index kernels (``experts_forward_sorted``).
@@ -258,6 +265,8 @@ def trainer_options(precision: str = "bf16", recompute: str = "none", *, ep: int
       per token) and gets T partial sums back from each, and sorts and gathers ep*T*K slots.
     """
     allgather = ep_dispatch == "allgather" and ep > 1
+    if weight_cast not in ("per_use", "per_step"):
+        raise ValueError(f"weight_cast {weight_cast!r}: the trainer resolves it to per_use or per_step")
     if recompute not in ("none", "selective", "full"):
         raise ValueError(f"recompute {recompute!r}: the trainer takes none, selective or full")
     return Options(
@@ -265,6 +274,7 @@ def trainer_options(precision: str = "bf16", recompute: str = "none", *, ep: int
         dispatch_bytes=(1.0 + 4.0 / 128) if fp8_dispatch else 2.0, combine_bytes=2.0,
         grad_bytes=4.0, weight_bytes=4.0, expert_imbalance=expert_imbalance,
         optimizer_bytes=20.0 if bf16_moments else 28.0, residual_bytes=4.0, autocast_casts=True,
+        casts_once_per_step=weight_cast == "per_step" and precision == "bf16",
         router_fp32=True, torch_routing=True, moe_permute=True, ep_regroup=ep > 1 and not allgather,
         ep_host_syncs=ep_host_syncs if ep > 1 and not allgather else 0, ep_chunks=ep_chunks if ep > 1 else 1,
         ep_dispatch="allgather" if allgather else "alltoall",
@@ -473,7 +483,7 @@ def chunk_work(cfg: ModelConfig, layers: range, first: bool, last: bool, layout:
     if last:
         w.add(head_work(cfg, layout, rates, opts, tokens, seq_len))
     if opts.autocast_casts:
-        w.add(cast_work(cfg, layers, first, last, layout, rates, microbatches))
+        w.add(cast_work(cfg, layers, first, last, layout, rates, microbatches, opts.casts_once_per_step))
     return w
 
 
@@ -495,16 +505,26 @@ def cast_params(cfg: ModelConfig, layers: range, first: bool, last: bool, ep: in
 
 
 def cast_work(cfg: ModelConfig, layers: range, first: bool, last: bool, layout: Layout, rates: Rates,
-              microbatches: int) -> Work:
+              microbatches: int, once_per_step: bool = False) -> Work:
     """fp32 master weights under autocast, per micro-batch of a chunk: forward casts each cast weight to BF16
     (read 4 + write 2 bytes); backward casts its BF16 gradient to fp32 (read 2 + write 4) and, for every
     micro-batch after the first, AccumulateGrad adds it into the fp32 ``.grad`` of every parameter (read 4 + 4,
-    write 4), spread evenly over the step's micro-batches."""
+    write 4), spread evenly over the step's micro-batches.
+
+    ``once_per_step`` (train.weight_cast = "per_step"): the forward casts happen once per step (6 bytes per cast
+    weight, spread over the micro-batches); a cast weight's BF16 gradient is converted into ``.grad`` in the
+    first micro-batch (6) and added into it in the later ones (read 4 + 2, write 4: 10); the other parameters
+    accumulate as above."""
     hbm = rates.hbm_gbps * 1e9
     cast = cast_params(cfg, layers, first, last, layout.ep)
     dense, exp = chunk_params(cfg, layers, first, last, layout.ep)
+    later = (microbatches - 1) / microbatches
+    if once_per_step:
+        f = 6 * cast / microbatches / hbm
+        w = (cast * (6 / microbatches + 10 * later) + 12 * (dense + exp - cast) * later) / hbm
+        return Work(f=f, b=0.0, w=w, parts={"weight casts (once per step)": f})
     f = 6 * cast / hbm
-    acc = 12 * (dense + exp) * (microbatches - 1) / microbatches / hbm
+    acc = 12 * (dense + exp) * later / hbm
     return Work(f=f, b=0.0, w=6 * cast / hbm + acc, parts={"autocast weight casts": f})
 
 
@@ -845,6 +865,8 @@ def predict_step(model_cfg: ModelConfig, layout: Layout | str, rates: Rates, mic
     if isinstance(layout, str):
         layout = parse_layout(layout)
     layout.check(cfg)
+    if layout.pp == 1:   # one stage has no pipeline to schedule (DualPipe's two chunks need pp >= 2)
+        schedule = "1f1b"
     opts = (options or Options()).check()
     rates.check()
     if micro_batch < 1 or seq_len < 1 or microbatches < 1:
@@ -982,6 +1004,9 @@ def add_parser(sub) -> None:
                         "micro-batch, fp32 gradient accumulation, fused fp32 AdamW, clipping, fp32 router, torch "
                         "routing and permutations, EP host syncs, DP gradient all-reduce (see trainer_options)")
     p.add_argument("--bf16-moments", action="store_true", help="with --trainer: train.bf16_moments")
+    p.add_argument("--weight-cast", choices=("per_step", "per_use"), default="per_step",
+                   help="with --trainer: train.weight_cast as resolved (default per_step, the trainer's 'auto' "
+                        "for bf16 on CUDA)")
     p.add_argument("--ep-chunks", type=POS_INT, default=1, help="with --trainer: parallel.ep_chunks (default 1)")
     p.add_argument("--ep-dispatch", choices=("auto", "alltoall", "allgather"), default="auto",
                    help="with --trainer: parallel.ep_dispatch (default auto, as the trainer: allgather at ep = 2 "
@@ -1017,7 +1042,8 @@ def _run_step(args) -> list:
                                     precision == "fp8")
         opts = trainer_options(precision, args.recompute or "none", ep=layout.ep, dp=layout.dp,
                                bf16_moments=args.bf16_moments, ep_chunks=args.ep_chunks,
-                               expert_imbalance=args.expert_imbalance, pp=layout.pp, ep_dispatch=dispatch)
+                               expert_imbalance=args.expert_imbalance, pp=layout.pp, ep_dispatch=dispatch,
+                               weight_cast=args.weight_cast)
         opts = dataclasses.replace(opts, node_limit=args.node_limit, overlap_dp=not args.no_overlap_dp).check()
     else:
         opts = Options(precision=args.precision or "fp8", recompute=args.recompute or "selective",
