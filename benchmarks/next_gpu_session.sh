@@ -30,6 +30,7 @@
 #                                         #   distributed.py's one-GPU trainer run eager against CUDA graphs
 #                                         #   (RUNS, default one:40:20,one_cg:40:20); everything in $OUT/cg1.tar.gz
 #                                         #   (session 14, H200: kernels pass; one_cg fails in bf16; one 450.9 ms)
+#   benchmarks/next_gpu_session.sh wc1    # one GPU: the NEXT list below in one call (~5-6 min), $OUT/wc1.tar.gz
 #   NEXT (one GPU, session 15 ran out of device time before its last call), in one call (~5 min):
 #     PYTHONPATH=src python3 -m pytest -q tests/test_weight_cast_gpu.py   # per_step == per_use bit for bit on CUDA
 #     PYTHONPATH=src python3 benchmarks/compile_parity_probe.py --precisions fp32   # why compiled fp32 != eager
@@ -118,6 +119,21 @@ case "${1:-}" in
       cp /tmp/d/$r/profile/*.txt /tmp/d/$r/profile/*.summary.json $S/$r/ 2>/dev/null; done
     cp /tmp/d/distributed.json $S/ 2>/dev/null
     tar czf $OUT/cg1.tar.gz -C /tmp cg1 ;;
+  wc1)
+    # one GPU (session 15's unrun last call, ~5 min): per_step == per_use bit for bit on CUDA; where compiled fp32
+    # blocks differ from eager on torch 2.11 + CUDA; the final per_step timed against per_use (and CUDA graphs)
+    S=/tmp/wc1; mkdir -p $S
+    nvidia-smi --query-gpu=name --format=csv,noheader | tee $S/gpu.txt
+    timeout ${TEST_S:-120} python3 -m pytest -q -s tests/test_weight_cast_gpu.py tests/test_compile.py -k gpu 2>&1 \
+        | grep -E "^E  |passed|failed|^FAILED|worst" | head -30 | tee $S/gpu_tests.txt
+    timeout 90 python3 benchmarks/compile_parity_probe.py --top 10 2>&1 | grep -v -i warn | grep -v "total +=" \
+        | tee $S/compile_parity.txt
+    timeout ${DIST_S:-300} python3 benchmarks/distributed.py --out /tmp/d --runs ${RUNS:-one:24:8,one_pu:24:8,one_cg:24:8} \
+        > $S/distributed.log 2>&1; echo "distributed rc=$?"; grep -E "^\[|step_s" $S/distributed.log
+    for r in $(ls /tmp/d 2>/dev/null); do [ -f /tmp/d/$r/metrics.jsonl ] || continue; mkdir -p $S/$r
+      cp /tmp/d/$r/result.json /tmp/d/$r/metrics.jsonl $S/$r/ 2>/dev/null
+      cp /tmp/d/$r/profile/*.txt /tmp/d/$r/profile/*.summary.json $S/$r/ 2>/dev/null; done
+    tar czf $OUT/wc1.tar.gz -C /tmp wc1 ;;
   exch)
     # two GPUs (#9, session 12): ep_exchange.py (EP dispatch+combine vs plain all_to_all_single, compiled, 16
     # layers per graph), then the DualPipeV PP=2 run alone (distributed.py's settings, 20 steps, its trace)
@@ -189,5 +205,5 @@ case "${1:-}" in
     grep -E "^\[|device|fp8|FP8" $S/train_step.log | head -20
     tar czf $OUT/fp8lin.tar.gz -C /tmp fp8lin ;;
   *)
-    echo "usage: $0 fp8|dist|cg1|local|exch|ep2|ep2wait|one|onewait|step|fp8lin" >&2; exit 2 ;;
+    echo "usage: $0 fp8|dist|cg1|wc1|local|exch|ep2|ep2wait|one|onewait|step|fp8lin" >&2; exit 2 ;;
 esac
