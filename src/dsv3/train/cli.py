@@ -171,10 +171,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _cudagraph_user_error(e: Exception, cfg: RunConfig) -> UserError | None:
-    """CUDA-graph replay failures of the experimental ``train.compile_mode`` settings, as one clear line: on
-    2026-11-26 'reduce-overhead' trained EP=2 on two H200s but stopped a one-GPU run in its first backward
-    ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run"), also after
-    ``dsv3.train.compile_blocks`` cloned each block's output (session 9, H100)."""
+    """CUDA-graph replay failures of the experimental ``train.compile_mode`` settings, as one clear line. From
+    2026-11-26 to 2026-12-07 'reduce-overhead' stopped one-GPU runs in a backward ("accessing tensor output of
+    CUDAGraphs that has been overwritten by a subsequent run"): weight gradients kept from a graph's output,
+    fixed by ``dsv3.train.cudagraph_grads``. Any other such failure still ends the run with this line."""
     mode = cfg.train.compile_mode
     if isinstance(e, UserError) or mode not in CUDAGRAPH_MODES or "CUDAGraphs" not in str(e):
         return None
