@@ -168,10 +168,13 @@ def layer_rank_imbalance(path: Path, ep: int) -> float | None:
 
 def simulate(res: dict, args, seq: int, one: dict, dp2: dict | None, ep2: dict | None, out: Path) -> None:
     """The step-time simulator for the measured layouts, with the trainer's own costs (trainer_options)."""
+    import torch
+
     from dsv3.config import preset
     from dsv3.parallel.mesh import ParallelConfig
     from dsv3.plan.rates import load_rates
     from dsv3.plan.step import predict_step, trainer_options
+    from dsv3.train.compute_weights import resolve_weight_cast
     from dsv3.train.config import TrainConfig
 
     t = TrainConfig()  # distributed.py leaves recompute, bf16_moments and precision at the trainer defaults
@@ -183,8 +186,7 @@ def simulate(res: dict, args, seq: int, one: dict, dp2: dict | None, ep2: dict |
     rates = load_rates("h100", args.rates, nvlink_gbps=res.get("a2a_plain_gbps"))
     res["sim_rates"] = rates.name
     res["sim_nvlink_gbps"] = rates.nvlink_gbps
-    from dsv3.train.compute_weights import resolve_weight_cast
-    import torch
+    # the weight casts the runs made: 'auto' resolved as the trainer resolves it (per_step on CUDA)
     weight_cast = resolve_weight_cast(t.weight_cast, t.precision, torch.device(args.device))
     res["sim_options"] = {"precision": t.precision, "recompute": t.recompute, "bf16_moments": t.bf16_moments,
                           "weight_cast": weight_cast,
