@@ -120,20 +120,23 @@ case "${1:-}" in
     cp /tmp/d/distributed.json $S/ 2>/dev/null
     tar czf $OUT/cg1.tar.gz -C /tmp cg1 ;;
   wc1)
-    # one GPU (session 15's unrun last call, ~5 min): per_step == per_use bit for bit on CUDA; where compiled fp32
-    # blocks differ from eager on torch 2.11 + CUDA; the final per_step timed against per_use (and CUDA graphs)
+    # one GPU (session 15's unrun last call, ~8 min): per_step == per_use bit for bit on CUDA; compiled fp32 blocks
+    # against eager on torch 2.11 + CUDA (session 16: the no-op-cast fix); the final per_step timed against per_use
+    # (and CUDA graphs). $OUT/wc1.tar.gz is re-packed after each phase, so a call cut off returns what finished.
     S=/tmp/wc1; mkdir -p $S
+    pack() { tar czf $OUT/wc1.tar.gz -C /tmp wc1; }
     nvidia-smi --query-gpu=name --format=csv,noheader | tee $S/gpu.txt
-    timeout ${TEST_S:-120} python3 -m pytest -q -s tests/test_weight_cast_gpu.py tests/test_compile.py -k gpu 2>&1 \
-        | grep -E "^E  |passed|failed|^FAILED|worst" | head -30 | tee $S/gpu_tests.txt
-    timeout 90 python3 benchmarks/compile_parity_probe.py --top 10 2>&1 | grep -v -i warn | grep -v "total +=" \
-        | tee $S/compile_parity.txt
-    timeout ${DIST_S:-300} python3 benchmarks/distributed.py --out /tmp/d --runs ${RUNS:-one:24:8,one_pu:24:8,one_cg:24:8} \
+    timeout ${TEST_S:-200} python3 -m pytest -q -s tests/test_weight_cast_gpu.py tests/test_compile.py \
+        tests/test_moe_compile.py -k "gpu or fp32" 2>&1 \
+        | grep -E "^E  |passed|failed|^FAILED|worst" | head -30 | tee $S/gpu_tests.txt; pack
+    timeout 80 python3 benchmarks/compile_parity_probe.py --top 10 2>&1 | grep -v -i warn | grep -v "total +=" \
+        | tee $S/compile_parity.txt; pack
+    timeout ${DIST_S:-270} python3 benchmarks/distributed.py --out /tmp/d --runs ${RUNS:-one:24:8,one_pu:24:8,one_cg:24:8} \
         > $S/distributed.log 2>&1; echo "distributed rc=$?"; grep -E "^\[|step_s" $S/distributed.log
     for r in $(ls /tmp/d 2>/dev/null); do [ -f /tmp/d/$r/metrics.jsonl ] || continue; mkdir -p $S/$r
       cp /tmp/d/$r/result.json /tmp/d/$r/metrics.jsonl $S/$r/ 2>/dev/null
       cp /tmp/d/$r/profile/*.txt /tmp/d/$r/profile/*.summary.json $S/$r/ 2>/dev/null; done
-    tar czf $OUT/wc1.tar.gz -C /tmp wc1 ;;
+    pack ;;
   exch)
     # two GPUs (#9, session 12): ep_exchange.py (EP dispatch+combine vs plain all_to_all_single, compiled, 16
     # layers per graph), then the DualPipeV PP=2 run alone (distributed.py's settings, 20 steps, its trace)

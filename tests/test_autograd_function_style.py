@@ -1,10 +1,15 @@
-"""No custom autograd.Function returns the result of an in-place op from forward or backward.
+"""No custom autograd.Function returns the result of an in-place op from forward or backward, nor ends its
+forward in a dtype cast that may change nothing.
 
 On torch 2.11 + CUDA, a compiled block whose autograd.Function forward ended in
 ``return x.new_zeros(n, d).index_copy_(0, idx, x)`` lost that Function's backward: the input gradient came
 back as zeros (the FP8 experts' 4% loss gap of 2026-11-26). torch 2.13 on the CPU, which CI runs, computes it
 correctly, so a numerical test here cannot catch a relapse; this scan of the source can. Write the op out of
 place (``index_copy``, ``scatter``, ...) instead.
+
+The same torch gives a compiled Function all-zero input gradients when its forward ends in a ``.to(dtype)`` that
+is a no-op (fp32 -> fp32; found 2026-12-07: ``_CombineCopies`` in compiled fp32 blocks, so every routed expert,
+router and MoE input got no gradient). Return ``dsv3.kernels.casting.cast_result(t, dtype)`` instead.
 """
 import ast
 from pathlib import Path
@@ -30,6 +35,23 @@ def _inplace_returns(fn: ast.FunctionDef) -> list[str]:
     return bad
 
 
+# casts that return their input unchanged when the dtype already matches
+_MAYBE_NOOP_CASTS = {"to", "float", "half", "bfloat16", "double", "type_as", "type"}
+
+
+def _noop_cast_returns(fn: ast.FunctionDef) -> list[str]:
+    """Return statements whose value (or a tuple element of it) is a call of a dtype-cast method."""
+    bad = []
+    for node in ast.walk(fn):
+        if not isinstance(node, ast.Return) or node.value is None:
+            continue
+        values = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
+        for v in values:
+            if isinstance(v, ast.Call) and isinstance(v.func, ast.Attribute) and v.func.attr in _MAYBE_NOOP_CASTS:
+                bad.append(f"line {node.lineno}: {ast.unparse(v)[:80]}")
+    return bad
+
+
 def scan(root: Path) -> list[str]:
     problems = []
     for path in sorted(root.rglob("*.py")):
@@ -37,6 +59,8 @@ def scan(root: Path) -> list[str]:
         for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and _is_function_subclass(n)):
             for fn in (n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name in ("forward", "backward")):
                 problems += [f"{path.relative_to(root.parent)} {cls.name}.{fn.name} {p}" for p in _inplace_returns(fn)]
+                if fn.name == "forward":
+                    problems += [f"{path.relative_to(root.parent)} {cls.name}.forward {p}" for p in _noop_cast_returns(fn)]
     return problems
 
 
@@ -58,3 +82,19 @@ def test_the_scan_finds_the_pattern(tmp_path):
         "        return g.clone(), None, None\n")
     found = scan(pkg)
     assert len(found) == 1 and "F.forward" in found[0] and "index_copy_" in found[0], found
+
+
+def test_the_scan_finds_a_cast_ending_a_forward(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "m.py").write_text(
+        "import torch\n"
+        "class F(torch.autograd.Function):\n"
+        "    @staticmethod\n"
+        "    def forward(ctx, y, w):\n"
+        "        return (y.float() * w).sum(dim=1).to(y.dtype)\n"
+        "    @staticmethod\n"
+        "    def backward(ctx, g):\n"
+        "        return g.to(torch.float32), None\n")
+    found = scan(pkg)
+    assert len(found) == 1 and "F.forward" in found[0] and ".to(y.dtype)" in found[0], found

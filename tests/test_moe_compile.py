@@ -100,6 +100,42 @@ def test_padded_experts_compiled_match_the_loop_reference(fp8):
         assert abs(c.float().norm() / r.float().norm() - 1) < 0.05, (name, float(c.float().norm() / r.float().norm()))
 
 
+@pytest.mark.parametrize("variant", ["copies_gate_up", "gather_then_gemms", "inductor_permute"])
+def test_fp32_experts_compiled_keep_every_gradient(variant, monkeypatch):
+    """The unpadded expert path (what `dsv3 train` runs) in fp32, compiled vs eager: y, dx, dW and d(routing
+    weights) agree. On torch 2.11, ``_CombineCopies``' forward ended in a no-op ``.to(fp32)`` and the compiled
+    path returned all-zero gradients for everything upstream of it (x, every expert, the routing weights);
+    the fix is ``dsv3.kernels.casting.cast_result``."""
+    import dsv3.model.moe as moe
+
+    monkeypatch.setattr(moe, "COPIES_GATE_UP", variant == "copies_gate_up")
+    monkeypatch.setattr(moe, "PERMUTE_KERNELS", variant != "inductor_permute")
+    torch.manual_seed(0)
+    T, D, Fd, E, K = 48, 32, 16, 8, 2
+    routing = _routing(T, E, K, DEVICE)
+    x = torch.randn(T, D, device=DEVICE)
+    ws = [torch.randn(E, Fd, D, device=DEVICE) * 0.2, torch.randn(E, Fd, D, device=DEVICE) * 0.2,
+          torch.randn(E, D, Fd, device=DEVICE) * 0.2]
+    gy = torch.randn(T, D, device=DEVICE)
+
+    def experts(x, w_routing, wg, wu, wd):
+        r = Routing(idx_TK=routing.idx_TK, weight_TK=w_routing * 1.0, scores_TE=routing.scores_TE)
+        return experts_forward_sorted(x * 1.0, r, wg, wu, wd)
+
+    def run(fn):
+        leaves = [t.detach().clone().requires_grad_(True) for t in [x, routing.weight_TK, *ws]]
+        y = fn(*leaves)
+        (y * gy).sum().backward()
+        return [y.detach()] + [t.grad for t in leaves]
+
+    eager = run(experts)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(experts))
+    for name, e, c in zip(["y", "dx", "d_weight_TK", "dW_gate", "dW_up", "dW_down"], eager, compiled):
+        assert c is not None and float(e.norm()) > 0, name
+        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton FP8 experts)")
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_gpu_fp8_moe_layer_compiled_input_gradient(backend):

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dsv3.kernels.casting import cast_result
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite E4M3FN value
 _INV_FP8_MAX = 1.0 / FP8_MAX  # rounded to fp32 when multiplied with an fp32 tensor
@@ -162,7 +164,7 @@ def dequantize_activation_tiles(
     """``x[..., k] = x_fp8[..., k].float() * scale_inv[..., k // tile]`` (fp32 math, then ``dtype``)."""
     k = x_fp8.shape[-1]
     s = scale_inv.float().repeat_interleave(tile, dim=-1)[..., :k]
-    return (x_fp8.float() * s).to(dtype)
+    return cast_result(x_fp8.float() * s, dtype)
 
 
 def is_power_of_two(t: Tensor) -> bool:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from dsv3.kernels.casting import cast_result
+
 try:
     import triton
     import triton.language as tl
@@ -48,7 +50,7 @@ def gather_sum_local_reference(g_MD: torch.Tensor, rows: torch.Tensor, mine_NK: 
     if g2_MD is not None:
         g_NKD = g_NKD + g2_MD[rows].view(N, K, -1).float()
     g_NKD = torch.where(mine_NK[..., None], g_NKD, 0.0)
-    return g_NKD.sum(dim=1).to(g_MD.dtype)
+    return cast_result(g_NKD.sum(dim=1), g_MD.dtype)
 
 
 def combine_local_reference(y_MD: torch.Tensor, rows: torch.Tensor, w_NK: torch.Tensor, mine_NK: torch.Tensor
@@ -56,7 +58,7 @@ def combine_local_reference(y_MD: torch.Tensor, rows: torch.Tensor, w_NK: torch.
     """sum over k with mine[t, k] of w[t, k] y[rows[t*K + k]] -> [N, D] in y's dtype, fp32 sums."""
     N, K = w_NK.shape
     y_NKD = y_MD[rows].view(N, K, -1).float() * w_NK.float()[..., None]
-    return torch.where(mine_NK[..., None], y_NKD, 0.0).sum(dim=1).to(y_MD.dtype)
+    return cast_result(torch.where(mine_NK[..., None], y_NKD, 0.0).sum(dim=1), y_MD.dtype)
 
 
 def combine_backward_local_reference(g_ND: torch.Tensor, y_MD: torch.Tensor, rows: torch.Tensor,

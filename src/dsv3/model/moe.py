@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv3.config import ModelConfig
+from dsv3.kernels.casting import cast_result
 from dsv3.kernels.moe_permute import combine_backward, gather_sum
 from dsv3.model.layers import MLP
 
@@ -418,7 +419,7 @@ class _CombineCopies(torch.autograd.Function):
     def forward(ctx, y_MD, rows, w_TK):
         T, K = w_TK.shape
         ctx.save_for_backward(y_MD, rows, w_TK)
-        return (y_MD[rows].view(T, K, -1).float() * w_TK[..., None]).sum(dim=1).to(y_MD.dtype)
+        return cast_result((y_MD[rows].view(T, K, -1).float() * w_TK[..., None]).sum(dim=1), y_MD.dtype)
 
     @staticmethod
     def backward(ctx, g_TD):

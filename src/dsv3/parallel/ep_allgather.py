@@ -45,6 +45,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dsv3.kernels.casting import cast_result
 from dsv3.kernels.local_slots import (combine_backward_local, combine_backward_local_reference, combine_local,
                                       combine_local_reference, gather_rows_upto, gather_sum_local,
                                       gather_sum_local_packed, gather_sum_local_packed_reference,
@@ -100,7 +101,7 @@ class _ReduceTokens(torch.autograd.Function):
     def forward(ctx, partial, transport: Transport):
         ctx.transport = transport
         parts = transport.all_to_all_equal(partial).view(transport.size, -1, *partial.shape[1:])
-        return parts.float().sum(dim=0).to(partial.dtype)
+        return cast_result(parts.float().sum(dim=0), partial.dtype)
 
     @staticmethod
     def backward(ctx, g):
