@@ -1,12 +1,16 @@
 """train.weight_cast on the GPU: per_step (autocast's weight casts hoisted to once per optimizer step,
 dsv3.train.compute_weights) computes what per_use (bf16 autocast over the fp32 parameters) computes on CUDA's
-kernels (grouped GEMMs, the Triton permutes, cuDNN attention): bit for bit in eager; with compiled blocks the
-same losses bit for bit and gradients equal up to bf16 rounding. The CPU twin is tests/test_train_weight_cast.py.
+kernels (grouped GEMMs, the Triton permutes, cuDNN attention): bit for bit in eager; with compiled blocks up to
+what two compilations of one model differ by. The CPU twin, bit for bit compiled too, is
+tests/test_train_weight_cast.py.
 
-Why not bit for bit compiled (H100, torch 2.11, 2026-12-07): the forward passes and losses were identical, but
-many gradients differed, from the embedding up. per_use's compiled graph casts the weights itself, per_step's
-takes bf16 weights as inputs: two graphs, and Inductor lays out and schedules their backward GEMMs its own way
-for each. (On the CPU's inductor the two are bit-identical.)"""
+Why not bit for bit compiled (H100, torch 2.11, 2026-12-07): per_use's compiled graph casts the weights itself,
+per_step's takes bf16 weights as inputs, so Inductor builds and tunes two graphs. One call gave identical losses
+and gradients that differed from the embedding up; the next gave losses differing by 1e-4 (7.2254 vs 7.2255).
+Two compiled instances of the *same* model differ as much: tests/test_compile.py's CUDA-graph test saw a 0.12
+relative difference in an MTP router weight's gradient (a token routed to another expert) in the step where
+both ran the same Inductor kernels without graphs.
+"""
 import contextlib
 
 import pytest
@@ -19,7 +23,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a G
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_gpu_per_step_matches_per_use_bit_for_bit(compiled):
+def test_gpu_per_step_matches_per_use(compiled):
     from dsv3.train.compute_weights import ComputeWeights
 
     torch.manual_seed(0)
@@ -44,7 +48,10 @@ def test_gpu_per_step_matches_per_use_bit_for_bit(compiled):
                 loss.backward()
                 out.append(loss.detach())
         losses[name] = torch.stack(out)
-    assert torch.equal(losses["per_step"], losses["per_use"]), losses
+    if not compiled:
+        assert torch.equal(losses["per_step"], losses["per_use"]), losses
+    else:
+        torch.testing.assert_close(losses["per_step"], losses["per_use"], rtol=1e-3, atol=0)
     missing = [n for (n, p), q in zip(per_use.named_parameters(), per_step.parameters())
                if (p.grad is None) != (q.grad is None)]
     assert not missing, missing
@@ -55,5 +62,6 @@ def test_gpu_per_step_matches_per_use_bit_for_bit(compiled):
     if not compiled:
         assert errs[0][0] == 0, errs[:3]
     else:
-        # bf16 rounding of a GEMM's output is 2^-9 relative; a few of them along the backward stay below 1e-2
-        assert errs[0][0] < 1e-2, errs[:3]
+        # the bound tests/test_compile.py allows two compilations in bf16 (a token routed elsewhere); a hook that
+        # lost or doubled a gradient gives 1
+        assert errs[0][0] < 0.2, errs[:3]
