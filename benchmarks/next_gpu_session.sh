@@ -126,8 +126,8 @@ case "${1:-}" in
     S=/tmp/wc1; mkdir -p $S
     pack() { tar czf $OUT/wc1.tar.gz -C /tmp wc1; }
     nvidia-smi --query-gpu=name --format=csv,noheader | tee $S/gpu.txt
-    timeout ${TEST_S:-200} python3 -m pytest -q -s tests/test_weight_cast_gpu.py tests/test_compile.py \
-        tests/test_moe_compile.py -k "gpu or fp32" 2>&1 \
+    timeout ${TEST_S:-200} python3 -m pytest -q -s ${TESTS:-tests/test_weight_cast_gpu.py tests/test_compile.py \
+        tests/test_moe_compile.py} -k "${TEST_K:-gpu or fp32}" 2>&1 \
         | grep -E "^E  |passed|failed|^FAILED|worst" | head -30 | tee $S/gpu_tests.txt; pack
     timeout 80 python3 benchmarks/compile_parity_probe.py --top 10 2>&1 | grep -v -i warn | grep -v "total +=" \
         | tee $S/compile_parity.txt; pack
