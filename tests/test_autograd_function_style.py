@@ -21,35 +21,25 @@ def _is_function_subclass(node: ast.ClassDef) -> bool:
     return any(ast.unparse(b).endswith("autograd.Function") for b in node.bases)
 
 
-def _inplace_returns(fn: ast.FunctionDef) -> list[str]:
-    """Return statements whose value (or a tuple element of it) is a call of a trailing-underscore method."""
+def _returned_method_calls(fn: ast.FunctionDef, is_bad) -> list[str]:
+    """Return statements whose value (or a tuple element of it) is a call of a method whose name ``is_bad``."""
     bad = []
     for node in ast.walk(fn):
         if not isinstance(node, ast.Return) or node.value is None:
             continue
         values = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
         for v in values:
-            if (isinstance(v, ast.Call) and isinstance(v.func, ast.Attribute) and v.func.attr.endswith("_")
-                    and not v.func.attr.startswith("__")):
+            if isinstance(v, ast.Call) and isinstance(v.func, ast.Attribute) and is_bad(v.func.attr):
                 bad.append(f"line {node.lineno}: {ast.unparse(v)[:80]}")
     return bad
+
+
+def _is_in_place(method: str) -> bool:
+    return method.endswith("_") and not method.startswith("__")
 
 
 # casts that return their input unchanged when the dtype already matches
 _MAYBE_NOOP_CASTS = {"to", "float", "half", "bfloat16", "double", "type_as", "type"}
-
-
-def _noop_cast_returns(fn: ast.FunctionDef) -> list[str]:
-    """Return statements whose value (or a tuple element of it) is a call of a dtype-cast method."""
-    bad = []
-    for node in ast.walk(fn):
-        if not isinstance(node, ast.Return) or node.value is None:
-            continue
-        values = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
-        for v in values:
-            if isinstance(v, ast.Call) and isinstance(v.func, ast.Attribute) and v.func.attr in _MAYBE_NOOP_CASTS:
-                bad.append(f"line {node.lineno}: {ast.unparse(v)[:80]}")
-    return bad
 
 
 def scan(root: Path) -> list[str]:
@@ -58,9 +48,10 @@ def scan(root: Path) -> list[str]:
         tree = ast.parse(path.read_text(), filename=str(path))
         for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and _is_function_subclass(n)):
             for fn in (n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name in ("forward", "backward")):
-                problems += [f"{path.relative_to(root.parent)} {cls.name}.{fn.name} {p}" for p in _inplace_returns(fn)]
+                found = _returned_method_calls(fn, _is_in_place)
                 if fn.name == "forward":
-                    problems += [f"{path.relative_to(root.parent)} {cls.name}.forward {p}" for p in _noop_cast_returns(fn)]
+                    found += _returned_method_calls(fn, _MAYBE_NOOP_CASTS.__contains__)
+                problems += [f"{path.relative_to(root.parent)} {cls.name}.{fn.name} {p}" for p in found]
     return problems
 
 
@@ -68,7 +59,8 @@ def test_no_autograd_function_returns_an_in_place_result():
     assert scan(SRC) == []
 
 
-def test_the_scan_finds_the_pattern(tmp_path):
+def _scan_function(tmp_path, forward_return: str, backward_return: str) -> list[str]:
+    """scan() of a package holding one autograd.Function with these return expressions."""
     pkg = tmp_path / "pkg"
     pkg.mkdir()
     (pkg / "m.py").write_text(
@@ -76,25 +68,19 @@ def test_the_scan_finds_the_pattern(tmp_path):
         "class F(torch.autograd.Function):\n"
         "    @staticmethod\n"
         "    def forward(ctx, x, idx, rows):\n"
-        "        return x.new_zeros(rows, x.shape[1]).index_copy_(0, idx, x)\n"
+        f"        return {forward_return}\n"
         "    @staticmethod\n"
         "    def backward(ctx, g):\n"
-        "        return g.clone(), None, None\n")
-    found = scan(pkg)
+        f"        return {backward_return}\n")
+    return scan(pkg)
+
+
+def test_the_scan_finds_the_pattern(tmp_path):
+    found = _scan_function(tmp_path, "x.new_zeros(rows, x.shape[1]).index_copy_(0, idx, x)", "g.clone(), None, None")
     assert len(found) == 1 and "F.forward" in found[0] and "index_copy_" in found[0], found
 
 
 def test_the_scan_finds_a_cast_ending_a_forward(tmp_path):
-    pkg = tmp_path / "pkg"
-    pkg.mkdir()
-    (pkg / "m.py").write_text(
-        "import torch\n"
-        "class F(torch.autograd.Function):\n"
-        "    @staticmethod\n"
-        "    def forward(ctx, y, w):\n"
-        "        return (y.float() * w).sum(dim=1).to(y.dtype)\n"
-        "    @staticmethod\n"
-        "    def backward(ctx, g):\n"
-        "        return g.to(torch.float32), None\n")
-    found = scan(pkg)
-    assert len(found) == 1 and "F.forward" in found[0] and ".to(y.dtype)" in found[0], found
+    # a cast ending the backward is fine (only forwards lost their gradients)
+    found = _scan_function(tmp_path, "(x.float() * idx).sum(dim=1).to(x.dtype)", "g.to(torch.float32), None, None")
+    assert len(found) == 1 and "F.forward" in found[0] and ".to(x.dtype)" in found[0], found
