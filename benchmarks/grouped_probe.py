@@ -10,7 +10,7 @@
 
 Results: benchmarks/results/2026-11-26-train_step.md (Microbenchmarks).
 """
-import torch, time, sys
+import torch
 torch.manual_seed(0)
 dev = "cuda"
 E, F_, D = 64, 512, 1536

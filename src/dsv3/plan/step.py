@@ -1059,7 +1059,7 @@ def _run_step(args) -> list:
             (f"MFU causal (of {rates.peak_bf16_tflops:g} TFLOP/s)", r["mfu_causal"]),
             (f"MFU non-causal (of {rates.peak_bf16_tflops:g} TFLOP/s)", r["mfu_noncausal"]),
             (f"MFU causal (of measured {r['measured_peak_tflops']:g} TFLOP/s GEMM)", r["mfu_causal_measured_peak"])]
-    crit = [(f"critical rank", r["critical_rank"]), ("lone forwards (1F) s", r["f_s"]),
+    crit = [("critical rank", r["critical_rank"]), ("lone forwards (1F) s", r["f_s"]),
             ("lone backwards (1B) s", r["b_s"]), ("lone weight grads (1W) s", r["w_s"]),
             ("overlapped F&B pairs s", r["pairs_s"]), ("bubble (idle) s", r["bubble_s"]),
             ("exposed EP all-to-all s", r["exposed_ep_comm_s"]), ("hidden EP all-to-all s", r["hidden_ep_comm_s"]),
