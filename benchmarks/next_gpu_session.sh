@@ -30,14 +30,12 @@
 #                                         #   distributed.py's one-GPU trainer run eager against CUDA graphs
 #                                         #   (RUNS, default one:40:20,one_cg:40:20); everything in $OUT/cg1.tar.gz
 #                                         #   (session 14, H200: kernels pass; one_cg fails in bf16; one 450.9 ms)
-#   benchmarks/next_gpu_session.sh wc1    # one GPU: the NEXT list below in one call (~5-6 min), $OUT/wc1.tar.gz
-#   NEXT (one GPU, session 15 ran out of device time before its last call), in one call (~5 min):
-#     PYTHONPATH=src python3 -m pytest -q tests/test_weight_cast_gpu.py   # per_step == per_use bit for bit on CUDA
-#     PYTHONPATH=src python3 benchmarks/compile_parity_probe.py --precisions fp32   # why compiled fp32 != eager
-#                                         #   on CUDA/torch 2.11 (tests/test_compile.py's CUDA test: rel. 1.0)
-#     PYTHONPATH=src python3 benchmarks/distributed.py --out /tmp/d --runs one:24:8,one_pu:24:8
-#                                         #   (final per_step timed; session 15's first version: 483.3 vs 517.8 ms)
-#   then CONFIGS=819m,small,3b ... step (819M never run on an H100; carry .whl)
+#   benchmarks/next_gpu_session.sh wc1    # one GPU (~6 min): the weight_cast / compile / MoE-compile GPU tests
+#                                         #   (TESTS, TEST_K override), compile_parity_probe.py, then distributed.py
+#                                         #   RUNS (default one:24:8,one_pu:24:8,one_cg:24:8); $OUT/wc1.tar.gz, re-packed
+#                                         #   after each phase (session 16, H100: 15 GPU tests passed; per_step 488.4
+#                                         #   vs per_use 518.3 ms; RUNS=one:16:6,one_bm:16:6: bf16 moments 1.0225x)
+#   (session 16 also ran CONFIGS=819m,3b,small ... step: all three configs on one H100, 3.2B at 1.29997x)
 #   NEXT (two GPUs): RUNS=one_cg:90:50,ep2_cg:90:50,dp2_cg:90:50 dist (one-GPU CUDA graphs train since session 15)
 #   benchmarks/next_gpu_session.sh ep2    # two GPUs: corpus + the 10-minute EP=2 real-corpus run in the background
 #   benchmarks/next_gpu_session.sh one    # one GPU: the same run on one GPU (the control: today's code, same data)
