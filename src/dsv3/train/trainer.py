@@ -384,11 +384,12 @@ class Trainer:
         if self.layout.pp > 1:  # stages live on different ranks: rank 0 assembles the model and evaluates alone
             whole = self.layout.assembled_model(self.model)
             result = {}
-            if self.is_main:   # per_step: the assembled model uses bf16 copies too, as the stages do
-                copies = ComputeWeights(whole, self.compute.dtype) if self.compute is not None else None
-                if copies is not None:
-                    copies.refresh()
-                with copies.swapped_in() if copies is not None else nullcontext():
+            if self.is_main and self.compute is None:
+                result = self.evaluate_alone(whole)
+            elif self.is_main:   # per_step: the assembled model uses bf16 copies too, as the stages do
+                copies = ComputeWeights(whole, self.compute.dtype)
+                copies.refresh()
+                with copies.swapped_in():
                     result = self.evaluate_alone(whole)
                 del copies
             del whole
