@@ -182,7 +182,8 @@ def test_gpu_cudagraph_blocks_train_like_eager(precision):
     # CUDA graphs replay the compiled kernels: in fp32 the same gradients (0 on an H100, 2026-12-07). In bf16 the
     # same bound as against eager: session 15 measured 0 there, session 16 0.123 in each of three calls (step 0,
     # the MTP router's weight, the warm-up step before any graph is recorded: the two compile modes round one op
-    # differently, and a token goes to another expert). The defect this test guards gave an overwritten-output error or garbage gradients.
+    # differently, and a token goes to another expert). The defect this test guards gave an overwritten-output
+    # error or garbage gradients.
     assert worst_vs_compiled < (0.2 if precision == "bf16" else 1e-4), where
     # against eager: in fp32 equal up to rounding (0 on the H100 once compiled MoE blocks kept their gradients,
     # dsv3.kernels.casting; 1.0 before); in bf16 a rounding can move a token to another expert

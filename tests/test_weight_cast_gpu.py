@@ -7,10 +7,9 @@ tests/test_train_weight_cast.py.
 Why not bit for bit compiled (H100, torch 2.11, 2026-12-07): per_use's compiled graph casts the weights itself,
 per_step's takes bf16 weights as inputs, so Inductor builds and tunes two graphs. Three calls, same code: identical
 losses with gradients that differed from the embedding up; losses 1e-4 apart (7.2254 vs 7.2255); identical losses
-with gradients 9e-8 apart.
-Two compiled instances of the *same* model differ as much: tests/test_compile.py's CUDA-graph test saw a 0.12
-relative difference in an MTP router weight's gradient (a token routed to another expert) in the step where
-both ran the same Inductor kernels without graphs.
+with gradients 9e-8 apart. Two compilations of the *same* model differ as much: tests/test_compile.py's CUDA-graph
+test saw a 0.12 relative difference in an MTP router weight's gradient (a token routed to another expert) between
+its two compile modes, in the warm-up step before any graph was recorded.
 """
 import contextlib
 

@@ -15,7 +15,8 @@ ops (the residual stream stays FP32) and the router runs in FP32 with autocast o
 bf16 autocast with the weight casts hoisted out of the micro-batches: it runs under autocast on every device
 (the trainer turns bf16 autocast on for it on the CPU too, where ``per_use`` runs FP32), and it computes what
 ``per_use`` computes, the same values and the same FP32 gradient sums in the same order (bit for bit on the
-CPU: tests/test_train_weight_cast.py; on CUDA the same kernels get the same operands, not yet checked there).
+CPU, eager and compiled: tests/test_train_weight_cast.py; bit for bit in eager on an H100, and with compiled
+blocks within what two compilations of one model differ by: tests/test_weight_cast_gpu.py).
 
 Outside ``ComputeWeights.swapped_in()`` the modules hold their FP32 parameters as always, so the optimizer,
 gradient clipping, checkpoints and ZeRO-1 (whose gradient-bucket hooks sit on the FP32 parameters and still
