@@ -9,7 +9,11 @@ grouped linear ``y = x @ w[e]^T`` forward + backward (3 GEMMs, 6*M*K*N FLOPs):
   runs it with gradient accumulation);
 * ``fp8_triton_requant``: the same with the weight quantized in every call (one micro-batch per step);
 * ``fp8_loop``: the per-group blockwise ``torch._scaled_mm`` loop (the path before the Triton kernels);
-* ``fp8_kernels_only``: the three Triton GEMMs alone on pre-quantized operands (the ceiling of this path).
+* ``fp8_kernels_only``: the three Triton GEMMs alone on pre-quantized operands (the ceiling of this path);
+* ``kernels_<variant>`` and ``fp8_triton_<variant>``: the same two for each kernel variant of
+  ``dsv3.fp8.triton_grouped`` (``--variants``): ``pointer_mfast`` (the first kernels: pointer loads, row tiles
+  launched fastest), ``pointer`` (pointer loads, column tiles fastest), ``tma`` (TMA tensor-descriptor loads,
+  column tiles fastest), ``tma_mfast``, and ``tma_sT`` (TMA with the activation scales stored column-major).
 
 It first checks the Triton path against the fp32 reference on the first shape (exits 1 on a mismatch).
 
@@ -24,6 +28,7 @@ import sys
 
 import torch
 
+from dsv3.fp8 import triton_grouped
 from dsv3.fp8.grouped import fp8_grouped_mm, triton_path_available
 from dsv3.fp8.triton_grouped import GROUP_ALIGN, grouped_fp8_nt, grouped_fp8_wgrad
 from dsv3.fp8.triton_quant import quantize_tiles
@@ -54,7 +59,16 @@ def layouts(E: int, M: int, gen: torch.Generator):
     return counts, ends, aends, rows
 
 
-def run_shape(name, E, N, K, M, iters) -> dict:
+VARIANTS = {"pointer_mfast": ("pointer", False), "pointer": ("pointer", True), "tma": ("tma", True),
+            "tma_mfast": ("tma", False), "tma_sT": ("tma", True)}
+
+
+def set_variant(name: str) -> None:
+    """Point dsv3.fp8.triton_grouped at one kernel variant (module settings; numbers are the same)."""
+    triton_grouped.KERNELS, triton_grouped.N_FASTEST = VARIANTS[name]
+
+
+def run_shape(name, E, N, K, M, iters, variants=()) -> dict:
     gen = torch.Generator().manual_seed(0)
     counts, ends, aends, rows = layouts(E, M, gen)
     dev = "cuda"
@@ -99,8 +113,30 @@ def run_shape(name, E, N, K, M, iters) -> dict:
         grouped_fp8_nt(dq, ds, wtq, wts, aends)
         grouped_fp8_wgrad(dtq, dts, xtq, xts, aends)
 
+    def column_major(sc):
+        return sc.t().contiguous().t()
+
+    xs_t, ds_t = column_major(xs), column_major(ds)
+
+    def kernels_scales_t():
+        grouped_fp8_nt(xq, xs_t, wq, ws, aends)
+        grouped_fp8_nt(dq, ds_t, wtq, wts, aends)
+        grouped_fp8_wgrad(dtq, dts, xtq, xts, aends)
+
     flops = 6.0 * M * N * K
     res = {"shape": name, "E": E, "N": N, "K": K, "M": M, "aligned_rows_used": int(aends[-1])}
+    default = (triton_grouped.KERNELS, triton_grouped.N_FASTEST)
+    for v in variants:  # each kernel variant: the GEMMs alone, and the whole cached path
+        set_variant(v)
+        try:
+            res[f"kernels_{v}_s"] = bench(kernels_scales_t if v == "tma_sT" else kernels, iters)
+            if v != "tma_sT":
+                with reuse_quantized_weights():
+                    fp8_triton()
+                    res[f"fp8_triton_{v}_s"] = bench(fp8_triton, iters)
+        except Exception as e:  # report, keep going
+            res[f"{v}_error"] = repr(e)[:300]
+    triton_grouped.KERNELS, triton_grouped.N_FASTEST = default
     # the cached variant: quantize once in a scope that spans the timed calls (as across micro-batches)
     with reuse_quantized_weights():
         fp8_triton()
@@ -116,7 +152,8 @@ def run_shape(name, E, N, K, M, iters) -> dict:
         res[k[:-2] + "_tflops"] = flops / res[k] / 1e12
     base = res.get("bf16_grouped_s")
     if base:
-        for k in ("fp8_triton", "fp8_triton_requant", "fp8_kernels_only", "fp8_loop"):
+        for k in ("fp8_triton", "fp8_triton_requant", "fp8_kernels_only", "fp8_loop",
+                  *[f"kernels_{v}" for v in variants], *[f"fp8_triton_{v}" for v in variants]):
             if k + "_s" in res:
                 res[k + "_speedup_over_bf16"] = base / res[k + "_s"]
     return res
@@ -147,19 +184,30 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--shapes", default="all", help="comma-separated indices into SHAPES, or 'all'")
+    p.add_argument("--variants", default="", help=f"kernel variants to time side by side ({','.join(VARIANTS)})")
     args = p.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    for v in variants:
+        if v not in VARIANTS:
+            p.error(f"unknown variant {v!r}; choose from {','.join(VARIANTS)}")
     if not torch.cuda.is_available() or not triton_path_available(torch.zeros(1, device="cuda")):
         print("needs CUDA and Triton", file=sys.stderr)
         return 2
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
-    errs = check(*shapes[0])
-    print("numerics (triton vs fp32 reference):", {k: f"{v:.2e}" for k, v in errs.items()}, flush=True)
-    if max(errs.values()) > 4e-3:
-        print("MISMATCH", file=sys.stderr)
-        return 1
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "numerics": errs, "rows": []}
+    numerics = {}
+    default = (triton_grouped.KERNELS, triton_grouped.N_FASTEST)
+    for v in ["default"] + [v for v in variants if v != "tma_sT"]:
+        if v != "default":
+            set_variant(v)
+        errs = numerics[v] = check(*shapes[0])
+        print(f"numerics (triton {v} vs fp32 reference):", {k: f"{e:.2e}" for k, e in errs.items()}, flush=True)
+        if max(errs.values()) > 4e-3:
+            print("MISMATCH", file=sys.stderr)
+            return 1
+    triton_grouped.KERNELS, triton_grouped.N_FASTEST = default
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "numerics": numerics, "rows": []}
     for shp in shapes:
-        r = run_shape(*shp, iters=args.iters)
+        r = run_shape(*shp, iters=args.iters, variants=variants)
         out["rows"].append(r)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
     with open(args.out, "w") as f:

@@ -48,6 +48,7 @@
 #                                         #   not yet timed) against BF16, same run
 #                                         # (session 11 measured train.optimizer_overlap here: +-1.3%, compiled
 #                                         #   parity not bit-exact; removed)
+#   benchmarks/next_gpu_session.sh fp8g   # one GPU (#6, session 17): grouped FP8 kernel variants (TMA) + FP8 step profile
 #   benchmarks/next_gpu_session.sh fp8lin # one GPU (#6): FP8 quantizer/linear/grouped GPU tests and the CUDA-graph
 #                                         #   block test, fp8_linear.py, fp8_grouped.py, the small FP8 step vs BF16
 #   benchmarks/next_gpu_session.sh ep2wait  # (or onewait) the next call: waits for it, returns its records in run_ep2.tar.gz;
@@ -189,6 +190,24 @@ case "${1:-}" in
         --profile-dir $S --out $S/train_step.json ${STEP_ARGS:-} 2>&1 | grep -v Warn > $S/train_step.log
     grep -E "^\[|device" $S/train_step.log
     gzip -f $S/*.trace.json 2>/dev/null; tar czf $OUT/step.tar.gz -C /tmp step ;;
+  fp8g)
+    # one GPU (#6, session 17): the grouped FP8 kernels' GPU tests (TMA kernels by default on Hopper), every kernel
+    # variant of fp8_grouped.py side by side (pointer loads vs TMA, tile order, scale layout), then the small
+    # FP8 step against BF16 with both profiled; $OUT/fp8g.tar.gz re-packed after each phase
+    S=/tmp/fp8g; mkdir -p $S
+    pack() { tar czf $OUT/fp8g.tar.gz -C /tmp fp8g; }
+    nvidia-smi --query-gpu=name --format=csv,noheader | tee $S/gpu.txt
+    timeout ${TEST_S:-150} python3 -m pytest -q -s ${TESTS:-tests/test_fp8_grouped.py tests/test_fp8_triton.py} 2>&1 \
+        | grep -E "^E  |passed|failed|^FAILED|triton grouped" | head -40 | tee $S/gpu_tests.txt; pack
+    timeout ${GROUPED_S:-200} python3 benchmarks/fp8_grouped.py --out $S/fp8_grouped.json \
+        --variants ${VARIANTS:-pointer_mfast,pointer,tma,tma_mfast,tma_sT} 2>&1 | grep -v Warn > $S/fp8_grouped.log
+    tail -8 $S/fp8_grouped.log | cut -c1-600; pack
+    if [ "${STEP_S:-240}" != 0 ]; then
+    timeout ${STEP_S:-240} python3 benchmarks/train_step.py --configs small --peers none --fp8 --steps ${STEPS:-8} \
+        --profile-dir $S --out $S/train_step.json 2>&1 | grep -v Warn > $S/train_step.log
+    grep -E "^\[|device|fp8|FP8" $S/train_step.log | head -20
+    rm -f $S/*.trace.json; fi
+    pack ;;
   fp8lin)
     # one GPU (#6, session 9): the FP8 quantizer and linear GPU tests (+ the CUDA-graph block test of #9), the
     # FP8 linear against the blockwise _scaled_mm GEMMs alone (with and without the per-step weight cache),

@@ -347,6 +347,8 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
                 out["fp8_speedup"] = res["runs"]["ours compiled"]["step_s"] / out["step_s"]
                 record(label, out, first)
                 print(f"[{name}] fp8 step speedup over bf16: {out['fp8_speedup']:.3f}x", flush=True)
+                if profile_dir and compiled:  # where the FP8 step's time goes, beside the BF16 profile
+                    profile(m, ours_loss, x, os.path.join(profile_dir, f"profile-{name}-fp8.txt"), make_opt=ours_opt)
                 del m
                 torch.cuda.empty_cache()
                 break

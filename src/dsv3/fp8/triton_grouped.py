@@ -32,40 +32,68 @@ try:  # Triton is an optional (gpu) extra
     HAVE_TRITON = True
 except ImportError:  # pragma: no cover - depends on the install
     HAVE_TRITON = False
+try:  # host-side tensor descriptors (Triton >= 3.4): the TMA kernels
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the install
+    TensorDescriptor = None
 
-__all__ = ["GROUP_ALIGN", "HAVE_TRITON", "grouped_fp8_nt", "grouped_fp8_wgrad"]
+__all__ = ["GROUP_ALIGN", "HAVE_TRITON", "KERNELS", "grouped_fp8_nt", "grouped_fp8_wgrad", "kernel_choice"]
+
+# Which kernels run: "auto" (TMA where the device and the shapes allow it, else pointer loads), "tma" or
+# "pointer"; and the launch order of the row-tiled kernel's tiles. Module settings so that benchmarks/fp8_grouped.py
+# can time each against the others in one run; the numbers are the same (tests/test_fp8_grouped.py checks each
+# against the reference).
+KERNELS = "auto"
+N_FASTEST = True
 
 GROUP_ALIGN = 128  # rows per group are padded to this; equals the quantization tile
 
 
-def _configs(name: str, choices) -> list:
+def _configs(name: str, choices, pre_hook=None) -> list:
     """Autotuning candidates: (tile width, pipeline stages, warps)."""
     if not HAVE_TRITON:
         return []
-    return [triton.Config({name: bn}, num_stages=st, num_warps=wp) for bn, st, wp in choices]
+    return [triton.Config({name: bn}, num_stages=st, num_warps=wp, pre_hook=pre_hook) for bn, st, wp in choices]
 
 
 # measured on H200 (torch 2.11, triton 3.6) at the small preset's expert shapes: 128 x 128, 3-4 stages, 8 warps
 # wins the row-tiled GEMM; the token-reduction GEMM also tries narrower tiles
 _NT_CHOICES = [(128, 3, 8), (128, 4, 8), (256, 3, 8), (128, 3, 4)]
 _WGRAD_CHOICES = [(128, 3, 8), (128, 4, 8), (64, 4, 4), (256, 3, 8), (128, 3, 4)]
+# the TMA kernels hold more stages in shared memory for the same tile (no registers spent on addresses)
+_NT_TMA_CHOICES = [(128, 3, 8), (128, 4, 8), (128, 5, 8), (256, 3, 8), (256, 4, 8), (128, 4, 4)]
+_WGRAD_TMA_CHOICES = [(128, 3, 8), (128, 4, 8), (128, 5, 8), (256, 3, 8), (64, 4, 4)]
 
 
 if HAVE_TRITON:
 
     @triton.jit
-    def _grouped_nt_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ends_ptr,
-                           M, N, K, E,
-                           s_am, s_asm, s_be, s_bn, s_bse, s_bsn, s_cm,
-                           E_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        row0 = pid_m * BLOCK_M
-        # expert of this row tile = number of group ends at or before its first row
+    def _tile_expert(ends_ptr, row0, E, E_P2: tl.constexpr):
+        """Expert of the row tile starting at row0: the number of group ends at or before it (E: padding)."""
         ge = tl.arange(0, E_P2)
         ends = tl.load(ends_ptr + ge, mask=ge < E, other=2147483647)
-        g = tl.sum((ends <= row0).to(tl.int32), axis=0)
+        return tl.sum((ends <= row0).to(tl.int32), axis=0)
+
+    @triton.jit
+    def _tile_coords(pid, num_m, num_n, N_FASTEST: tl.constexpr):
+        """(row tile, column tile) of program pid. N_FASTEST: the column tiles of one row tile run side by side,
+        so its A rows come from HBM once and are shared through L2 (with rows fastest, every column tile reads
+        all of A again once A outgrows L2)."""
+        if N_FASTEST:
+            return pid // num_n, pid % num_n
+        return pid % num_m, pid // num_m
+
+    @triton.jit
+    def _grouped_nt_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ends_ptr,
+                           M, N, K, E,
+                           s_am, s_asm, s_ask, s_be, s_bn, s_bse, s_bsn, s_cm,
+                           E_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr):
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        pid_m, pid_n = _tile_coords(tl.program_id(0), num_m, num_n, N_FASTEST)
+        row0 = pid_m * BLOCK_M
+        g = _tile_expert(ends_ptr, row0, E, E_P2)
         rm = row0 + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         c_ptrs = c_ptr + rm[:, None].to(tl.int64) * s_cm + rn[None, :]
@@ -84,12 +112,43 @@ if HAVE_TRITON:
                 k_ok = rk < K - kt * BLOCK_K
                 a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                sa = tl.load(sa_ptrs + kt, mask=m_ok, other=0.0)
+                sa = tl.load(sa_ptrs + kt * s_ask, mask=m_ok, other=0.0)
                 sb = tl.load(sb_ptrs + kt, mask=n_ok, other=0.0)
                 acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
                 a_ptrs += BLOCK_K
                 b_ptrs += BLOCK_K
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+    @triton.jit
+    def _grouped_nt_tma_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_desc, ends_ptr,
+                               M, N, K, E,
+                               s_asm, s_ask, s_bse, s_bsn,
+                               E_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr):
+        # _grouped_nt_kernel with the tiles moved by the TMA unit (tensor descriptors): no address arithmetic or
+        # masks in the loop (out-of-range rows and columns read as zero, stores are clipped), and the loads are
+        # asynchronous bulk copies the pipeliner overlaps with the tensor-core work
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        pid_m, pid_n = _tile_coords(tl.program_id(0), num_m, num_n, N_FASTEST)
+        row0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        g = _tile_expert(ends_ptr, row0, E, E_P2)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if g < E:
+            rm = row0 + tl.arange(0, BLOCK_M)
+            rn = n0 + tl.arange(0, BLOCK_N)
+            m_ok = rm < M
+            n_ok = rn < N
+            sa_ptrs = as_ptr + rm.to(tl.int64) * s_asm
+            sb_ptrs = bs_ptr + g.to(tl.int64) * s_bse + (rn // BLOCK_K) * s_bsn
+            for kt in range(0, tl.cdiv(K, BLOCK_K)):
+                a = a_desc.load([row0, kt * BLOCK_K])
+                b = b_desc.load([g, n0, kt * BLOCK_K]).reshape(BLOCK_N, BLOCK_K)
+                sa = tl.load(sa_ptrs + kt * s_ask, mask=m_ok, other=0.0)
+                sb = tl.load(sb_ptrs + kt, mask=n_ok, other=0.0)
+                acc += tl.dot(a, b.T) * (sa[:, None] * sb[None, :])
+        c_desc.store([row0, n0], acc.to(c_desc.dtype))
 
     @triton.jit
     def _grouped_wgrad_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ends_ptr,
@@ -130,6 +189,46 @@ if HAVE_TRITON:
         c_ptrs = c_ptr + e.to(tl.int64) * s_ce + rn[:, None].to(tl.int64) * s_cn + rk[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
+    @triton.jit
+    def _grouped_wgrad_tma_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, ends_ptr,
+                                  N, K,
+                                  s_asn, s_bsk, s_ce, s_cn,
+                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
+        # _grouped_wgrad_kernel with TMA tile loads (see _grouped_nt_tma_kernel)
+        pid = tl.program_id(0)
+        e = tl.program_id(1)
+        num_k = tl.cdiv(K, BLOCK_K)
+        n0 = (pid // num_k) * BLOCK_N
+        k0 = (pid % num_k) * BLOCK_K
+        start = tl.multiple_of(tl.load(ends_ptr + e - 1, mask=e > 0, other=0), BLOCK_T)
+        end = tl.multiple_of(tl.load(ends_ptr + e), BLOCK_T)
+        rn = n0 + tl.arange(0, BLOCK_N)
+        rk = k0 + tl.arange(0, BLOCK_K)
+        n_ok = rn < N
+        k_ok = rk < K
+        sa_ptrs = as_ptr + rn.to(tl.int64) * s_asn + start // BLOCK_T
+        sb_ptrs = bs_ptr + rk.to(tl.int64) * s_bsk + start // BLOCK_T
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for t in range(start, end, BLOCK_T):
+            a = a_desc.load([n0, t])
+            b = b_desc.load([k0, t])
+            sa = tl.load(sa_ptrs, mask=n_ok, other=0.0)
+            sb = tl.load(sb_ptrs, mask=k_ok, other=0.0)
+            acc += tl.dot(a, b.T) * (sa[:, None] * sb[None, :])
+            sa_ptrs += 1
+            sb_ptrs += 1
+        c_ptrs = c_ptr + e.to(tl.int64) * s_ce + rn[:, None].to(tl.int64) * s_cn + rk[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+
+    def _nt_tma_blocks(nargs):
+        """Autotune pre-hook: the descriptors' block shapes follow the config's BLOCK_N."""
+        bn = nargs["BLOCK_N"]
+        nargs["b_desc"].block_shape = [1, bn, 128]
+        nargs["c_desc"].block_shape = [GROUP_ALIGN, bn]
+
+    def _wgrad_tma_blocks(nargs):
+        nargs["a_desc"].block_shape = [nargs["BLOCK_N"], GROUP_ALIGN]
+
     if os.environ.get("TRITON_INTERPRET") == "1":
         # The interpreter (numpy on the CPU, used to check these kernels without a GPU) cannot benchmark
         # configs: run one fixed config.
@@ -139,6 +238,11 @@ if HAVE_TRITON:
             _grouped_nt_kernel)
         _grouped_wgrad_kernel = triton.autotune(configs=_configs("BLOCK_N", _WGRAD_CHOICES), key=["N", "K"])(
             _grouped_wgrad_kernel)
+        _grouped_nt_tma_kernel = triton.autotune(
+            configs=_configs("BLOCK_N", _NT_TMA_CHOICES, _nt_tma_blocks), key=["N", "K"])(_grouped_nt_tma_kernel)
+        _grouped_wgrad_tma_kernel = triton.autotune(
+            configs=_configs("BLOCK_N", _WGRAD_TMA_CHOICES, _wgrad_tma_blocks), key=["N", "K"])(
+            _grouped_wgrad_tma_kernel)
         _FIXED = {}
 
 
@@ -146,6 +250,29 @@ def _check_fp8(*ts: Tensor) -> None:
     for t in ts:
         if t.dtype != torch.float8_e4m3fn:
             raise TypeError(f"expected float8_e4m3fn operands, got {t.dtype}")
+
+
+def _tma_ok(*ts: Tensor) -> bool:
+    """TMA needs Hopper or newer (or the interpreter), 16-byte aligned bases and 16-byte aligned row strides."""
+    if TensorDescriptor is None:
+        return False
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        if not ts[0].is_cuda or torch.cuda.get_device_capability(ts[0].device)[0] < 9:
+            return False
+    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+               and t.stride(-1) == 1 for t in ts)
+
+
+def kernel_choice(*ts: Tensor) -> str:
+    """"tma" or "pointer": what ``KERNELS`` picks for these operands (output included)."""
+    if KERNELS not in ("auto", "tma", "pointer"):
+        raise ValueError(f"triton_grouped.KERNELS must be 'auto', 'tma' or 'pointer', got {KERNELS!r}")
+    if KERNELS == "pointer":
+        return "pointer"
+    ok = _tma_ok(*ts)
+    if KERNELS == "tma" and not ok:
+        raise ValueError("triton_grouped.KERNELS = 'tma' but the device or the operands' alignment do not allow TMA")
+    return "tma" if ok else "pointer"
 
 
 def grouped_fp8_nt(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, ends: Tensor,
@@ -162,20 +289,31 @@ def grouped_fp8_nt(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, ends:
     if kb != k:
         raise ValueError(f"K mismatch: a {tuple(a.shape)} vs b {tuple(b.shape)}")
     a, b = a.contiguous(), b.contiguous()
-    a_scale, b_scale = a_scale.float().contiguous(), b_scale.float().contiguous()
+    # a's scales may be in either layout (their two strides are passed); b's are read as [E, N/128, K/128]
+    a_scale, b_scale = a_scale.float(), b_scale.float().contiguous()
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return out
     block_m = GROUP_ALIGN
+    ends = ends.to(torch.int32).contiguous()
 
     def grid(meta):
-        return (triton.cdiv(m, block_m), triton.cdiv(n, meta["BLOCK_N"]))
+        return (triton.cdiv(m, block_m) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _grouped_nt_kernel[grid](a, a_scale, b, b_scale, out, ends.to(torch.int32).contiguous(),
+    common = dict(E_P2=triton.next_power_of_2(e), BLOCK_M=block_m, BLOCK_K=128, N_FASTEST=N_FASTEST, **_FIXED)
+    if kernel_choice(a, b, out) == "tma":
+        bn = _FIXED.get("BLOCK_N", 128)  # the autotuner's pre-hook resets the block shapes per config
+        a_desc = TensorDescriptor(a, [m, k], [k, 1], [block_m, 128])
+        b_desc = TensorDescriptor(b, [e, n, k], [n * k, k, 1], [1, bn, 128])
+        c_desc = TensorDescriptor(out, [m, n], [n, 1], [block_m, bn])
+        _grouped_nt_tma_kernel[grid](a_desc, a_scale, b_desc, b_scale, c_desc, ends, m, n, k, e,
+                                     a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
+                                     **common)
+        return out
+    _grouped_nt_kernel[grid](a, a_scale, b, b_scale, out, ends,
                              m, n, k, e,
-                             a.stride(0), a_scale.stride(0), b.stride(0), b.stride(1), b_scale.stride(0),
-                             b_scale.stride(1), out.stride(0),
-                             E_P2=triton.next_power_of_2(e), BLOCK_M=block_m, BLOCK_K=128, **_FIXED)
+                             a.stride(0), a_scale.stride(0), a_scale.stride(1), b.stride(0), b.stride(1),
+                             b_scale.stride(0), b_scale.stride(1), out.stride(0), **common)
     return out
 
 
@@ -198,11 +336,20 @@ def grouped_fp8_wgrad(a_t: Tensor, a_scale: Tensor, b_t: Tensor, b_scale: Tensor
     if e == 0 or n == 0 or k == 0:
         return out
     block_k = 128
+    ends = ends.to(torch.int32).contiguous()
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, block_k), e)
 
-    _grouped_wgrad_kernel[grid](a_t, a_scale, b_t, b_scale, out, ends.to(torch.int32).contiguous(),
+    if kernel_choice(a_t, b_t) == "tma":
+        bn = _FIXED.get("BLOCK_N", 128)
+        a_desc = TensorDescriptor(a_t, [n, m], [m, 1], [bn, GROUP_ALIGN])
+        b_desc = TensorDescriptor(b_t, [k, m], [m, 1], [block_k, GROUP_ALIGN])
+        _grouped_wgrad_tma_kernel[grid](a_desc, a_scale, b_desc, b_scale, out, ends, n, k,
+                                        a_scale.stride(0), b_scale.stride(0), out.stride(0), out.stride(1),
+                                        BLOCK_K=block_k, BLOCK_T=GROUP_ALIGN, **_FIXED)
+        return out
+    _grouped_wgrad_kernel[grid](a_t, a_scale, b_t, b_scale, out, ends,
                                 n, k,
                                 a_t.stride(0), a_scale.stride(0), b_t.stride(0), b_scale.stride(0),
                                 out.stride(0), out.stride(1),
