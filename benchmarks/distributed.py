@@ -250,7 +250,7 @@ def main() -> None:
                          "parallel.ep_dispatch = 'allgather', the second with CUDA graphs (ep2 itself runs 'auto', = "
                          "'allgather' at ep 2); ep2_a2a, ep2_a2a_cg: 'alltoall'; one_pu, one_cg_pu, ep2_pu, ep2_cg_pu, "
                          "dp2_pu: train.weight_cast = 'per_use', one_ps, one_cg_ps: 'per_step'; one_bm, one_cg_bm: "
-                         "train.bf16_moments on); the others are read from "
+                         "train.bf16_moments on; one_fp8, one_cg_fp8: train.precision = 'fp8'); the others are read from "
                          "OUT/NAME/result.json of an earlier call (e.g. the one-GPU baseline on a free GPU while "
                          "another job runs). NAME:STEPS:FROM gives a run its own length and first median step, e.g. "
                          "one:110:80,ep2:110:80,dp2,pp2_dualpipev: EP=2 measured once the router has balanced, "
@@ -313,6 +313,7 @@ def main() -> None:
     pu = ["--set", 'train.weight_cast="per_use"']   # autocast casting fp32 weights at every use (before 2026-12-07)
     ps = ["--set", 'train.weight_cast="per_step"']  # bf16 weight copies cast once per optimizer step
     bm = ["--set", "train.bf16_moments=true"]        # AdamW moments in bf16 (the Triton AdamW), as V3 trained
+    fp8 = ["--set", 'train.precision="fp8"']          # the FP8 recipe (issue #6): the trainer's FP8 step
     variant_runs = {"one_cg": (1, cg), "dp2_cg": (2, cg), "ep2_cg": (2, ep + cg), "ep2_fp8d": (2, ep + fp8d),
                     "ep2_cg_fp8d": (2, ep + cg + fp8d), "one_fbo": (1, fbo), "dp2_fbo": (2, fbo),
                     "ep2_fbo": (2, ep + fbo), "ep2_fbo_fp8d": (2, ep + fbo + fp8d),
@@ -323,7 +324,7 @@ def main() -> None:
                     "ep2_a2a_cg": (2, ep + a2a + cg),
                     "one_pu": (1, pu), "one_ps": (1, ps), "one_cg_pu": (1, cg + pu), "one_cg_ps": (1, cg + ps),
                     "ep2_pu": (2, ep + pu), "ep2_cg_pu": (2, ep + cg + pu), "dp2_pu": (2, pu),
-                    "one_bm": (1, bm), "one_cg_bm": (1, cg + bm)}
+                    "one_bm": (1, bm), "one_cg_bm": (1, cg + bm), "one_fp8": (1, fp8), "one_cg_fp8": (1, cg + fp8)}
     if RUNS & variant_runs.keys() or RUNS == {"one", "ep2"}:
         if "ep2" in RUNS and not RUNS & {"dp2", "pp2_dualpipev"}:   # the EP A/B: default EP=2 on the same machine,
             r = train("ep2", out, data, 2, common, ["--set", f"train.batch_size={2 * per_gpu}", *ep])  # first

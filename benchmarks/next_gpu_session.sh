@@ -49,6 +49,7 @@
 #                                         # (session 11 measured train.optimizer_overlap here: +-1.3%, compiled
 #                                         #   parity not bit-exact; removed)
 #   benchmarks/next_gpu_session.sh fp8g   # one GPU (#6, session 17): grouped FP8 kernel variants (TMA) + FP8 step profile
+#   benchmarks/next_gpu_session.sh fp8s   # one GPU (#6, session 17): FP8 tests, small step BF16 vs FP8 profiled, trainer FP8 (+CUDA graphs)
 #   benchmarks/next_gpu_session.sh fp8lin # one GPU (#6): FP8 quantizer/linear/grouped GPU tests and the CUDA-graph
 #                                         #   block test, fp8_linear.py, fp8_grouped.py, the small FP8 step vs BF16
 #   benchmarks/next_gpu_session.sh ep2wait  # (or onewait) the next call: waits for it, returns its records in run_ep2.tar.gz;
@@ -207,6 +208,27 @@ case "${1:-}" in
         --profile-dir $S --out $S/train_step.json 2>&1 | grep -v Warn > $S/train_step.log
     grep -E "^\[|device|fp8|FP8" $S/train_step.log | head -20
     rm -f $S/*.trace.json; fi
+    pack ;;
+  fp8s)
+    # one GPU (#6, session 17, ~9 min): GPU tests of the FP8 changes, train_step.py's small step BF16 vs FP8 (both
+    # profiled), then the trainer's FP8 step eager-launched and as CUDA graphs beside its BF16 step
+    # (distributed.py RUNS, default one:12:4,one_fp8:12:4,one_cg_fp8:12:4); $OUT/fp8s.tar.gz after each phase
+    S=/tmp/fp8s; mkdir -p $S
+    pack() { tar czf $OUT/fp8s.tar.gz -C /tmp fp8s; }
+    nvidia-smi --query-gpu=name --format=csv,noheader | tee $S/gpu.txt
+    timeout ${TEST_S:-120} python3 -m pytest -q ${TESTS:-tests/test_fp8_grouped.py tests/test_fp8_triton.py \
+        tests/test_moe_compile.py} 2>&1 | grep -E "^E  |passed|failed|^FAILED" | head -30 | tee $S/gpu_tests.txt; pack
+    if [ "${STEP_S:-200}" != 0 ]; then
+    timeout ${STEP_S:-200} python3 benchmarks/train_step.py --configs small --peers none --fp8 --steps ${STEPS:-8} \
+        --profile-dir $S --out $S/train_step.json 2>&1 | grep -v Warn > $S/train_step.log
+    grep -E "^\[|device" $S/train_step.log | head -12
+    rm -f $S/*.trace.json; pack; fi
+    timeout ${DIST_S:-300} python3 benchmarks/distributed.py --out /tmp/d --runs ${RUNS:-one:12:4,one_fp8:12:4,one_cg_fp8:12:4} \
+        > $S/distributed.log 2>&1; echo "distributed rc=$?"; grep -E "^\[|step_s" $S/distributed.log | tail -12
+    for r in $(ls /tmp/d 2>/dev/null); do [ -f /tmp/d/$r/metrics.jsonl ] || continue; mkdir -p $S/$r
+      cp /tmp/d/$r/result.json /tmp/d/$r/metrics.jsonl $S/$r/ 2>/dev/null
+      cp /tmp/d/$r/profile/*.txt /tmp/d/$r/profile/*.summary.json $S/$r/ 2>/dev/null; done
+    cp /tmp/d/distributed.json $S/ 2>/dev/null
     pack ;;
   fp8lin)
     # one GPU (#6, session 9): the FP8 quantizer and linear GPU tests (+ the CUDA-graph block test of #9), the

@@ -61,3 +61,13 @@ def test_both_axes_are_the_two_one_axis_quantizations():
     assert none1 is None and none2 is None and torch.equal(s1, s)
     none1, none2, qt1, st1 = quantize_tiles_axes(x, False, True)
     assert none1 is None and none2 is None and torch.equal(st1, st) and qt1.shape == (130, 300)
+
+
+@gpu
+def test_gpu_transpose_last2_bitwise():
+    """The FP8 W^T kernel against torch's strided copy, bit for bit (odd shapes, batched)."""
+    from dsv3.fp8.triton_quant import transpose_last2
+
+    for shape in [(64, 1024, 1536), (3, 200, 130), (333, 77)]:
+        q = (torch.randn(shape, device="cuda") * 40).to(torch.float8_e4m3fn)
+        assert torch.equal(transpose_last2(q).view(torch.uint8), q.transpose(-2, -1).contiguous().view(torch.uint8))

@@ -124,7 +124,12 @@ class FP8GroupedMMFunction(torch.autograd.Function):
                 wtq, wts = weight_blocks_transposed(ctx.key, wq, ws, pow2_scale)
                 dx = triton_grouped.grouped_fp8_nt(dyq, dys, wtq, wts, offs, out_dtype=x_dtype)
             if wgrad:
-                dw = triton_grouped.grouped_fp8_wgrad(dytq, dyts, xt[0], xt[1], offs, out_dtype=torch.float32)
+                # joined equal weights (gate, up) come back as separate contiguous gradients
+                parts = len(w_rows) if len(set(w_rows)) == 1 else 1
+                dw = triton_grouped.grouped_fp8_wgrad(dytq, dyts, xt[0], xt[1], offs, out_dtype=torch.float32,
+                                                      parts=parts)
+                if parts > 1:
+                    return (dx, None, None, None, None, *[part.to(dt) for part, dt in zip(dw, w_dtypes)])
         else:
             if ctx.needs_input_grad[0]:
                 dyq, dys = quantize_tiles(dy, pow2_scale, backend)

@@ -108,7 +108,7 @@ if HAVE_TRITON:
             sb_ptrs = bs_ptr + g.to(tl.int64) * s_bse + (rn // BLOCK_K) * s_bsn
             m_ok = rm < M
             n_ok = rn < N
-            for kt in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+            for kt in range(0, tl.cdiv(K, BLOCK_K)):
                 k_ok = rk < K - kt * BLOCK_K
                 a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
@@ -151,9 +151,19 @@ if HAVE_TRITON:
         c_desc.store([row0, n0], acc.to(c_desc.dtype))
 
     @triton.jit
+    def _store_wgrad(c_ptr, acc, e, rn, rk, n_ok, k_ok, PART_N, s_cp, s_ce, s_cn):
+        """dW rows n of expert e to out[n // PART_N, e, n % PART_N]: joined weights (gate and up) come out as
+        separate contiguous [E, F, K] gradients (split views of one [E, 2F, K] were each copied again by autograd
+        into the parameter's layout)."""
+        part = rn // PART_N
+        c_ptrs = (c_ptr + part[:, None].to(tl.int64) * s_cp + e.to(tl.int64) * s_ce
+                  + (rn - part * PART_N)[:, None].to(tl.int64) * s_cn + rk[None, :])
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+
+    @triton.jit
     def _grouped_wgrad_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ends_ptr,
-                              N, K,
-                              s_an, s_asn, s_bk, s_bsk, s_ce, s_cn,
+                              N, K, PART_N,
+                              s_an, s_asn, s_bk, s_bsk, s_cp, s_ce, s_cn,
                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
         pid = tl.program_id(0)
         e = tl.program_id(1)
@@ -186,13 +196,12 @@ if HAVE_TRITON:
             b_ptrs += BLOCK_T
             sa_ptrs += 1
             sb_ptrs += 1
-        c_ptrs = c_ptr + e.to(tl.int64) * s_ce + rn[:, None].to(tl.int64) * s_cn + rk[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+        _store_wgrad(c_ptr, acc, e, rn, rk, n_ok, k_ok, PART_N, s_cp, s_ce, s_cn)
 
     @triton.jit
     def _grouped_wgrad_tma_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, ends_ptr,
-                                  N, K,
-                                  s_asn, s_bsk, s_ce, s_cn,
+                                  N, K, PART_N,
+                                  s_asn, s_bsk, s_cp, s_ce, s_cn,
                                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
         # _grouped_wgrad_kernel with TMA tile loads (see _grouped_nt_tma_kernel)
         pid = tl.program_id(0)
@@ -217,8 +226,7 @@ if HAVE_TRITON:
             acc += tl.dot(a, b.T) * (sa[:, None] * sb[None, :])
             sa_ptrs += 1
             sb_ptrs += 1
-        c_ptrs = c_ptr + e.to(tl.int64) * s_ce + rn[:, None].to(tl.int64) * s_cn + rk[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+        _store_wgrad(c_ptr, acc, e, rn, rk, n_ok, k_ok, PART_N, s_cp, s_ce, s_cn)
 
     def _nt_tma_blocks(nargs):
         """Autotune pre-hook: the descriptors' block shapes follow the config's BLOCK_N."""
@@ -318,11 +326,12 @@ def grouped_fp8_nt(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, ends:
 
 
 def grouped_fp8_wgrad(a_t: Tensor, a_scale: Tensor, b_t: Tensor, b_scale: Tensor, ends: Tensor,
-                      out_dtype: torch.dtype = torch.float32) -> Tensor:
+                      out_dtype: torch.dtype = torch.float32, parts: int = 1) -> Tensor:
     """``out[e] = dequant(a_t)[:, rows of e] @ dequant(b_t)[:, rows of e]^T`` -> [E, N, K].
 
     a_t = dy^T [N, M] and b_t = x^T [K, M], FP8 with tile scales along the token axis ([N, ceil(M/128)] and
-    [K, ceil(M/128)]); ends int32 [E] as in ``grouped_fp8_nt``. Empty groups give zeros.
+    [K, ceil(M/128)]); ends int32 [E] as in ``grouped_fp8_nt``. Empty groups give zeros. ``parts`` > 1 (N a
+    multiple of it): the N rows as that many equal weights, out [parts, E, N / parts, K], each part contiguous.
     """
     _check_fp8(a_t, b_t)
     n, m = a_t.shape
@@ -330,11 +339,15 @@ def grouped_fp8_wgrad(a_t: Tensor, a_scale: Tensor, b_t: Tensor, b_scale: Tensor
     if mb != m:
         raise ValueError(f"token count mismatch: a_t {tuple(a_t.shape)} vs b_t {tuple(b_t.shape)}")
     e = ends.numel()
+    if parts < 1 or n % parts:
+        raise ValueError(f"N = {n} does not split into {parts} equal parts")
     a_t, b_t = a_t.contiguous(), b_t.contiguous()
     a_scale, b_scale = a_scale.float().contiguous(), b_scale.float().contiguous()
-    out = torch.empty(e, n, k, dtype=out_dtype, device=a_t.device)
+    out4 = torch.empty(parts, e, n // parts, k, dtype=out_dtype, device=a_t.device)
+    out = out4 if parts > 1 else out4[0]
     if e == 0 or n == 0 or k == 0:
         return out
+    c_strides = (out4.stride(0), out4.stride(1), out4.stride(2))
     block_k = 128
     ends = ends.to(torch.int32).contiguous()
 
@@ -345,13 +358,12 @@ def grouped_fp8_wgrad(a_t: Tensor, a_scale: Tensor, b_t: Tensor, b_scale: Tensor
         bn = _FIXED.get("BLOCK_N", 128)
         a_desc = TensorDescriptor(a_t, [n, m], [m, 1], [bn, GROUP_ALIGN])
         b_desc = TensorDescriptor(b_t, [k, m], [m, 1], [block_k, GROUP_ALIGN])
-        _grouped_wgrad_tma_kernel[grid](a_desc, a_scale, b_desc, b_scale, out, ends, n, k,
-                                        a_scale.stride(0), b_scale.stride(0), out.stride(0), out.stride(1),
+        _grouped_wgrad_tma_kernel[grid](a_desc, a_scale, b_desc, b_scale, out4, ends, n, k, n // parts,
+                                        a_scale.stride(0), b_scale.stride(0), *c_strides,
                                         BLOCK_K=block_k, BLOCK_T=GROUP_ALIGN, **_FIXED)
         return out
-    _grouped_wgrad_kernel[grid](a_t, a_scale, b_t, b_scale, out, ends,
-                                n, k,
-                                a_t.stride(0), a_scale.stride(0), b_t.stride(0), b_scale.stride(0),
-                                out.stride(0), out.stride(1),
+    _grouped_wgrad_kernel[grid](a_t, a_scale, b_t, b_scale, out4, ends,
+                                n, k, n // parts,
+                                a_t.stride(0), a_scale.stride(0), b_t.stride(0), b_scale.stride(0), *c_strides,
                                 BLOCK_K=block_k, BLOCK_T=GROUP_ALIGN, **_FIXED)
     return out

@@ -19,9 +19,9 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from dsv3.fp8.triton_quant import quantize_blocks
+from dsv3.fp8.triton_quant import quantize_blocks, transpose_last2
 
-__all__ = ["reuse_quantized_weights", "weight_blocks", "weight_blocks_transposed", "cache_size"]
+__all__ = ["reuse_quantized_weights", "step_scope", "weight_blocks", "weight_blocks_transposed", "cache_size"]
 
 _cache: dict[int, tuple] | None = None  # None: not inside reuse_quantized_weights()
 
@@ -38,6 +38,17 @@ def reuse_quantized_weights():
         yield
     finally:
         _cache = None
+
+
+def step_scope(precision: str, cudagraphs: bool):
+    """The trainer's scope around one step's forward/backward passes: ``reuse_quantized_weights()`` for FP8,
+    except under CUDA graphs (``train.compile_mode`` 'reduce-overhead' / 'max-autotune'). A replay runs no
+    Python, so a graph recorded while the cache answered would keep reading the cached FP8 copy of the step it
+    was recorded in (weights frozen, then freed memory); without the cache every recorded forward quantizes the
+    current weights itself."""
+    from contextlib import nullcontext
+
+    return reuse_quantized_weights() if precision == "fp8" and not cudagraphs else nullcontext()
 
 
 def _state(ws: tuple[Tensor, ...]):
@@ -79,7 +90,7 @@ def weight_blocks_transposed(w: Tensor | tuple[Tensor, ...], q: Tensor, s: Tenso
     rounding). Cached under ``w`` in a scope."""
     ws = w if isinstance(w, tuple) else (w,)
     return _lookup(ws, pow2_scale, "kn",
-                   lambda: (q.transpose(-2, -1).contiguous(), s.transpose(-2, -1).contiguous()))
+                   lambda: (transpose_last2(q), s.transpose(-2, -1).contiguous()))
 
 
 def cache_size() -> int:

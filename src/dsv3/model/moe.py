@@ -343,14 +343,16 @@ class _GatherCopies(torch.autograd.Function):
     def forward(ctx, x_TD, order, copy_rows, K, dest=None, rows=None):
         ctx.save_for_backward(copy_rows)
         ctx.K = K
-        x_sorted = x_TD[order // K]
         if dest is None:
-            return x_sorted
+            return x_TD[order // K]
+        # The padded layout as one gather: row r holds token src[r]; padding rows read an appended zero row.
+        # (It was a gather and then an index_copy into zeros: 1.3 ms per `small` layer on an H100, 2026-12-07.)
         # Out of place on purpose: on torch 2.11 CUDA, a compiled autograd.Function whose forward returns the
-        # result of an in-place op on a fresh tensor (new_zeros().index_copy_()) gets no backward at all; the
-        # input gradient came back as zeros (found 2026-11-26: it cost FP8 experts their whole dx under
-        # compile). torch 2.13 on the CPU is fine, so the CUDA test in tests/test_moe_compile.py guards it.
-        return x_sorted.new_zeros(rows, x_TD.shape[1]).index_copy(0, dest, x_sorted)
+        # result of an in-place op on a fresh tensor gets no backward at all (found 2026-11-26: it cost FP8
+        # experts their whole dx under compile); the CUDA test in tests/test_moe_compile.py guards it.
+        T, D = x_TD.shape
+        src = torch.full((rows,), T, dtype=order.dtype, device=order.device).scatter(0, dest, order // K)
+        return torch.cat([x_TD, x_TD.new_zeros(1, D)])[src]
 
     @staticmethod
     def backward(ctx, g_MD):
@@ -484,11 +486,9 @@ def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_
     # FP8 experts pass their own grouped GEMM
     y_sorted = grouped_swiglu(x_sorted, w_gate_EFD, w_up_EFD, w_down_EDF, gemm or grouped_linear, ends_E, counts_E,
                               fuse_gate_up)
-    if align > 1:
-        # back to token order: a gather of each flat copy's row (its backward scatters to distinct rows)
-        y_TKD = y_sorted.index_select(0, copy_rows).view(T, K, D)
-        return (y_TKD.float() * routing.weight_TK[..., None]).sum(dim=1).to(dtype)  # elementwise: stays fp32
-    # back to token order and the weighted sum, one gather-reduce (fp32 sum; autocast leaves it alone)
+    # back to token order and the weighted sum, one gather-reduce (fp32 sum; autocast leaves it alone). With
+    # padded groups too: its backward zeroes the padding rows. (The padded path used to index_select here,
+    # whose backward is an index_add: atomics, so non-deterministic, and 1.3 ms per `small` layer on an H100.)
     return combine_copies(y_sorted, copy_rows, routing.weight_TK)
 
 

@@ -24,7 +24,7 @@ import torch
 
 from dsv3.data.loader import IGNORE_INDEX, PackedLoader
 from dsv3.errors import UserError
-from dsv3.fp8.weight_cache import reuse_quantized_weights
+from dsv3.fp8.weight_cache import step_scope as fp8_step_scope
 from dsv3.model import DeepseekV3
 from dsv3.train import balance, checkpoint, metrics, overlap, schedules
 from dsv3.train.compile_blocks import compile_blocks
@@ -232,8 +232,8 @@ class Trainer:
         weights = [lay.dp * int((labels[i:i + micro] != IGNORE_INDEX).sum()) / max(n_target, 1)
                    for i in range(0, labels.shape[0], micro)]
         # FP8: each weight is quantized once for all of this step's micro-batches (weights change only in the
-        # optimizer step, after this scope)
-        fp8_scope = reuse_quantized_weights() if t.precision == "fp8" else nullcontext()
+        # optimizer step, after this scope); not under CUDA graphs (see fp8_step_scope)
+        fp8_scope = fp8_step_scope(t.precision, self._cudagraphs)
         if lay.pp > 1:
             with fp8_scope, self._compute_copies(masters_current=False):
                 pipelined = self._pipeline_backward(mbs, weights, lam, ctx)
