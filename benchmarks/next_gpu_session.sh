@@ -50,6 +50,7 @@
 #                                         #   parity not bit-exact; removed)
 #   benchmarks/next_gpu_session.sh fp8g   # one GPU (#6, session 17): grouped FP8 kernel variants (TMA) + FP8 step profile
 #   benchmarks/next_gpu_session.sh fp8s   # one GPU (#6, session 17): FP8 tests, small step BF16 vs FP8 profiled, trainer FP8 (+CUDA graphs)
+#   benchmarks/next_gpu_session.sh fp8cg  # one GPU (#6, session 17): FP8 GPU tests, trainer FP8 eager vs CUDA graphs, cProfile
 #   benchmarks/next_gpu_session.sh fp8lin # one GPU (#6): FP8 quantizer/linear/grouped GPU tests and the CUDA-graph
 #                                         #   block test, fp8_linear.py, fp8_grouped.py, the small FP8 step vs BF16
 #   benchmarks/next_gpu_session.sh ep2wait  # (or onewait) the next call: waits for it, returns its records in run_ep2.tar.gz;
@@ -230,6 +231,26 @@ case "${1:-}" in
       cp /tmp/d/$r/profile/*.txt /tmp/d/$r/profile/*.summary.json $S/$r/ 2>/dev/null; done
     cp /tmp/d/distributed.json $S/ 2>/dev/null
     pack ;;
+  fp8cg)
+    # one GPU (#6, session 17's last call, ~6 min): the FP8 GPU tests (grouped kernels, W^T transpose, padded
+    # compiled MoE), the trainer's FP8 step eager against CUDA graphs (the BF16 'one' baseline is read from
+    # session 17's H200 run, not re-run), then cProfile of the FP8 step's host time; $OUT/fp8cg.tar.gz
+    S=/tmp/fp8cg; mkdir -p $S
+    pack() { tar czf $OUT/fp8cg.tar.gz -C /tmp fp8cg; }
+    nvidia-smi --query-gpu=name --format=csv,noheader | tee $S/gpu.txt
+    timeout ${TEST_S:-100} python3 -m pytest -q tests/test_fp8_grouped.py tests/test_fp8_triton.py 2>&1 \
+        | grep -E "^E  |passed|failed|^FAILED" | head -20 | tee $S/gpu_tests.txt
+    timeout ${TEST2_S:-80} python3 -m pytest -q tests/test_moe_compile.py -k "padded or gpu" 2>&1 \
+        | grep -E "^E  |passed|failed|^FAILED" | head -20 | tee -a $S/gpu_tests.txt; pack
+    mkdir -p /tmp/d/one && cp benchmarks/results/raw/2026-12-07-session17/call2_fp8s/one/result.json /tmp/d/one/
+    timeout ${DIST_S:-200} python3 benchmarks/distributed.py --out /tmp/d --runs ${RUNS:-one_fp8:8:3,one_cg_fp8:8:3} \
+        > $S/distributed.log 2>&1; echo "distributed rc=$?"; grep -E "^\[|step_s|Error" $S/distributed.log | tail -8
+    for r in $(ls /tmp/d 2>/dev/null); do [ -f /tmp/d/$r/metrics.jsonl ] || continue; mkdir -p $S/$r
+      cp /tmp/d/$r/result.json /tmp/d/$r/metrics.jsonl $S/$r/ 2>/dev/null
+      cp /tmp/d/$r/profile/*.txt /tmp/d/$r/profile/*.summary.json $S/$r/ 2>/dev/null; done
+    tail -c 6000 /tmp/d/one_cg_fp8/train.log > $S/one_cg_fp8_train_log_tail.txt 2>/dev/null; pack
+    timeout ${PROF_S:-90} python3 benchmarks/fp8_cpu_profile.py --out $S/fp8_cpu_profile.txt 2>&1 | grep -v Warn \
+        | head -60 | cut -c1-160; pack ;;
   fp8lin)
     # one GPU (#6, session 9): the FP8 quantizer and linear GPU tests (+ the CUDA-graph block test of #9), the
     # FP8 linear against the blockwise _scaled_mm GEMMs alone (with and without the per-step weight cache),
