@@ -13,10 +13,17 @@ Groups must start at multiples of 128 rows (``GROUP_ALIGN``): ``dsv3.model.moe``
 zero rows when the FP8 recipe is on, as DeepSeek-V3 does. Then no 128-row tile mixes two experts, a token-axis
 quantization tile never straddles two groups, and the tile -> expert map is a count of group ends.
 
+Each GEMM has two kernels with the same arithmetic: tiles loaded through TMA tensor descriptors (Hopper and
+newer, the default where operands are 16-byte aligned) or through pointers (any GPU; ``KERNELS`` picks). The
+row-tiled kernel launches the column tiles of one row tile side by side (``N_FASTEST``), so a row tile of A is read
+from HBM once and shared through L2. Against the first kernels (pointer loads, row tiles launched first) that is
+1.14-1.22x on an H100 at `small`'s and V3's expert shapes (``benchmarks/fp8_grouped.py --variants``, 2026-12-07).
+
 Precision as DeepSeek-V3 section 3.3.2: each 128-wide slice of the reduction is one tensor-core ``dot`` whose
 result is scaled and added into an fp32 accumulator (promotion every 128 elements, not at the end), so the
 numbers are those of ``dsv3.fp8.gemm``'s reference (dequantize, fp32 matmul) up to the tensor cores' own
-rounding inside a slice. ``tests/test_fp8_triton.py`` compares both on the GPU.
+rounding inside a slice. ``tests/test_fp8_grouped.py`` compares both on the GPU, and every kernel variant under
+Triton's CPU interpreter.
 """
 from __future__ import annotations
 
@@ -84,18 +91,22 @@ if HAVE_TRITON:
         return pid % num_m, pid // num_m
 
     @triton.jit
+    def _nt_tile(ends_ptr, M, N, E, E_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 N_FASTEST: tl.constexpr):
+        """(first row, first column, expert) of this program's output tile in the row-tiled kernels."""
+        pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), N_FASTEST)
+        row0 = pid_m * BLOCK_M
+        return row0, pid_n * BLOCK_N, _tile_expert(ends_ptr, row0, E, E_P2)
+
+    @triton.jit
     def _grouped_nt_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ends_ptr,
                            M, N, K, E,
                            s_am, s_asm, s_ask, s_be, s_bn, s_bse, s_bsn, s_cm,
                            E_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr):
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        pid_m, pid_n = _tile_coords(tl.program_id(0), num_m, num_n, N_FASTEST)
-        row0 = pid_m * BLOCK_M
-        g = _tile_expert(ends_ptr, row0, E, E_P2)
+        row0, n0, g = _nt_tile(ends_ptr, M, N, E, E_P2, BLOCK_M, BLOCK_N, N_FASTEST)
         rm = row0 + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rn = n0 + tl.arange(0, BLOCK_N)
         c_ptrs = c_ptr + rm[:, None].to(tl.int64) * s_cm + rn[None, :]
         c_mask = (rm[:, None] < M) & (rn[None, :] < N)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -128,12 +139,7 @@ if HAVE_TRITON:
         # _grouped_nt_kernel with the tiles moved by the TMA unit (tensor descriptors): no address arithmetic or
         # masks in the loop (out-of-range rows and columns read as zero, stores are clipped), and the loads are
         # asynchronous bulk copies the pipeliner overlaps with the tensor-core work
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        pid_m, pid_n = _tile_coords(tl.program_id(0), num_m, num_n, N_FASTEST)
-        row0 = pid_m * BLOCK_M
-        n0 = pid_n * BLOCK_N
-        g = _tile_expert(ends_ptr, row0, E, E_P2)
+        row0, n0, g = _nt_tile(ends_ptr, M, N, E, E_P2, BLOCK_M, BLOCK_N, N_FASTEST)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if g < E:
             rm = row0 + tl.arange(0, BLOCK_M)
