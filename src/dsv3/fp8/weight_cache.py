@@ -14,7 +14,7 @@ the weight's storage pointer, version and shape, so an in-place change inside th
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor
@@ -46,8 +46,6 @@ def step_scope(precision: str, cudagraphs: bool):
     Python, so a graph recorded while the cache answered would keep reading the cached FP8 copy of the step it
     was recorded in (weights frozen, then freed memory); without the cache every recorded forward quantizes the
     current weights itself."""
-    from contextlib import nullcontext
-
     return reuse_quantized_weights() if precision == "fp8" and not cudagraphs else nullcontext()
 
 
