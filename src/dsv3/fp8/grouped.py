@@ -124,12 +124,10 @@ class FP8GroupedMMFunction(torch.autograd.Function):
                 wtq, wts = weight_blocks_transposed(ctx.key, wq, ws, pow2_scale)
                 dx = triton_grouped.grouped_fp8_nt(dyq, dys, wtq, wts, offs, out_dtype=x_dtype)
             if wgrad:
-                # joined equal weights (gate, up) come back as separate contiguous gradients
+                # joined equal weights (gate, up) come back as separate contiguous gradients: [parts, E, N_i, K]
                 parts = len(w_rows) if len(set(w_rows)) == 1 else 1
                 dw = triton_grouped.grouped_fp8_wgrad(dytq, dyts, xt[0], xt[1], offs, out_dtype=torch.float32,
                                                       parts=parts)
-                if parts > 1:
-                    return (dx, None, None, None, None, *[part.to(dt) for part, dt in zip(dw, w_dtypes)])
         else:
             if ctx.needs_input_grad[0]:
                 dyq, dys = quantize_tiles(dy, pow2_scale, backend)
@@ -149,7 +147,8 @@ class FP8GroupedMMFunction(torch.autograd.Function):
                                             out_dtype=torch.float32, backend=backend)
         dws = [None] * len(w_rows)
         if dw is not None:
-            dws = [part.to(dt) for part, dt in zip(dw.split(w_rows, dim=1), w_dtypes)]
+            per_weight = dw.unbind(0) if dw.dim() == 4 else dw.split(w_rows, dim=1)
+            dws = [part.to(dt) for part, dt in zip(per_weight, w_dtypes)]
         return (dx, None, None, None, None, *dws)
 
 

@@ -27,6 +27,7 @@ Triton's CPU interpreter.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -167,21 +168,25 @@ if HAVE_TRITON:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
 
     @triton.jit
-    def _grouped_wgrad_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ends_ptr,
-                              N, K, PART_N,
-                              s_an, s_asn, s_bk, s_bsk, s_cp, s_ce, s_cn,
-                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
+    def _wgrad_tile(ends_ptr, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
+        """(expert, first row n, first column k, first token, end token) of this program's dW tile."""
         pid = tl.program_id(0)
         e = tl.program_id(1)
         num_k = tl.cdiv(K, BLOCK_K)
-        pid_n = pid // num_k
-        pid_k = pid % num_k
         # groups start and end at multiples of BLOCK_T: telling the compiler so lets it vectorize the loads
         # (without the hint it cannot prove alignment of a loaded offset: ~50 TFLOP/s instead of ~500)
         start = tl.multiple_of(tl.load(ends_ptr + e - 1, mask=e > 0, other=0), BLOCK_T)
         end = tl.multiple_of(tl.load(ends_ptr + e), BLOCK_T)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        return e, (pid // num_k) * BLOCK_N, (pid % num_k) * BLOCK_K, start, end
+
+    @triton.jit
+    def _grouped_wgrad_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ends_ptr,
+                              N, K, PART_N,
+                              s_an, s_asn, s_bk, s_bsk, s_cp, s_ce, s_cn,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
+        e, n0, k0, start, end = _wgrad_tile(ends_ptr, K, BLOCK_N, BLOCK_K, BLOCK_T)
+        rn = n0 + tl.arange(0, BLOCK_N)
+        rk = k0 + tl.arange(0, BLOCK_K)
         rt = tl.arange(0, BLOCK_T)
         n_ok = rn < N
         k_ok = rk < K
@@ -210,13 +215,7 @@ if HAVE_TRITON:
                                   s_asn, s_bsk, s_cp, s_ce, s_cn,
                                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
         # _grouped_wgrad_kernel with TMA tile loads (see _grouped_nt_tma_kernel)
-        pid = tl.program_id(0)
-        e = tl.program_id(1)
-        num_k = tl.cdiv(K, BLOCK_K)
-        n0 = (pid // num_k) * BLOCK_N
-        k0 = (pid % num_k) * BLOCK_K
-        start = tl.multiple_of(tl.load(ends_ptr + e - 1, mask=e > 0, other=0), BLOCK_T)
-        end = tl.multiple_of(tl.load(ends_ptr + e), BLOCK_T)
+        e, n0, k0, start, end = _wgrad_tile(ends_ptr, K, BLOCK_N, BLOCK_K, BLOCK_T)
         rn = n0 + tl.arange(0, BLOCK_N)
         rk = k0 + tl.arange(0, BLOCK_K)
         n_ok = rn < N
@@ -266,12 +265,17 @@ def _check_fp8(*ts: Tensor) -> None:
             raise TypeError(f"expected float8_e4m3fn operands, got {t.dtype}")
 
 
+@functools.lru_cache(maxsize=None)
+def _device_has_tma(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
 def _tma_ok(*ts: Tensor) -> bool:
     """TMA needs Hopper or newer (or the interpreter), 16-byte aligned bases and 16-byte aligned row strides."""
     if TensorDescriptor is None:
         return False
     if os.environ.get("TRITON_INTERPRET") != "1":
-        if not ts[0].is_cuda or torch.cuda.get_device_capability(ts[0].device)[0] < 9:
+        if not ts[0].is_cuda or not _device_has_tma(ts[0].device.index):
             return False
     return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
                and t.stride(-1) == 1 for t in ts)

@@ -88,9 +88,6 @@ if HAVE_TRITON:
                  mask=mask)
         tl.store(s_ptr + (e * MB + i) * NB + j, s)
 
-
-if HAVE_TRITON:
-
     @triton.jit
     def _transpose_kernel(x_ptr, y_ptr, R, C, BLOCK: tl.constexpr):
         # y[e] = x[e]^T for x [E, R, C] -> y [E, C, R], one BLOCK x BLOCK tile per program (bytes moved as uint8)
