@@ -38,11 +38,12 @@ import torch
 from torch import Tensor
 
 from dsv3.fp8 import triton_grouped
+from dsv3.fp8.blocks import FP8_DTYPE, TILE
 from dsv3.fp8.gemm import fp8_gemm_nt
 from dsv3.fp8.triton_quant import quantize_tiles, quantize_tiles_axes
 from dsv3.fp8.weight_cache import weight_blocks, weight_blocks_transposed
 
-__all__ = ["fp8_grouped_mm", "FP8GroupedMMFunction", "group_bounds", "quantize_tokens_grouped",
+__all__ = ["fp8_grouped_mm", "fp8_grouped_mm_op", "FP8GroupedMMFunction", "group_bounds", "quantize_tokens_grouped",
            "triton_path_available"]
 
 
@@ -63,6 +64,62 @@ def quantize_tokens_grouped(
 ) -> list[tuple[Tensor, Tensor]]:
     """Per group: ``x[s:e]^T`` [K, T_g] in FP8 tiled 1x128 along tokens, with scales [K, ceil(T_g/128)]."""
     return [quantize_tiles(x[s:e].t(), pow2_scale, backend) for s, e in bounds]
+
+
+def _aligned_nt(aq: Tensor, a_s: Tensor, bq: Tensor, b_s: Tensor, offs: Tensor, out_dtype: torch.dtype,
+                backend: str) -> Tensor:
+    """Grouped ``dequant(a)[rows of e] @ dequant(b[e])^T`` on 128-aligned groups: one Triton launch on CUDA,
+    else one blockwise GEMM per group (the CPU reference; reads ``offs`` on the host)."""
+    if triton_path_available(aq, backend):
+        return triton_grouped.grouped_fp8_nt(aq, a_s, bq, b_s, offs, out_dtype=out_dtype)
+    y = torch.zeros(aq.shape[0], bq.shape[1], dtype=out_dtype, device=aq.device)
+    for g, (s, e) in enumerate(group_bounds(offs, bq.shape[0])):
+        if e > s:
+            y[s:e] = fp8_gemm_nt(aq[s:e], a_s[s:e], "tile", bq[g], b_s[g], "block", out_dtype=out_dtype,
+                                 backend=backend)
+    return y
+
+
+def _aligned_wgrad(dytq: Tensor, dyts: Tensor, xtq: Tensor, xts: Tensor, offs: Tensor, parts: int,
+                   backend: str) -> Tensor:
+    """``dW_e = dy_e^T x_e`` in fp32 ([E, N, K], or [parts, E, N/parts, K]) from both operands tiled along all
+    tokens at once; each group starts at a multiple of 128, so its tiles are its own."""
+    if triton_path_available(dytq, backend):
+        return triton_grouped.grouped_fp8_wgrad(dytq, dyts, xtq, xts, offs, out_dtype=torch.float32, parts=parts)
+    n, k, e_count = dytq.shape[0], xtq.shape[0], offs.numel()
+    dw = torch.zeros(e_count, n, k, dtype=torch.float32, device=dytq.device)
+    for g, (s, e) in enumerate(group_bounds(offs, e_count)):
+        if e > s:
+            tiles = slice(s // TILE, -(-e // TILE))
+            dw[g] = fp8_gemm_nt(dytq[:, s:e].contiguous(), dyts[:, tiles].contiguous(), "tile",
+                                xtq[:, s:e].contiguous(), xts[:, tiles].contiguous(), "tile",
+                                out_dtype=torch.float32, backend=backend)
+    if parts > 1:
+        dw = dw.unflatten(1, (parts, n // parts)).transpose(0, 1).contiguous()
+    return dw
+
+
+def _aligned_forward(x: Tensor, offs: Tensor, wq: Tensor, w_s: Tensor, save_xt: bool, pow2_scale: bool,
+                     backend: str) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(y, x^T in FP8 tiled along tokens, its scales) of aligned groups; the last two None unless ``save_xt``.
+    x^T is tiled over all rows at once: groups start at multiples of 128, so no tile mixes two groups."""
+    xq, xs, xtq, xts = quantize_tiles_axes(x, True, save_xt, pow2_scale, backend)
+    return _aligned_nt(xq, xs, wq, w_s, offs, x.dtype, backend), xtq, xts
+
+
+def _aligned_backward(dy: Tensor, offs: Tensor, xtq: Tensor | None, xts: Tensor | None, key, wq: Tensor,
+                      w_s: Tensor, need_dx: bool, need_dw: bool, parts: int, x_dtype: torch.dtype,
+                      pow2_scale: bool, backend: str) -> tuple[Tensor | None, Tensor | None]:
+    """(dx, dW in fp32) of aligned groups, each None unless asked: dy tiled along N for dgrad (against W^T's
+    blocks, the forward's transposed), dy^T along tokens for wgrad."""
+    dyq, dys, dytq, dyts = quantize_tiles_axes(dy, need_dx, need_dw, pow2_scale, backend)
+    dx = dw = None
+    if need_dx:
+        wtq, wts = weight_blocks_transposed(key, wq, w_s, pow2_scale)
+        dx = _aligned_nt(dyq, dys, wtq, wts, offs, x_dtype, backend)
+    if need_dw:
+        dw = _aligned_wgrad(dytq, dyts, xtq, xts, offs, parts, backend)
+    return dx, dw
 
 
 class FP8GroupedMMFunction(torch.autograd.Function):
@@ -86,11 +143,8 @@ class FP8GroupedMMFunction(torch.autograd.Function):
         ctx.fast = fast
         if fast:  # one Triton launch for all groups; the group ends stay on the device
             bounds = None
-            # x^T tiled along tokens over all rows at once: groups start at multiples of 128, so no tile
-            # mixes two groups
-            xq, xs, xtq, xts = quantize_tiles_axes(x, True, wgrad, pow2_scale, backend)
+            y, xtq, xts = _aligned_forward(x, offs, wq, ws_, wgrad, pow2_scale, backend)
             saved = [xtq, xts] if wgrad else []
-            y = triton_grouped.grouped_fp8_nt(xq, xs, wq, ws_, offs, out_dtype=x.dtype)
         else:
             xq, xs = quantize_tiles(x, pow2_scale, backend)
             bounds = group_bounds(offs, e_count)
@@ -118,16 +172,10 @@ class FP8GroupedMMFunction(torch.autograd.Function):
         dx = dw = None
         wgrad = any(ctx.needs_input_grad[5:])
         if ctx.fast:
-            # dy along N (dgrad) and dy^T along tokens (wgrad), as needed
-            dyq, dys, dytq, dyts = quantize_tiles_axes(dy, ctx.needs_input_grad[0], wgrad, pow2_scale, backend)
-            if ctx.needs_input_grad[0]:
-                wtq, wts = weight_blocks_transposed(ctx.key, wq, ws, pow2_scale)
-                dx = triton_grouped.grouped_fp8_nt(dyq, dys, wtq, wts, offs, out_dtype=x_dtype)
-            if wgrad:
-                # joined equal weights (gate, up) come back as separate contiguous gradients: [parts, E, N_i, K]
-                parts = len(w_rows) if len(set(w_rows)) == 1 else 1
-                dw = triton_grouped.grouped_fp8_wgrad(dytq, dyts, xt[0], xt[1], offs, out_dtype=torch.float32,
-                                                      parts=parts)
+            # joined equal weights (gate, up) come back as separate contiguous gradients: [parts, E, N_i, K]
+            parts = len(w_rows) if len(set(w_rows)) == 1 else 1
+            dx, dw = _aligned_backward(dy, offs, xt[0] if wgrad else None, xt[1] if wgrad else None, ctx.key, wq, ws,
+                                       ctx.needs_input_grad[0], wgrad, parts, x_dtype, pow2_scale, backend)
         else:
             if ctx.needs_input_grad[0]:
                 dyq, dys = quantize_tiles(dy, pow2_scale, backend)
@@ -157,7 +205,6 @@ def triton_path_available(x: Tensor, backend: str = "auto") -> bool:
     return backend in ("auto", "triton") and triton_grouped.HAVE_TRITON and x.is_cuda
 
 
-@torch.compiler.disable  # as dsv3.fp8.linear.fp8_linear: eager inside compiled blocks
 def fp8_grouped_mm(
     x: Tensor, w: Tensor | tuple[Tensor, ...], offs: Tensor, pow2_scale: bool = False, backend: str = "auto",
     aligned: bool = False,
@@ -179,7 +226,114 @@ def fp8_grouped_mm(
         raise ValueError("weights joined along N need N multiples of 128 (whole 128x128 blocks)")
     if backend == "triton" and not (aligned and triton_path_available(x, backend)):
         raise ValueError("backend='triton' needs aligned=True, Triton and a CUDA input")
-    fast = aligned and triton_path_available(x, backend)
     gemm_backend = "auto" if backend == "triton" else backend
+    if aligned and torch.compiler.is_compiling() and _op_takes(ws):
+        # compiled blocks: the custom ops below, one graph node each way (no graph break, so a block's
+        # forward and backward are one CUDA graph each under 'reduce-overhead')
+        with torch.autocast(x.device.type, enabled=False):
+            return fp8_grouped_mm_op(x, ws, offs, pow2_scale, gemm_backend)
+    return _fp8_grouped_mm_eager(x, ws, offs, pow2_scale, gemm_backend, aligned and triton_path_available(x, backend))
+
+
+@torch.compiler.disable  # inside compiled blocks only for what the custom ops do not take (see _op_takes)
+def _fp8_grouped_mm_eager(x: Tensor, ws: tuple[Tensor, ...], offs: Tensor, pow2_scale: bool, backend: str,
+                          fast: bool) -> Tensor:
     with torch.autocast(x.device.type, enabled=False):  # as fp8_linear: the recipe sets every precision
-        return FP8GroupedMMFunction.apply(x, offs, pow2_scale, gemm_backend, fast, *ws)
+        return FP8GroupedMMFunction.apply(x, offs, pow2_scale, backend, fast, *ws)
+
+
+# ---------------------------------------------------------------------------------------- custom ops
+# What compiled graphs run for aligned groups: ``dsv3::fp8_grouped_mm`` and its backward, opaque to Inductor
+# as ``dsv3::fp8_linear`` is (dsv3.fp8.linear says why). Same math as ``FP8GroupedMMFunction``'s fast path
+# (the same helpers); on the CPU the helpers' per-group reference runs inside the op. One weight [E, N, K] or
+# two of the same shape (gate and up, joined along N).
+
+def _op_takes(ws: tuple[Tensor, ...]) -> bool:
+    return len(ws) == 1 or (len(ws) == 2 and ws[0].shape == ws[1].shape)
+
+
+def _joined(w: Tensor, w2: Tensor | None):
+    return w if w2 is None else (w, w2)
+
+
+@torch.library.custom_op("dsv3::fp8_grouped_mm", mutates_args=())
+def _fp8_grouped_op(x: Tensor, offs: Tensor, w: Tensor, w2: Tensor | None, pow2_scale: bool, backend: str,
+                    save_xt: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(y [T, N] (N = 2 w.shape[1] with ``w2``) in x's dtype, x^T [K, T] in FP8 tiled along tokens, its
+    scales [K, ceil(T/128)]) for aligned groups; the last two empty unless ``save_xt``."""
+    wq, w_s = weight_blocks(_joined(w, w2), pow2_scale)
+    y, xtq, xts = _aligned_forward(x, offs, wq, w_s, save_xt, pow2_scale, backend)
+    if not save_xt:
+        return y, x.new_empty(0, dtype=FP8_DTYPE), x.new_empty(0, dtype=torch.float32)
+    return y, xtq, xts
+
+
+@_fp8_grouped_op.register_fake
+def _(x, offs, w, w2, pow2_scale, backend, save_xt):
+    t, k = x.shape
+    y = x.new_empty(t, w.shape[1] * (1 if w2 is None else 2))
+    if not save_xt:
+        return y, x.new_empty(0, dtype=FP8_DTYPE), x.new_empty(0, dtype=torch.float32)
+    return y, x.new_empty(k, t, dtype=FP8_DTYPE), x.new_empty(k, -(-t // TILE), dtype=torch.float32)
+
+
+@torch.library.custom_op("dsv3::fp8_grouped_mm_backward", mutates_args=())
+def _fp8_grouped_backward_op(dy: Tensor, offs: Tensor, xtq: Tensor, xts: Tensor, w: Tensor, w2: Tensor | None,
+                             pow2_scale: bool, backend: str, x_dtype: torch.dtype, need_dx: bool, need_dw: bool
+                             ) -> tuple[Tensor, Tensor]:
+    """(dx [T, K] in ``x_dtype``, dW in fp32: [E, N, K], or [2, E, N, K] with ``w2``) of
+    ``dsv3::fp8_grouped_mm``, each empty when not needed; the weights' FP8 blocks come from the weight cache."""
+    key = _joined(w, w2)
+    wq, w_s = weight_blocks(key, pow2_scale)
+    dx, dw = _aligned_backward(dy, offs, xtq, xts, key, wq, w_s, need_dx, need_dw, 1 if w2 is None else 2,
+                               x_dtype, pow2_scale, backend)
+    return (dx if need_dx else dy.new_empty(0, dtype=x_dtype),
+            dw if need_dw else dy.new_empty(0, dtype=torch.float32))
+
+
+@_fp8_grouped_backward_op.register_fake
+def _(dy, offs, xtq, xts, w, w2, pow2_scale, backend, x_dtype, need_dx, need_dw):
+    e, n, k = w.shape
+    dx = dy.new_empty(dy.shape[0], k, dtype=x_dtype) if need_dx else dy.new_empty(0, dtype=x_dtype)
+    shape = (e, n, k) if w2 is None else (2, e, n, k)
+    dw = dy.new_empty(shape, dtype=torch.float32) if need_dw else dy.new_empty(0, dtype=torch.float32)
+    return dx, dw
+
+
+def _fp8_grouped_setup(ctx, inputs, output):
+    x, offs, w, w2, pow2_scale, backend, save_xt = inputs
+    _, xtq, xts = output
+    ctx.save_for_backward(offs, xtq, xts, w, w2)
+    ctx.meta = (pow2_scale, backend, x.dtype)
+    ctx.set_materialize_grads(False)  # x^T's copy and scales are outputs only to be saved (as fp8_linear)
+
+
+def _fp8_grouped_grad(ctx, dy, _dxtq, _dxts):
+    offs, xtq, xts, w, w2 = ctx.saved_tensors
+    pow2_scale, backend, x_dtype = ctx.meta
+    need_dx = ctx.needs_input_grad[0]
+    need_dw = ctx.needs_input_grad[2] or (w2 is not None and ctx.needs_input_grad[3])
+    if dy is None:
+        return None, None, None, None, None, None, None
+    dx, dw = torch.ops.dsv3.fp8_grouped_mm_backward(dy.contiguous(), offs, xtq, xts, w, w2, pow2_scale, backend,
+                                                    x_dtype, need_dx, need_dw)
+    dw1 = dw2 = None
+    if need_dw:
+        dw1, dw2 = (dw.to(w.dtype), None) if w2 is None else (dw[0].to(w.dtype), dw[1].to(w2.dtype))
+    return (dx if need_dx else None), None, dw1, dw2, None, None, None
+
+
+torch.library.register_autograd("dsv3::fp8_grouped_mm", _fp8_grouped_grad, setup_context=_fp8_grouped_setup)
+
+
+def fp8_grouped_mm_op(x: Tensor, w: Tensor | tuple[Tensor, ...], offs: Tensor, pow2_scale: bool = False,
+                      backend: str = "auto") -> Tensor:
+    """``fp8_grouped_mm(..., aligned=True)`` through the ``dsv3::fp8_grouped_mm`` custom ops (what compiled
+    graphs run), in any mode: one weight, or two of the same shape joined along N."""
+    ws = tuple(w) if isinstance(w, (tuple, list)) else (w,)
+    if not _op_takes(ws):
+        raise ValueError(f"the custom op takes one weight or two of one shape, got {[tuple(t.shape) for t in ws]}")
+    w2 = ws[1] if len(ws) == 2 else None
+    save_xt = torch.is_grad_enabled() and any(t.requires_grad for t in ws)
+    y, _, _ = torch.ops.dsv3.fp8_grouped_mm(x.contiguous(), offs, ws[0], w2, pow2_scale, backend, save_xt)
+    return y
