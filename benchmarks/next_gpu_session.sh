@@ -54,6 +54,10 @@
 #   benchmarks/next_gpu_session.sh fp8g   # one GPU (#6, session 17): grouped FP8 kernel variants (TMA) + FP8 step profile
 #   benchmarks/next_gpu_session.sh fp8s   # one GPU (#6, session 17): FP8 tests, small step BF16 vs FP8 profiled, trainer FP8 (+CUDA graphs)
 #   benchmarks/next_gpu_session.sh fp8cg  # one GPU (#6, session 17): FP8 GPU tests, trainer FP8 eager vs CUDA graphs, cProfile
+#   benchmarks/next_gpu_session.sh cg8    # one GPU (#6/#5, session 18): FP8 GPU tests (grouped custom ops), then
+#                                         #   train_step.py --fp8 --cudagraphs on CONFIGS (default small; STEP_ARGS
+#                                         #   adds, e.g. --peers torchtitan), BF16 and FP8 each with blocks compiled
+#                                         #   default and 'reduce-overhead', profiled; $OUT/cg8.tar.gz
 #   benchmarks/next_gpu_session.sh fp8lin # one GPU (#6): FP8 quantizer/linear/grouped GPU tests and the CUDA-graph
 #                                         #   block test, fp8_linear.py, fp8_grouped.py, the small FP8 step vs BF16
 #   benchmarks/next_gpu_session.sh ep2wait  # (or onewait) the next call: waits for it, returns its records in run_ep2.tar.gz;
@@ -255,6 +259,19 @@ case "${1:-}" in
     tail -c 6000 /tmp/d/one_cg_fp8/train.log > $S/one_cg_fp8_train_log_tail.txt 2>/dev/null; pack
     [ "${PROF_S:-90}" != 0 ] && timeout ${PROF_S:-90} python3 benchmarks/fp8_cpu_profile.py \
         --out $S/fp8_cpu_profile.txt 2>&1 | grep -v Warn | head -60 | cut -c1-160; pack ;;
+  cg8)
+    S=/tmp/cg8; mkdir -p $S
+    pack() { tar czf $OUT/cg8.tar.gz -C /tmp cg8; }
+    nvidia-smi --query-gpu=name --format=csv,noheader | tee $S/gpu.txt
+    [ "${TEST_S:-120}" != 0 ] && timeout ${TEST_S:-120} python3 -m pytest -q ${TESTS:-tests/test_fp8_grouped.py \
+        tests/test_fp8_triton.py tests/test_moe_compile.py} -k "${TEST_K:-cuda or gpu or padded or op or compiled}" \
+        2>&1 | grep -E "^E  |passed|failed|^FAILED" | head -30 | tee $S/gpu_tests.txt; pack
+    if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-deps .whl/*.whl 2>&1 | tail -1; fi
+    timeout ${STEP_S:-400} python3 benchmarks/train_step.py --configs ${CONFIGS:-small} --fp8 --cudagraphs \
+        --steps ${STEPS:-8} --profile-dir $S --out $S/train_step.json ${STEP_ARGS:---peers none} 2>&1 \
+        | grep -v Warn > $S/train_step.log; echo "train_step rc=$?"
+    grep -E "^\[|device|Error|error" $S/train_step.log | head -30
+    rm -f $S/*.trace.json; pack ;;
   fp8lin)
     # one GPU (#6, session 9): the FP8 quantizer and linear GPU tests (+ the CUDA-graph block test of #9), the
     # FP8 linear against the blockwise _scaled_mm GEMMs alone (with and without the per-step weight cache),

@@ -32,6 +32,7 @@ OURS_OPTIMIZER = "dsv3"  # --ours-optimizer
 AB_FLAGS: list[str] = []  # --ab
 FB_OVERLAP = 0  # --fb-overlap N
 COMPILE_OPTIONS: dict = {}  # Inductor options of ours' compiled blocks (an --ab inductor.NAME variant sets one)
+CUDAGRAPHS = False  # --cudagraphs: also time ours (BF16 and, with --fp8, FP8) with blocks in 'reduce-overhead'
 
 
 def sync():
@@ -87,9 +88,13 @@ def dsv3_adamw(params):
                                     moment_dtype=torch.bfloat16)
 
 
-def time_steps(model, loss_fn, x, steps: int, warmup: int = 3, make_opt=torch_adamw, fwd_bwd=None) -> dict:
+def time_steps(model, loss_fn, x, steps: int, warmup: int = 3, make_opt=torch_adamw, fwd_bwd=None,
+               scope=None) -> dict:
     """Median step time over `steps` timed steps of forward+backward+optimizer step. ``fwd_bwd(model, x)``, when
-    given, runs the forward and backward itself (e.g. over micro-batches) and returns the step's loss."""
+    given, runs the forward and backward itself (e.g. over micro-batches) and returns the step's loss.
+    ``scope()``: a context around each step's forward and backward (ours in FP8: the trainer's weight cache)."""
+    from contextlib import nullcontext
+    scope = scope or nullcontext
     opt = make_opt(model.parameters())
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -97,11 +102,13 @@ def time_steps(model, loss_fn, x, steps: int, warmup: int = 3, make_opt=torch_ad
     for i in range(warmup + steps):
         sync()
         t = time.perf_counter()
-        if fwd_bwd is None:
-            loss = loss_fn(model, x)
-            loss.backward()
-        else:
-            loss = fwd_bwd(model, x)
+        torch.compiler.cudagraph_mark_step_begin()  # a new replay generation per step (no-op without graphs)
+        with scope():
+            if fwd_bwd is None:
+                loss = loss_fn(model, x)
+                loss.backward()
+            else:
+                loss = fwd_bwd(model, x)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
@@ -114,7 +121,8 @@ def time_steps(model, loss_fn, x, steps: int, warmup: int = 3, make_opt=torch_ad
 
 
 # ------------------------------------------------------------------------------------------------ ours
-def build_ours(cfg: ModelConfig, compile_blocks: bool, recompute: str = "none", fp8: bool = False):
+def build_ours(cfg: ModelConfig, compile_blocks: bool, recompute: str = "none", fp8: bool = False,
+               mode: str = "default"):
     torch.manual_seed(0)
     with torch.device(DEVICE):
         m = DeepseekV3(cfg)
@@ -123,10 +131,21 @@ def build_ours(cfg: ModelConfig, compile_blocks: bool, recompute: str = "none", 
     if fp8:  # the paper's recipe: attention projections, MLPs and routed experts in FP8 block scaling
         from dsv3.fp8.recipe import FP8Recipe, convert_to_fp8
         convert_to_fp8(m, FP8Recipe())
-    if compile_blocks:
+    if compile_blocks and mode != "default":  # as dsv3 train's train.compile_mode
+        from dsv3.train.compile_blocks import compile_blocks as compile_as_trainer
+        compile_as_trainer(list(m.layers) + list(m.mtp), mode)
+    elif compile_blocks:
         for layer in list(m.layers) + list(m.mtp):
             layer.compile(options=dict(COMPILE_OPTIONS) or None)
     return m
+
+
+def fp8_scope(mode: str):
+    """The trainer's per-step scope for an FP8 model compiled in ``mode`` (dsv3.fp8.weight_cache.step_scope):
+    each weight quantized once per step, except under CUDA graphs."""
+    from dsv3.fp8.weight_cache import step_scope
+    from dsv3.train.config import CUDAGRAPH_MODES
+    return lambda: step_scope("fp8", mode in CUDAGRAPH_MODES)
 
 
 def ours_loss(model, x):
@@ -335,28 +354,54 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
                     setattr(moe, flag, default)
                 torch._dynamo.reset()
 
+    if CUDAGRAPHS and DEVICE == "cuda":
+        # the same step with every block a CUDA graph (dsv3 train's compile_mode = 'reduce-overhead'): what the
+        # host's launch time costs the default mode
+        torch._dynamo.reset()
+        try:
+            m = build_ours(cfg, compile_blocks=True, mode="reduce-overhead")
+            m.load_state_dict(ours_sd)
+            out = time_steps(m, ours_loss, x, steps, make_opt=ours_opt)
+            out["optimizer"] = OURS_OPTIMIZER
+            record("ours compiled, cudagraphs", out, ours_first)
+            del m
+        except Exception as e:
+            import traceback
+            traceback.print_exc(limit=6)
+            res["runs"]["cudagraphs_error"] = repr(e)[:400]
+        torch.cuda.empty_cache()
     if fp8:  # the same model and weights with the FP8 recipe (issue #6's full-step speedup)
-        for compiled in ((True, False) if DEVICE == "cuda" else (False,)):
-            label = "ours fp8" + (" compiled" if compiled else " eager")
+        # (compiled, mode, BF16 run compared with); eager only if the compiled default fails
+        variants = [(True, "default", "ours compiled")] if DEVICE == "cuda" else [(False, "default", "ours eager")]
+        if CUDAGRAPHS and DEVICE == "cuda":
+            variants.append((True, "reduce-overhead", "ours compiled, cudagraphs"))
+        for compiled, mode, bf16_label in variants:
+            label = "ours fp8" + (" compiled" if compiled else " eager") + (", cudagraphs" if mode != "default" else "")
+            torch._dynamo.reset()
             try:
-                m = build_ours(cfg, compile_blocks=compiled, fp8=True)
+                m = build_ours(cfg, compile_blocks=compiled, fp8=True, mode=mode)
                 m.load_state_dict(ours_sd, strict=False)
                 with torch.no_grad():
                     first = float(ours_loss(m, x))
-                out = time_steps(m, ours_loss, x, steps, make_opt=ours_opt)
-                out["fp8_speedup"] = res["runs"]["ours compiled"]["step_s"] / out["step_s"]
+                out = time_steps(m, ours_loss, x, steps, make_opt=ours_opt, scope=fp8_scope(mode))
+                bf16 = res["runs"].get(bf16_label) or res["runs"].get("ours compiled") or res["runs"]["ours eager"]
+                out["fp8_speedup"] = bf16["step_s"] / out["step_s"]
+                out["fp8_speedup_over"] = bf16_label
                 record(label, out, first)
-                print(f"[{name}] fp8 step speedup over bf16: {out['fp8_speedup']:.3f}x", flush=True)
+                print(f"[{name}] {label}: step speedup over {bf16_label}: {out['fp8_speedup']:.3f}x", flush=True)
                 if profile_dir and compiled:  # where the FP8 step's time goes, beside the BF16 profile
-                    profile(m, ours_loss, x, os.path.join(profile_dir, f"profile-{name}-fp8.txt"), make_opt=ours_opt)
+                    tag = "-fp8" + ("-cudagraphs" if mode != "default" else "")
+                    profile(m, ours_loss, x, os.path.join(profile_dir, f"profile-{name}{tag}.txt"), make_opt=ours_opt,
+                            scope=fp8_scope(mode))
                 del m
                 torch.cuda.empty_cache()
-                break
             except Exception as e:
                 import traceback
                 traceback.print_exc(limit=6)
-                res["runs"][f"fp8_error{' compiled' if compiled else ''}"] = repr(e)[:400]
+                res["runs"][f"fp8_error {label}"] = repr(e)[:400]
                 torch.cuda.empty_cache()
+                if compiled and mode == "default":
+                    variants.append((False, "default", "ours compiled"))
     if "transformers" in peers:
         try:
             m, impl, missing, unexpected = build_hf(cfg, ours_sd, S)
@@ -389,7 +434,7 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
     ours_tok = res["runs"]["ours compiled"]["tokens_per_s"]
     # ours' opt-in variants (fb_overlap) against each peer too, beside the headline ratio
     variants = {label: r["tokens_per_s"] for label, r in res["runs"].items()
-                if isinstance(r, dict) and label.startswith("ours compiled, ") and "overlap" in label}
+                if isinstance(r, dict) and label.startswith("ours compiled, ") and ("overlap" in label or "cudagraphs" in label)}
     for label, r in res["runs"].items():
         if isinstance(r, dict) and label != "ours compiled" and not label.startswith("ours fp8"):
             r["ours_over_peer"] = ours_tok / r["tokens_per_s"]
@@ -403,15 +448,21 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
     return res
 
 
-def profile(model, loss_fn, x, path, make_opt=torch_adamw):
+def profile(model, loss_fn, x, path, make_opt=torch_adamw, scope=None):
+    from contextlib import nullcontext
+
     from torch.profiler import ProfilerActivity, profile as prof
     opt = make_opt(model.parameters())
-    loss_fn(model, x).backward()     # one step outside the window: the optimizer's state exists before it
+    torch.compiler.cudagraph_mark_step_begin()
+    with (scope or nullcontext)():
+        loss_fn(model, x).backward()     # one step outside the window: the optimizer's state exists before it
     opt.step()
     opt.zero_grad(set_to_none=True)
     with prof(activities=[ProfilerActivity.CUDA]) as p:
         for _ in range(2):
-            loss_fn(model, x).backward()
+            torch.compiler.cudagraph_mark_step_begin()
+            with (scope or nullcontext)():
+                loss_fn(model, x).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
@@ -440,6 +491,9 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--seq", type=int, default=None, help="override the sequence length of every config")
     ap.add_argument("--fp8", action="store_true", help="also time ours with the FP8 recipe (same weights)")
+    ap.add_argument("--cudagraphs", action="store_true",
+                    help="also time ours (and ours in FP8 with --fp8) with its blocks compiled in 'reduce-overhead' "
+                         "(CUDA graphs), as dsv3 train's compile_mode = 'reduce-overhead'")
     ap.add_argument("--ours-optimizer", choices=("dsv3", "torch"), default="dsv3",
                     help="ours with dsv3's Triton AdamW (default; also timed with torch's) or torch's fused AdamW")
     ap.add_argument("--ab", default="", help="comma-separated switches of dsv3.model.moe (PERMUTE_KERNELS, "
@@ -449,7 +503,8 @@ def main():
                     help="also time ours with the batch as N micro-batches, each forward beside the previous "
                          "backward on two CUDA streams (dsv3 train's parallel.fb_overlap); same tokens per step")
     args = ap.parse_args()
-    global DEVICE, OURS_OPTIMIZER, AB_FLAGS, FB_OVERLAP
+    global DEVICE, OURS_OPTIMIZER, AB_FLAGS, FB_OVERLAP, CUDAGRAPHS
+    CUDAGRAPHS = args.cudagraphs
     FB_OVERLAP = args.fb_overlap
     AB_FLAGS = [f for f in args.ab.split(",") if f]
     DEVICE = args.device

@@ -248,15 +248,18 @@ def test_joined_weights_equal_separate_gemms():
 
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
 @pytest.mark.parametrize("joined", [False, True])
-def test_custom_op_matches_the_autograd_function_bitwise(joined):
-    """``dsv3::fp8_grouped_mm`` (what compiled blocks run; x^T tiled over all rows at once) gives the bits of
-    the eager per-group path (x^T tiled per group) on aligned groups: y, dx and every weight gradient."""
+def test_custom_op_matches_the_autograd_function_bitwise(joined, device):
+    """``dsv3::fp8_grouped_mm`` (what compiled blocks run) gives the bits of the eager path on aligned groups:
+    y, dx and every weight gradient. On the CPU the eager path tiles x^T per group and the op over all rows at
+    once; on CUDA both run the Triton kernels."""
     from dsv3.fp8.grouped import fp8_grouped_mm_op
     torch.manual_seed(8)
-    x, ends = _aligned_problem([200, 0, 90, 128, 1], 256)
-    w = tuple(torch.randn(5, 128, 256, requires_grad=True) for _ in range(2 if joined else 1))
-    gy = torch.randn(x.shape[0], 128 * len(w))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x, ends = _aligned_problem([200, 0, 90, 128, 1], 256, device, dtype)
+    w = tuple(torch.randn(5, 128, 256, device=device, requires_grad=True) for _ in range(2 if joined else 1))
+    gy = torch.randn(x.shape[0], 128 * len(w), device=device, dtype=dtype)
     outs = {}
     for name, fn in (("eager", lambda xx: fp8_grouped_mm(xx, w if joined else w[0], ends, aligned=True)),
                      ("op", lambda xx: fp8_grouped_mm_op(xx, w if joined else w[0], ends))):
