@@ -57,7 +57,12 @@ def bench_configs() -> dict[str, tuple[ModelConfig, int, int]]:
                       q_lora_rank=512, kv_lora_rank=256, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
                       routed_scaling_factor=1.0, rope_scaling=None, max_position_embeddings=4096,
                       num_nextn_predict_layers=0, initializer_range=0.02)
-    return {"small": (small, 4, 4096), "819m": (c819, 8, 2048), "3b": (c3b, 4, 4096)}
+    # V3's own widths (d 7168, experts of 2048 top-8, 128 heads, q/kv LoRA 1536/512, dense FFN 18432) in three
+    # layers (one dense, two MoE of 32 experts) that fit one GPU: where FP8's larger GEMMs are (issue #6)
+    v3w = preset("v3").replace(num_hidden_layers=3, first_k_dense_replace=1, n_routed_experts=32, n_group=1,
+                               topk_group=1, num_nextn_predict_layers=0, vocab_size=32768, rope_scaling=None,
+                               max_position_embeddings=4096)
+    return {"small": (small, 4, 4096), "819m": (c819, 8, 2048), "3b": (c3b, 4, 4096), "v3w": (v3w, 2, 4096)}
 
 
 def measure_gemm_peak() -> float:
@@ -294,7 +299,8 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
     # ours, eager weights kept for the peers
     ours = build_ours(cfg, compile_blocks=False)
     ours_sd = {k: v.detach().clone() for k, v in ours.state_dict().items()}
-    hf_sd = {k: v for k, v in to_hf_state_dict(ours).items()}
+    # torchtitan loads the HF layout (transformers takes ours' own state dict); not kept without it (v3w's weights)
+    hf_sd = {k: v for k, v in to_hf_state_dict(ours).items()} if "torchtitan" in peers else None
     with torch.no_grad():
         ours_first = float(ours_loss(ours, x))
     del ours
