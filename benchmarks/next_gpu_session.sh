@@ -266,9 +266,9 @@ case "${1:-}" in
     S=/tmp/cg8; mkdir -p $S
     pack() { tar czf $OUT/cg8.tar.gz -C /tmp cg8; }
     nvidia-smi --query-gpu=name --format=csv,noheader | tee $S/gpu.txt
-    [ "${TEST_S:-120}" != 0 ] && timeout ${TEST_S:-120} python3 -m pytest -q ${TESTS:-tests/test_fp8_grouped.py \
+    [ "${TEST_S:-120}" != 0 ] && timeout ${TEST_S:-120} python3 -m pytest -q -rf ${TESTS:-tests/test_fp8_grouped.py \
         tests/test_fp8_triton.py tests/test_moe_compile.py} -k "${TEST_K:-cuda or gpu or padded or op or compiled}" \
-        2>&1 | grep -E "^E  |passed|failed|^FAILED" | head -30 | tee $S/gpu_tests.txt; pack
+        > $S/gpu_tests.txt 2>&1; echo "tests rc=$?"; grep -E "^E  |passed|failed|^FAILED" $S/gpu_tests.txt | head; pack
     if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-deps .whl/*.whl 2>&1 | tail -1; fi
     timeout ${STEP_S:-400} python3 benchmarks/train_step.py --configs ${CONFIGS:-small} --fp8 --cudagraphs \
         --steps ${STEPS:-8} --profile-dir $S --out $S/train_step.json ${STEP_ARGS:---peers none} 2>&1 \
