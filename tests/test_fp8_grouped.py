@@ -367,6 +367,20 @@ from dsv3.fp8.triton_quant import _transpose_triton
 for shape in [(3, 200, 130), (64, 128), (2, 1, 70, 300)]:  # the FP8 W^T kernel: bit for bit
     q = (torch.randn(shape) * 40).to(torch.float8_e4m3fn)
     assert torch.equal(_transpose_triton(q).view(torch.uint8), q.transpose(-2, -1).contiguous().view(torch.uint8))
+# the paired launch: the bits of the one-axis kernel run twice (the interpreter's own float8 rounding differs
+# from the GPU's, so FP8 bytes are compared kernel to kernel here; tests/test_fp8_triton.py compares with the
+# torch reference on the GPU), and the reference's scales
+from dsv3.fp8.triton_quant import _quantize_tiles_pair_triton, quantize_activation_tiles_triton
+for m, k, pow2 in ((300, 200, False), (128, 384, True), (1, 130, False)):
+    x = torch.randn(m, k, dtype=torch.bfloat16) * 3
+    x[0, :5] = 0  # an all-zero tile corner
+    got = _quantize_tiles_pair_triton(x, pow2)
+    want = (*quantize_activation_tiles_triton(x, pow2), *quantize_activation_tiles_triton(x.t(), pow2))
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a,
+                                                  b.view(torch.uint8) if b.element_size() == 1 else b), (m, k)
+    assert torch.equal(got[1], quantize_activation_tiles(x, 128, pow2)[1])
+    assert torch.equal(got[3], quantize_activation_tiles(x.t(), 128, pow2)[1])
 print("WORST", worst)
 """
 

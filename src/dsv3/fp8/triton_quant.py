@@ -53,8 +53,30 @@ if HAVE_TRITON:
     @triton.jit
     def _quant_tiles_kernel(x_ptr, q_ptr, s_ptr, M, K, sxm, sxk, KT,
                             BLOCK_M: tl.constexpr, TILE_K: tl.constexpr, POW2: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
+        _quant_tile_block(x_ptr, q_ptr, s_ptr, M, K, sxm, sxk, KT, tl.program_id(0), tl.program_id(1),
+                          BLOCK_M, TILE_K, POW2)
+
+    @triton.jit
+    def _quant_tiles_pair_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, sxm, sxk, KT, MT, ROW_BLOCKS, COL_BLOCKS,
+                                 BLOCK_M: tl.constexpr, TILE_K: tl.constexpr, POW2: tl.constexpr):
+        # x [M, K] tiled along K (q, s) and x^T [K, M] tiled along M (qt, st) in one launch: the first
+        # ROW_BLOCKS * KT programs do the first, the rest the second, each program the same block as
+        # _quant_tiles_kernel's 2-D grid (its first grid axis fastest), so the numbers are the same bits
+        pid = tl.program_id(0)
+        n_rows = ROW_BLOCKS * KT
+        if pid < n_rows:
+            _quant_tile_block(x_ptr, q_ptr, s_ptr, M, K, sxm, sxk, KT, pid % ROW_BLOCKS, pid // ROW_BLOCKS,
+                              BLOCK_M, TILE_K, POW2)
+        else:
+            p = pid - n_rows
+            _quant_tile_block(x_ptr, qt_ptr, st_ptr, K, M, sxk, sxm, MT, p % COL_BLOCKS, p // COL_BLOCKS,
+                              BLOCK_M, TILE_K, POW2)
+
+    @triton.jit
+    def _quant_tile_block(x_ptr, q_ptr, s_ptr, M, K, sxm, sxk, KT, pid_m, pid_k,
+                          BLOCK_M: tl.constexpr, TILE_K: tl.constexpr, POW2: tl.constexpr):
+        """Rows pid_m*BLOCK_M.. of x [M, K] (any strides), the 1x128 tile pid_k: FP8 into q [M, K], scales into
+        s [M, KT]."""
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = pid_k * TILE_K + tl.arange(0, TILE_K)
         mask = (rm[:, None] < M) & (rk[None, :] < K)
@@ -144,16 +166,37 @@ def quantize_tiles_axes(t2: Tensor, along_cols: bool, along_rows: bool, pow2_sca
     """(q, s, qt, st) of a 2-D ``t2``: 1x128 tiles along its last dim (``along_cols``; tiles of ``t2``) and/or
     along its first (``along_rows``; tiles of ``t2.t()``), None for what is not asked.
 
-    Two one-axis passes when both are asked. A kernel that read ``t2`` once and wrote both (its column tiles
+    Both asked on CUDA: the two one-axis passes in one launch (``_quantize_tiles_pair_triton``). A kernel that read ``t2`` once and wrote both (its column tiles
     transposed) measured slower at every shape tried (2026-11-26, H100: 0.179 vs 0.156 ms at 8192 x 7168,
     0.447 vs 0.395 at 102016 x 1536; the small FP8 step 323.7 vs 293.9 ms): its transposed FP8 stores ran
     at half of copy bandwidth, where the one-axis kernel on ``t2.t()`` reads strided but writes contiguously.
     """
     q = s = qt = st = None
+    if along_cols and along_rows and backend != "reference" and HAVE_TRITON and t2.is_cuda and t2.dim() == 2:
+        return _quantize_tiles_pair_triton(t2, pow2_scale)
     if along_cols:
         q, s = quantize_tiles(t2, pow2_scale, backend)
     if along_rows:
         qt, st = quantize_tiles(t2.t(), pow2_scale, backend)
+    return q, s, qt, st
+
+
+def _quantize_tiles_pair_triton(x: Tensor, pow2_scale: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``quantize_activation_tiles_triton`` of ``x`` and of ``x.t()`` in one launch (the same bits as two): the
+    step runs these in pairs, and each launch from Python costs tens of microseconds of host time."""
+    m, k = x.shape
+    kt, mt = -(-k // TILE), -(-m // TILE)
+    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
+    s = torch.empty(m, kt, dtype=torch.float32, device=x.device)
+    qt = torch.empty(k, m, dtype=FP8_DTYPE, device=x.device)
+    st = torch.empty(k, mt, dtype=torch.float32, device=x.device)
+    if m == 0 or k == 0:
+        return q, s, qt, st
+    block_m = 32
+    row_blocks, col_blocks = triton.cdiv(m, block_m), triton.cdiv(k, block_m)
+    _quant_tiles_pair_kernel[(row_blocks * kt + col_blocks * mt,)](
+        x, q, s, qt, st, m, k, x.stride(0), x.stride(1), kt, mt, row_blocks, col_blocks,
+        BLOCK_M=block_m, TILE_K=TILE, POW2=pow2_scale, num_warps=4)
     return q, s, qt, st
 
 
