@@ -61,6 +61,9 @@
 #   benchmarks/next_gpu_session.sh cg8t   # one GPU (#6, session 18): the FP8/MoE-compile GPU tests (whole log kept),
 #                                         #   then distributed.py RUNS (default one:12:4,one_fp8:12:4,one_cg_fp8:12:4):
 #                                         #   the trainer's BF16 step, FP8 step, FP8 step as CUDA graphs; $OUT/cg8t.tar.gz
+#   benchmarks/next_gpu_session.sh cg8all # one GPU (#6, session 18): cg8's tests and train_step.py (CONFIGS, default
+#                                         #   v3w), then cg8t's trainer runs (RUNS); limits TEST_S, STEP_S, DIST_S;
+#                                         #   $OUT/cg8all.tar.gz after each phase
 #   benchmarks/next_gpu_session.sh fp8lin # one GPU (#6): FP8 quantizer/linear/grouped GPU tests and the CUDA-graph
 #                                         #   block test, fp8_linear.py, fp8_grouped.py, the small FP8 step vs BF16
 #   benchmarks/next_gpu_session.sh ep2wait  # (or onewait) the next call: waits for it, returns its records in run_ep2.tar.gz;
@@ -283,6 +286,24 @@ case "${1:-}" in
         tests/test_fp8_triton.py tests/test_moe_compile.py tests/test_fp8_linear.py} > $S/gpu_tests.txt 2>&1
     echo "tests rc=$?"; grep -E "^E  |passed|failed|^FAILED" $S/gpu_tests.txt | head -20; pack
     timeout ${DIST_S:-330} python3 benchmarks/distributed.py --out /tmp/d --runs ${RUNS:-one:12:4,one_fp8:12:4,one_cg_fp8:12:4} \
+        > $S/distributed.log 2>&1; echo "distributed rc=$?"; grep -E "^\[|step_s|Error" $S/distributed.log | tail -12
+    for r in $(ls /tmp/d 2>/dev/null); do [ -f /tmp/d/$r/metrics.jsonl ] || continue; mkdir -p $S/$r
+      cp /tmp/d/$r/result.json /tmp/d/$r/metrics.jsonl $S/$r/ 2>/dev/null
+      cp /tmp/d/$r/profile/*.txt /tmp/d/$r/profile/*.summary.json $S/$r/ 2>/dev/null; done
+    tail -c 4000 /tmp/d/one_cg_fp8/train.log > $S/one_cg_fp8_train_log_tail.txt 2>/dev/null
+    cp /tmp/d/distributed.json $S/ 2>/dev/null; pack ;;
+  cg8all)
+    S=/tmp/cg8all; mkdir -p $S
+    pack() { tar czf $OUT/cg8all.tar.gz -C /tmp cg8all; }
+    nvidia-smi --query-gpu=name --format=csv,noheader | tee $S/gpu.txt
+    [ "${TEST_S:-150}" != 0 ] && timeout ${TEST_S:-150} python3 -m pytest -q -rf ${TESTS:-tests/test_fp8_grouped.py \
+        tests/test_fp8_triton.py tests/test_moe_compile.py} -k "${TEST_K:-op or graph_break or both_axes or gpu or padded}" \
+        > $S/gpu_tests.txt 2>&1; echo "tests rc=$?"; grep -E "^E  |passed|failed|^FAILED" $S/gpu_tests.txt | head; pack
+    [ "${STEP_S:-150}" != 0 ] && timeout ${STEP_S:-150} python3 benchmarks/train_step.py --configs ${CONFIGS:-v3w} --fp8 \
+        --cudagraphs --steps ${STEPS:-8} --profile-dir $S --out $S/train_step.json ${STEP_ARGS:---peers none} 2>&1 \
+        | grep -v Warn > $S/train_step.log; echo "train_step rc=$?"
+    grep -E "^\[|device|Error|error" $S/train_step.log | head -20; rm -f $S/*.trace.json; pack
+    timeout ${DIST_S:-250} python3 benchmarks/distributed.py --out /tmp/d --runs ${RUNS:-one:10:4,one_fp8:10:4,one_cg_fp8:10:4} \
         > $S/distributed.log 2>&1; echo "distributed rc=$?"; grep -E "^\[|step_s|Error" $S/distributed.log | tail -12
     for r in $(ls /tmp/d 2>/dev/null); do [ -f /tmp/d/$r/metrics.jsonl ] || continue; mkdir -p $S/$r
       cp /tmp/d/$r/result.json /tmp/d/$r/metrics.jsonl $S/$r/ 2>/dev/null
