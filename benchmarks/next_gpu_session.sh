@@ -54,16 +54,12 @@
 #   benchmarks/next_gpu_session.sh fp8g   # one GPU (#6, session 17): grouped FP8 kernel variants (TMA) + FP8 step profile
 #   benchmarks/next_gpu_session.sh fp8s   # one GPU (#6, session 17): FP8 tests, small step BF16 vs FP8 profiled, trainer FP8 (+CUDA graphs)
 #   benchmarks/next_gpu_session.sh fp8cg  # one GPU (#6, session 17): FP8 GPU tests, trainer FP8 eager vs CUDA graphs, cProfile
-#   benchmarks/next_gpu_session.sh cg8    # one GPU (#6/#5, session 18): FP8 GPU tests (grouped custom ops), then
-#                                         #   train_step.py --fp8 --cudagraphs on CONFIGS (default small; STEP_ARGS
-#                                         #   adds, e.g. --peers torchtitan), BF16 and FP8 each with blocks compiled
-#                                         #   default and 'reduce-overhead', profiled; $OUT/cg8.tar.gz
-#   benchmarks/next_gpu_session.sh cg8t   # one GPU (#6, session 18): the FP8/MoE-compile GPU tests (whole log kept),
-#                                         #   then distributed.py RUNS (default one:12:4,one_fp8:12:4,one_cg_fp8:12:4):
-#                                         #   the trainer's BF16 step, FP8 step, FP8 step as CUDA graphs; $OUT/cg8t.tar.gz
-#   benchmarks/next_gpu_session.sh cg8all # one GPU (#6, session 18): cg8's tests and train_step.py (CONFIGS, default
-#                                         #   v3w), then cg8t's trainer runs (RUNS); limits TEST_S, STEP_S, DIST_S;
-#                                         #   $OUT/cg8all.tar.gz after each phase
+#   benchmarks/next_gpu_session.sh cg8    # one GPU (#6/#5, session 18): the FP8 GPU tests (grouped custom ops, paired
+#                                         #   quantizer launch), train_step.py --fp8 --cudagraphs on CONFIGS (default
+#                                         #   small; STEP_ARGS adds e.g. --peers torchtitan): BF16 and FP8, blocks compiled
+#                                         #   default and 'reduce-overhead', profiled; then, if DIST_S > 0, distributed.py
+#                                         #   RUNS (default one:10:4,one_fp8:10:4,one_cg_fp8:10:4); phases limited by
+#                                         #   TEST_S, STEP_S, DIST_S (0 skips); $OUT/cg8.tar.gz after each phase
 #   benchmarks/next_gpu_session.sh fp8lin # one GPU (#6): FP8 quantizer/linear/grouped GPU tests and the CUDA-graph
 #                                         #   block test, fp8_linear.py, fp8_grouped.py, the small FP8 step vs BF16
 #   benchmarks/next_gpu_session.sh ep2wait  # (or onewait) the next call: waits for it, returns its records in run_ep2.tar.gz;
@@ -269,41 +265,15 @@ case "${1:-}" in
     S=/tmp/cg8; mkdir -p $S
     pack() { tar czf $OUT/cg8.tar.gz -C /tmp cg8; }
     nvidia-smi --query-gpu=name --format=csv,noheader | tee $S/gpu.txt
-    [ "${TEST_S:-120}" != 0 ] && timeout ${TEST_S:-120} python3 -m pytest -q -rf ${TESTS:-tests/test_fp8_grouped.py \
-        tests/test_fp8_triton.py tests/test_moe_compile.py} -k "${TEST_K:-cuda or gpu or padded or op or compiled}" \
-        > $S/gpu_tests.txt 2>&1; echo "tests rc=$?"; grep -E "^E  |passed|failed|^FAILED" $S/gpu_tests.txt | head; pack
-    if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then python3 -m pip install -q --no-deps .whl/*.whl 2>&1 | tail -1; fi
-    timeout ${STEP_S:-400} python3 benchmarks/train_step.py --configs ${CONFIGS:-small} --fp8 --cudagraphs \
-        --steps ${STEPS:-8} --profile-dir $S --out $S/train_step.json ${STEP_ARGS:---peers none} 2>&1 \
-        | grep -v Warn > $S/train_step.log; echo "train_step rc=$?"
-    grep -E "^\[|device|Error|error" $S/train_step.log | head -30
-    rm -f $S/*.trace.json; pack ;;
-  cg8t)
-    S=/tmp/cg8t; mkdir -p $S
-    pack() { tar czf $OUT/cg8t.tar.gz -C /tmp cg8t; }
-    nvidia-smi --query-gpu=name --format=csv,noheader | tee $S/gpu.txt
-    [ "${TEST_S:-200}" != 0 ] && timeout ${TEST_S:-200} python3 -m pytest -q -rf ${TESTS:-tests/test_fp8_grouped.py \
-        tests/test_fp8_triton.py tests/test_moe_compile.py tests/test_fp8_linear.py} > $S/gpu_tests.txt 2>&1
-    echo "tests rc=$?"; grep -E "^E  |passed|failed|^FAILED" $S/gpu_tests.txt | head -20; pack
-    timeout ${DIST_S:-330} python3 benchmarks/distributed.py --out /tmp/d --runs ${RUNS:-one:12:4,one_fp8:12:4,one_cg_fp8:12:4} \
-        > $S/distributed.log 2>&1; echo "distributed rc=$?"; grep -E "^\[|step_s|Error" $S/distributed.log | tail -12
-    for r in $(ls /tmp/d 2>/dev/null); do [ -f /tmp/d/$r/metrics.jsonl ] || continue; mkdir -p $S/$r
-      cp /tmp/d/$r/result.json /tmp/d/$r/metrics.jsonl $S/$r/ 2>/dev/null
-      cp /tmp/d/$r/profile/*.txt /tmp/d/$r/profile/*.summary.json $S/$r/ 2>/dev/null; done
-    tail -c 4000 /tmp/d/one_cg_fp8/train.log > $S/one_cg_fp8_train_log_tail.txt 2>/dev/null
-    cp /tmp/d/distributed.json $S/ 2>/dev/null; pack ;;
-  cg8all)
-    S=/tmp/cg8all; mkdir -p $S
-    pack() { tar czf $OUT/cg8all.tar.gz -C /tmp cg8all; }
-    nvidia-smi --query-gpu=name --format=csv,noheader | tee $S/gpu.txt
     [ "${TEST_S:-150}" != 0 ] && timeout ${TEST_S:-150} python3 -m pytest -q -rf ${TESTS:-tests/test_fp8_grouped.py \
         tests/test_fp8_triton.py tests/test_moe_compile.py} -k "${TEST_K:-op or graph_break or both_axes or gpu or padded}" \
         > $S/gpu_tests.txt 2>&1; echo "tests rc=$?"; grep -E "^E  |passed|failed|^FAILED" $S/gpu_tests.txt | head; pack
-    [ "${STEP_S:-150}" != 0 ] && timeout ${STEP_S:-150} python3 benchmarks/train_step.py --configs ${CONFIGS:-v3w} --fp8 \
+    [ "${STEP_S:-150}" != 0 ] && timeout ${STEP_S:-150} python3 benchmarks/train_step.py --configs ${CONFIGS:-small} --fp8 \
         --cudagraphs --steps ${STEPS:-8} --profile-dir $S --out $S/train_step.json ${STEP_ARGS:---peers none} 2>&1 \
         | grep -v Warn > $S/train_step.log; echo "train_step rc=$?"
     grep -E "^\[|device|Error|error" $S/train_step.log | head -20; rm -f $S/*.trace.json; pack
-    timeout ${DIST_S:-250} python3 benchmarks/distributed.py --out /tmp/d --runs ${RUNS:-one:10:4,one_fp8:10:4,one_cg_fp8:10:4} \
+    [ "${DIST_S:-0}" = 0 ] && exit 0
+    timeout ${DIST_S} python3 benchmarks/distributed.py --out /tmp/d --runs ${RUNS:-one:10:4,one_fp8:10:4,one_cg_fp8:10:4} \
         > $S/distributed.log 2>&1; echo "distributed rc=$?"; grep -E "^\[|step_s|Error" $S/distributed.log | tail -12
     for r in $(ls /tmp/d 2>/dev/null); do [ -f /tmp/d/$r/metrics.jsonl ] || continue; mkdir -p $S/$r
       cp /tmp/d/$r/result.json /tmp/d/$r/metrics.jsonl $S/$r/ 2>/dev/null
