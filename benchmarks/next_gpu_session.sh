@@ -265,9 +265,11 @@ case "${1:-}" in
     S=/tmp/cg8; mkdir -p $S
     pack() { tar czf $OUT/cg8.tar.gz -C /tmp cg8; }
     nvidia-smi --query-gpu=name --format=csv,noheader | tee $S/gpu.txt
-    [ "${TEST_S:-150}" != 0 ] && timeout ${TEST_S:-150} python3 -m pytest -q -rf ${TESTS:-tests/test_fp8_grouped.py \
+    # -v: each test's line is written as it ends, so a phase cut by its time limit still shows what passed
+    [ "${TEST_S:-150}" != 0 ] && timeout ${TEST_S:-150} python3 -m pytest -v -rf ${TESTS:-tests/test_fp8_grouped.py \
         tests/test_fp8_triton.py tests/test_moe_compile.py} -k "${TEST_K:-op or graph_break or both_axes or gpu or padded}" \
-        > $S/gpu_tests.txt 2>&1; echo "tests rc=$?"; grep -E "^E  |passed|failed|^FAILED" $S/gpu_tests.txt | head; pack
+        > $S/gpu_tests.txt 2>&1; echo "tests rc=$? (124: cut by TEST_S)"; grep -cE " PASSED" $S/gpu_tests.txt
+    grep -E "^E  |passed|failed| FAILED|SKIPPED" $S/gpu_tests.txt | cut -c1-200 | head; pack
     [ "${STEP_S:-150}" != 0 ] && timeout ${STEP_S:-150} python3 benchmarks/train_step.py --configs ${CONFIGS:-small} --fp8 \
         --cudagraphs --steps ${STEPS:-8} --profile-dir $S --out $S/train_step.json ${STEP_ARGS:---peers none} 2>&1 \
         | grep -v Warn > $S/train_step.log; echo "train_step rc=$?"
