@@ -220,14 +220,16 @@ def _local_swiglu(x_MD, w_gate, w_up, w_down, counts_E: torch.Tensor) -> torch.T
     return grouped_swiglu(x_MD, w_gate, w_up, w_down, grouped_linear, ends, counts_E)
 
 
-class _ScatterRows(torch.autograd.Function):
-    """out = zeros(rows, D) with out[row_of[i]] = x[i] (distinct rows); the gradient is the gather g[row_of]."""
+class _PadRows(torch.autograd.Function):
+    """out [rows, D] with out[row_of[i]] = x[i] (distinct rows) and zeros elsewhere, as one gather from x with a
+    zero row appended (``src_of`` [rows]: the x row of each out row, or len(x) for the zero row); the gradient
+    is the gather g[row_of]. (A zero-filled buffer and an ``index_copy_`` into it cost two passes and the
+    slower kernel: 0.482 against 0.170 ms for a gather of [98,304, 1536] bf16 on an H200.)"""
 
     @staticmethod
-    def forward(ctx, x, row_of, rows):
+    def forward(ctx, x, row_of, src_of):
         ctx.save_for_backward(row_of)
-        # out of place: see moe._GatherCopies (an in-place result loses its backward under compile, torch 2.11)
-        return x.new_zeros(rows, x.shape[1]).index_copy(0, row_of, x)
+        return torch.cat([x, x.new_zeros(1, x.shape[1])])[src_of]
 
     @staticmethod
     def backward(ctx, g):
@@ -235,19 +237,19 @@ class _ScatterRows(torch.autograd.Function):
         return g[row_of], None, None
 
 
-class _GatherRows(torch.autograd.Function):
-    """y[row_of] for distinct rows; the gradient is a copy into a zeroed buffer (no scatter-add)."""
+class _UnpadRows(torch.autograd.Function):
+    """y[row_of] for distinct rows; the gradient is the same gather as ``_PadRows``'s forward (zeros in the
+    rows no received row maps to), no scatter."""
 
     @staticmethod
-    def forward(ctx, y, row_of):
-        ctx.save_for_backward(row_of)
-        ctx.rows = y.shape[0]
+    def forward(ctx, y, row_of, src_of):
+        ctx.save_for_backward(src_of)
         return y[row_of]
 
     @staticmethod
     def backward(ctx, g):
-        (row_of,) = ctx.saved_tensors
-        return g.new_zeros(ctx.rows, g.shape[1]).index_copy(0, row_of, g), None
+        (src_of,) = ctx.saved_tensors
+        return torch.cat([g, g.new_zeros(1, g.shape[1])])[src_of], None, None
 
 
 def _fp8_local_swiglu(x_recv, to_source, counts_dev, counts_host: list[int], w_gate, w_up, w_down, recipe
@@ -270,10 +272,12 @@ def _fp8_local_swiglu(x_recv, to_source, counts_dev, counts_host: list[int], w_g
     dest = torch.arange(M, device=dev) + torch.repeat_interleave(shift, counts_dev, output_size=M)
     row_of = dest[to_source]                 # received row -> its row in the padded, expert-sorted buffer
     ends = torch.tensor(padded_ends, dtype=torch.int32, device=dev)
-    x_pad = _ScatterRows.apply(x_recv, row_of, rows)
+    # padded row -> its received row, or M (the appended zero row) for padding
+    src_of = torch.full((rows,), M, dtype=torch.int64, device=dev).index_copy_(0, row_of, torch.arange(M, device=dev))
+    x_pad = _PadRows.apply(x_recv, row_of, src_of)
     y_pad = grouped_swiglu(x_pad, w_gate, w_up, w_down, fp8_expert_gemm(recipe), ends, None,
                            fusable_gate_up(w_gate))   # as Experts.forward
-    return _GatherRows.apply(y_pad, row_of)
+    return _UnpadRows.apply(y_pad, row_of, src_of)
 
 
 def _read_splits(send_counts: torch.Tensor, recv_counts: torch.Tensor) -> tuple[list, list]:
