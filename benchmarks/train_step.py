@@ -7,6 +7,12 @@ length. MFU uses the model FLOPs of design.md section 5 against the bf16 GEMM ra
 
     PYTHONPATH=src python3 benchmarks/train_step.py --configs small,819m,3b --out results.json
 
+Ours only, BF16 against FP8 (issue #6), each with blocks compiled in the default mode and as CUDA graphs:
+
+    PYTHONPATH=src python3 benchmarks/train_step.py --configs small,v3w --peers none --fp8 --cudagraphs
+
+(``v3w``: V3's own layer widths in three layers, where FP8's GEMMs are as large as in V3.)
+
 torchtitan 0.2.2 needs its wheel (and tomli, tyro, typeguard, docstring_parser, shtab, torchdata) on the path;
 its package imports `datasets`, which a stub stands in for when absent. Peers are skipped when missing.
 """
