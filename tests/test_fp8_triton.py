@@ -66,16 +66,21 @@ def test_both_axes_are_the_two_one_axis_quantizations():
 @gpu
 @pytest.mark.parametrize("shape,pow2,strided", [((300, 130), False, False), ((4096, 1536), True, False),
                                                ((257, 384), False, True)])
-def test_gpu_both_axes_in_one_launch_bitwise(shape, pow2, strided):
-    """On CUDA both axes come from one paired launch: the torch reference's bits, any input strides."""
+def test_gpu_both_axes_in_one_launch_bitwise(shape, pow2, strided, monkeypatch):
+    """Both axes from one paired launch on CUDA: the torch reference's bits, any input strides (through
+    quantize_tiles_axes with the switch on, and the kernel directly)."""
+    from dsv3.fp8 import triton_quant
     torch.manual_seed(1)
     x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * 5
     x[:3, :7] = 0
     if strided:
         x = x.t().contiguous().t()
+    monkeypatch.setattr(triton_quant, "PAIRED_LAUNCH", True)
     got = quantize_tiles_axes(x, True, True, pow2)
     ref = (*quantize_activation_tiles(x, 128, pow2), *quantize_activation_tiles(x.t(), 128, pow2))
-    for a, b in zip(got, ref):
+    direct = triton_quant._quantize_tiles_pair_triton(x, pow2)
+    for a, b, c in zip(got, ref, direct):
+        assert torch.equal(a, c) if a.element_size() != 1 else torch.equal(a.view(torch.uint8), c.view(torch.uint8))
         assert a.shape == b.shape
         assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a,
                            b.view(torch.uint8) if b.element_size() == 1 else b)

@@ -30,6 +30,11 @@ try:  # Triton is an optional (gpu) extra; the CPU never needs it.
 except ImportError:  # pragma: no cover - depends on the install
     HAVE_TRITON = False
 
+# quantize_tiles_axes on CUDA: both axes in one paired launch (True) or two one-axis launches (False). Off until
+# the paired kernel has run on a GPU: written and checked under Triton's CPU interpreter on 2026-12-07 (session 18),
+# when no device was lent for its GPU test (tests/test_fp8_triton.py::test_gpu_both_axes_in_one_launch_bitwise).
+PAIRED_LAUNCH = False
+
 __all__ = ["quantize_tiles", "quantize_tiles_axes", "quantize_activation_tiles_triton", "quantize_blocks",
            "quantize_weight_blocks_triton", "transpose_last2", "HAVE_TRITON"]
 
@@ -166,13 +171,15 @@ def quantize_tiles_axes(t2: Tensor, along_cols: bool, along_rows: bool, pow2_sca
     """(q, s, qt, st) of a 2-D ``t2``: 1x128 tiles along its last dim (``along_cols``; tiles of ``t2``) and/or
     along its first (``along_rows``; tiles of ``t2.t()``), None for what is not asked.
 
-    Both asked on CUDA: the two one-axis passes in one launch (``_quantize_tiles_pair_triton``). A kernel that read ``t2`` once and wrote both (its column tiles
+    Both asked on CUDA with ``PAIRED_LAUNCH``: the two one-axis passes in one launch
+    (``_quantize_tiles_pair_triton``, same bits, half the launches' host time); otherwise two launches. A kernel that read ``t2`` once and wrote both (its column tiles
     transposed) measured slower at every shape tried (2026-11-26, H100: 0.179 vs 0.156 ms at 8192 x 7168,
     0.447 vs 0.395 at 102016 x 1536; the small FP8 step 323.7 vs 293.9 ms): its transposed FP8 stores ran
     at half of copy bandwidth, where the one-axis kernel on ``t2.t()`` reads strided but writes contiguously.
     """
     q = s = qt = st = None
-    if along_cols and along_rows and backend != "reference" and HAVE_TRITON and t2.is_cuda and t2.dim() == 2:
+    if (PAIRED_LAUNCH and along_cols and along_rows and backend != "reference" and HAVE_TRITON and t2.is_cuda
+            and t2.dim() == 2):
         return _quantize_tiles_pair_triton(t2, pow2_scale)
     if along_cols:
         q, s = quantize_tiles(t2, pow2_scale, backend)
