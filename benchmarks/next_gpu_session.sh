@@ -37,9 +37,12 @@
 #                                         #   vs per_use 518.3 ms; RUNS=one:16:6,one_bm:16:6: bf16 moments 1.0225x)
 #   (session 16 also ran CONFIGS=819m,3b,small ... step: all three configs on one H100, 3.2B at 1.29997x)
 #   NEXT (two GPUs): RUNS=one_cg:90:50,ep2_cg:90:50,dp2_cg:90:50 dist (one-GPU CUDA graphs train since session 15)
-#   NEXT (one GPU, #6): TEST_S=0 TEST2_S=150 RUNS=one_fp8:12:4,one_cg_fp8:30:10 DIST_S=420 PROF_S=0 fp8cg: does the
-#     host-bound FP8 step (session 17: 188 ms busy of 403) run as CUDA graphs, and how fast (with the padded-MoE
-#     compiled GPU test that session 17's call cut off)
+#   NEXT (one GPU, #6; planned in session 18, when no device could be started after call 1):
+#     TEST_S=150 STEP_S=160 DIST_S=230 CONFIGS=v3w benchmarks/next_gpu_session.sh cg8
+#     = the GPU tests of the grouped custom ops and of the paired quantizer launch (triton_quant.PAIRED_LAUNCH, off
+#     until that test passes on a GPU), the FP8 step at V3's widths (BF16 vs FP8, compiled and CUDA graphs), and the
+#     trainer's BF16 / FP8 / FP8-as-CUDA-graphs steps (one_cg_fp8 has never logged a step). Then PAIRED_LAUNCH on
+#     and CONFIGS=small again, to time it in the default compile mode.
 #   benchmarks/next_gpu_session.sh ep2    # two GPUs: corpus + the 10-minute EP=2 real-corpus run in the background
 #   benchmarks/next_gpu_session.sh one    # one GPU: the same run on one GPU (the control: today's code, same data)
 #   benchmarks/next_gpu_session.sh step   # one GPU (#5): test_moe_compile.py first (the padded-layout compiled-dx
