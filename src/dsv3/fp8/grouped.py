@@ -66,18 +66,25 @@ def quantize_tokens_grouped(
     return [quantize_tiles(x[s:e].t(), pow2_scale, backend) for s, e in bounds]
 
 
+def _per_group_nt(aq: Tensor, a_s: Tensor, bq: Tensor, b_s: Tensor, bounds: list[tuple[int, int]],
+                  out_dtype: torch.dtype, backend: str) -> Tensor:
+    """``dequant(a)[s:e] @ dequant(b[g])^T`` for each group g = (s, e), one blockwise GEMM per group (a tiled
+    1x128 along K, b in 128x128 blocks); rows outside every group are zero."""
+    y = torch.zeros(aq.shape[0], bq.shape[1], dtype=out_dtype, device=aq.device)
+    for g, (s, e) in enumerate(bounds):
+        if e > s:
+            y[s:e] = fp8_gemm_nt(aq[s:e], a_s[s:e], "tile", bq[g], b_s[g], "block", out_dtype=out_dtype,
+                                 backend=backend)
+    return y
+
+
 def _aligned_nt(aq: Tensor, a_s: Tensor, bq: Tensor, b_s: Tensor, offs: Tensor, out_dtype: torch.dtype,
                 backend: str) -> Tensor:
     """Grouped ``dequant(a)[rows of e] @ dequant(b[e])^T`` on 128-aligned groups: one Triton launch on CUDA,
     else one blockwise GEMM per group (the CPU reference; reads ``offs`` on the host)."""
     if triton_path_available(aq, backend):
         return triton_grouped.grouped_fp8_nt(aq, a_s, bq, b_s, offs, out_dtype=out_dtype)
-    y = torch.zeros(aq.shape[0], bq.shape[1], dtype=out_dtype, device=aq.device)
-    for g, (s, e) in enumerate(group_bounds(offs, bq.shape[0])):
-        if e > s:
-            y[s:e] = fp8_gemm_nt(aq[s:e], a_s[s:e], "tile", bq[g], b_s[g], "block", out_dtype=out_dtype,
-                                 backend=backend)
-    return y
+    return _per_group_nt(aq, a_s, bq, b_s, group_bounds(offs, bq.shape[0]), out_dtype, backend)
 
 
 def _aligned_wgrad(dytq: Tensor, dyts: Tensor, xtq: Tensor, xts: Tensor, offs: Tensor, parts: int,
@@ -138,7 +145,6 @@ class FP8GroupedMMFunction(torch.autograd.Function):
         e_count = ws[0].shape[0]
         key = ws[0] if len(ws) == 1 else tuple(ws)
         wq, ws_ = weight_blocks(key, pow2_scale)  # [E, N, K], [E, nb, kb]
-        n = wq.shape[1]
         wgrad = any(ctx.needs_input_grad[5:])
         ctx.fast = fast
         if fast:  # one Triton launch for all groups; the group ends stay on the device
@@ -150,24 +156,20 @@ class FP8GroupedMMFunction(torch.autograd.Function):
             bounds = group_bounds(offs, e_count)
             if bounds and bounds[-1][1] > t:
                 raise ValueError(f"offs ends at {bounds[-1][1]} but x has {t} rows")
-            y = x.new_zeros(t, n)
-            for g, (s, e) in enumerate(bounds):
-                if e > s:
-                    y[s:e] = fp8_gemm_nt(xq[s:e], xs[s:e], "tile", wq[g], ws_[g], "block",
-                                         out_dtype=x.dtype, backend=backend)
+            y = _per_group_nt(xq, xs, wq, ws_, bounds, x.dtype, backend)
             saved = []
             if wgrad:
                 for q, sc in quantize_tokens_grouped(x, bounds, pow2_scale, backend):
                     saved += [q, sc]
         ctx.save_for_backward(wq, ws_, offs, *saved)
         ctx.key = key  # the cache key of the transposed copy (references, no data)
-        ctx.meta = (bounds, x.shape, x.dtype, [w.dtype for w in ws], [w.shape[1] for w in ws], pow2_scale, backend)
+        ctx.meta = (bounds, x.dtype, [w.dtype for w in ws], [w.shape[1] for w in ws], pow2_scale, backend)
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         wq, ws, offs, *xt = ctx.saved_tensors
-        bounds, x_shape, x_dtype, w_dtypes, w_rows, pow2_scale, backend = ctx.meta
+        bounds, x_dtype, w_dtypes, w_rows, pow2_scale, backend = ctx.meta
         e_count, n, k = wq.shape
         dx = dw = None
         wgrad = any(ctx.needs_input_grad[5:])
@@ -180,11 +182,7 @@ class FP8GroupedMMFunction(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 dyq, dys = quantize_tiles(dy, pow2_scale, backend)
                 wtq, wts = weight_blocks_transposed(ctx.key, wq, ws, pow2_scale)  # as the fast path
-                dx = dy.new_zeros(x_shape, dtype=x_dtype)
-                for g, (s, e) in enumerate(bounds):
-                    if e > s:
-                        dx[s:e] = fp8_gemm_nt(dyq[s:e], dys[s:e], "tile", wtq[g], wts[g], "block",
-                                              out_dtype=x_dtype, backend=backend)
+                dx = _per_group_nt(dyq, dys, wtq, wts, bounds, x_dtype, backend)
             if wgrad:
                 dw = torch.zeros(e_count, n, k, dtype=torch.float32, device=dy.device)
                 for g, (s, e) in enumerate(bounds):
