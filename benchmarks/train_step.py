@@ -446,7 +446,8 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
     ours_tok = res["runs"]["ours compiled"]["tokens_per_s"]
     # ours' opt-in variants (fb_overlap) against each peer too, beside the headline ratio
     variants = {label: r["tokens_per_s"] for label, r in res["runs"].items()
-                if isinstance(r, dict) and label.startswith("ours compiled, ") and ("overlap" in label or "cudagraphs" in label)}
+                if isinstance(r, dict) and label.startswith("ours compiled, ")
+                and ("overlap" in label or "cudagraphs" in label)}
     for label, r in res["runs"].items():
         if isinstance(r, dict) and label != "ours compiled" and not label.startswith("ours fp8"):
             r["ours_over_peer"] = ours_tok / r["tokens_per_s"]

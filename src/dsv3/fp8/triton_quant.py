@@ -172,14 +172,14 @@ def quantize_tiles_axes(t2: Tensor, along_cols: bool, along_rows: bool, pow2_sca
     along its first (``along_rows``; tiles of ``t2.t()``), None for what is not asked.
 
     Both asked on CUDA with ``PAIRED_LAUNCH``: the two one-axis passes in one launch
-    (``_quantize_tiles_pair_triton``, same bits, half the launches' host time); otherwise two launches. A kernel that read ``t2`` once and wrote both (its column tiles
-    transposed) measured slower at every shape tried (2026-11-26, H100: 0.179 vs 0.156 ms at 8192 x 7168,
-    0.447 vs 0.395 at 102016 x 1536; the small FP8 step 323.7 vs 293.9 ms): its transposed FP8 stores ran
-    at half of copy bandwidth, where the one-axis kernel on ``t2.t()`` reads strided but writes contiguously.
+    (``_quantize_tiles_pair_triton``, same bits, half the launches' host time); otherwise two launches. A
+    kernel that read ``t2`` once and wrote both (its column tiles transposed) measured slower at every shape
+    tried (2026-11-26, H100: 0.179 vs 0.156 ms at 8192 x 7168, 0.447 vs 0.395 at 102016 x 1536; the small FP8
+    step 323.7 vs 293.9 ms): its transposed FP8 stores ran at half of copy bandwidth, where the one-axis kernel
+    on ``t2.t()`` reads strided but writes contiguously.
     """
     q = s = qt = st = None
-    if (PAIRED_LAUNCH and along_cols and along_rows and backend != "reference" and HAVE_TRITON and t2.is_cuda
-            and t2.dim() == 2):
+    if PAIRED_LAUNCH and along_cols and along_rows and _tiles_on_triton(t2, backend):
         return _quantize_tiles_pair_triton(t2, pow2_scale)
     if along_cols:
         q, s = quantize_tiles(t2, pow2_scale, backend)
@@ -207,9 +207,14 @@ def _quantize_tiles_pair_triton(x: Tensor, pow2_scale: bool = False) -> tuple[Te
     return q, s, qt, st
 
 
+def _tiles_on_triton(x: Tensor, backend: str) -> bool:
+    """Whether 1x128 tiles of ``x`` are quantized by the Triton kernels (2-D CUDA input, backend not "reference")."""
+    return backend != "reference" and HAVE_TRITON and x.is_cuda and x.dim() == 2
+
+
 def quantize_tiles(x: Tensor, pow2_scale: bool = False, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """1x128 quantization along the last dim: Triton on CUDA (unless backend is "reference"), else torch."""
-    if backend != "reference" and HAVE_TRITON and x.is_cuda and x.dim() == 2:
+    if _tiles_on_triton(x, backend):
         return quantize_activation_tiles_triton(x, pow2_scale)
     return quantize_activation_tiles(x, TILE, pow2_scale)
 
