@@ -333,6 +333,12 @@ class _GroupedSwiGLUInput(torch.autograd.Function):
         return dx, dwg, dwu, None
 
 
+def gather_rows_or_zero(x_ND: torch.Tensor, src_R: torch.Tensor) -> torch.Tensor:
+    """[R, D] rows ``x[src]``, where ``src == len(x)`` reads a zero row: what a zero-filled buffer with rows
+    copied into it holds, as one gather (no fill, no ``index_copy_``, which is the slower kernel)."""
+    return torch.cat([x_ND, x_ND.new_zeros(1, x_ND.shape[1])])[src_R]
+
+
 class _GatherCopies(torch.autograd.Function):
     """x_sorted = x[order // K]: each token's K copies in expert order (placed at rows ``dest`` of a zeroed
     [rows, D] buffer when groups are padded). The gradient sums each token's K rows by gathering them back
@@ -351,9 +357,8 @@ class _GatherCopies(torch.autograd.Function):
         # Out of place on purpose: on torch 2.11 CUDA, a compiled autograd.Function whose forward returns the
         # result of an in-place op on a fresh tensor gets no backward at all (found 2026-11-26: it cost FP8
         # experts their whole dx under compile); the CUDA test in tests/test_moe_compile.py guards it.
-        T, D = x_TD.shape
-        src = torch.full((rows,), T, dtype=order.dtype, device=order.device).scatter(0, dest, order // K)
-        return torch.cat([x_TD, x_TD.new_zeros(1, D)])[src]
+        src = torch.full((rows,), x_TD.shape[0], dtype=order.dtype, device=order.device).scatter(0, dest, order // K)
+        return gather_rows_or_zero(x_TD, src)
 
     @staticmethod
     def backward(ctx, g_MD):

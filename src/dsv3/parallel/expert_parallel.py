@@ -96,8 +96,8 @@ from dsv3.errors import UserError
 from dsv3.fp8.blocks import dequantize_activation_tiles
 from dsv3.fp8.triton_quant import quantize_tiles
 from dsv3.model.moe import (Experts, Routing, _GatherCopies, combine_copies, compute_dtype,
-                            fp8_expert_gemm, fusable_gate_up, grouped_linear, grouped_swiglu, grouped_wgrad,
-                            sort_copies)
+                            fp8_expert_gemm, fusable_gate_up, gather_rows_or_zero, grouped_linear, grouped_swiglu,
+                            grouped_wgrad, sort_copies)
 from dsv3.parallel.transport import CollectiveTransport, LocalTransport, Transport, all_to_all, backward_transport
 
 EXPERT_PARAMS = ("gate_proj", "up_proj", "down_proj")
@@ -229,7 +229,7 @@ class _PadRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, row_of, src_of):
         ctx.save_for_backward(row_of)
-        return torch.cat([x, x.new_zeros(1, x.shape[1])])[src_of]
+        return gather_rows_or_zero(x, src_of)
 
     @staticmethod
     def backward(ctx, g):
@@ -249,7 +249,7 @@ class _UnpadRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (src_of,) = ctx.saved_tensors
-        return torch.cat([g, g.new_zeros(1, g.shape[1])])[src_of], None, None
+        return gather_rows_or_zero(g, src_of), None, None
 
 
 def _fp8_local_swiglu(x_recv, to_source, counts_dev, counts_host: list[int], w_gate, w_up, w_down, recipe
