@@ -277,6 +277,10 @@ case "${1:-}" in
         --cudagraphs --steps ${STEPS:-8} --profile-dir $S --out $S/train_step.json ${STEP_ARGS:---peers none} 2>&1 \
         | grep -v Warn > $S/train_step.log; echo "train_step rc=$?"
     grep -E "^\[|device|Error|error" $S/train_step.log | head -20; rm -f $S/*.trace.json; pack
+    # AB_S > 0: the small FP8 step (default compile mode) with fp8.triton_quant.PAIRED_LAUNCH flipped, same run
+    if [ "${AB_S:-0}" != 0 ]; then timeout ${AB_S} python3 benchmarks/train_step.py --configs small --fp8 --steps 8 \
+        --peers none --ab ${AB_FLAGS:-fp8.triton_quant.PAIRED_LAUNCH} --out $S/train_step_ab.json 2>&1 | grep -v Warn \
+        > $S/train_step_ab.log; echo "ab rc=$?"; grep -E "^\[|Error" $S/train_step_ab.log | head; pack; fi
     [ "${DIST_S:-0}" = 0 ] && exit 0
     timeout ${DIST_S} python3 benchmarks/distributed.py --out /tmp/d --runs ${RUNS:-one:10:4,one_fp8:10:4,one_cg_fp8:10:4} \
         > $S/distributed.log 2>&1; echo "distributed rc=$?"; grep -E "^\[|step_s|Error" $S/distributed.log | tail -12

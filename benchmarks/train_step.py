@@ -338,7 +338,7 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
             record(f"ours compiled, fb_overlap x{FB_OVERLAP}", out, ours_first)
         del m
         torch.cuda.empty_cache()
-        for flag in (AB_FLAGS if compiled else ()):
+        for flag in ([f for f in AB_FLAGS if not f.startswith("fp8.")] if compiled else ()):
             # the same step with one of moe's switches flipped (e.g. PERMUTE_KERNELS off: the MoE's backward
             # passes over the token copies left to Inductor): what that piece is worth, same run
             from dsv3.model import moe
@@ -414,6 +414,35 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
                 torch.cuda.empty_cache()
                 if compiled and mode == "default":
                     variants.append((False, "default", "ours compiled"))
+        for flag in (f for f in AB_FLAGS if f.startswith("fp8.") and DEVICE == "cuda"):
+            # the compiled FP8 step with one of dsv3.fp8's switches flipped (e.g. fp8.triton_quant.PAIRED_LAUNCH):
+            # what it is worth, same run, same BF16 step to divide by
+            import importlib
+            module_path, attr = flag.rsplit(".", 1)
+            module = importlib.import_module("dsv3." + module_path)
+            default = getattr(module, attr)
+            setattr(module, attr, not default)
+            label = f"ours fp8 compiled, {attr}={not default}"
+            torch._dynamo.reset()
+            try:
+                m = build_ours(cfg, compile_blocks=True, fp8=True)
+                m.load_state_dict(ours_sd, strict=False)
+                with torch.no_grad():
+                    first = float(ours_loss(m, x))
+                out = time_steps(m, ours_loss, x, steps, make_opt=ours_opt, scope=fp8_scope("default"))
+                out["fp8_speedup"] = res["runs"]["ours compiled"]["step_s"] / out["step_s"]
+                out["fp8_speedup_over"] = "ours compiled"
+                record(label, out, first)
+                print(f"[{name}] {label}: step speedup over ours compiled: {out['fp8_speedup']:.3f}x", flush=True)
+                del m
+            except Exception as e:
+                import traceback
+                traceback.print_exc(limit=6)
+                res["runs"][f"fp8_error {label}"] = repr(e)[:400]
+            finally:
+                setattr(module, attr, default)
+                torch._dynamo.reset()
+            torch.cuda.empty_cache()
     if "transformers" in peers:
         try:
             m, impl, missing, unexpected = build_hf(cfg, ours_sd, S)
@@ -511,7 +540,8 @@ def main():
                     help="ours with dsv3's Triton AdamW (default; also timed with torch's) or torch's fused AdamW")
     ap.add_argument("--ab", default="", help="comma-separated switches of dsv3.model.moe (PERMUTE_KERNELS, "
                     "FUSED_GATE_UP_DGRAD) or inductor.OPTION (e.g. inductor.coordinate_descent_tuning): also time "
-                    "ours with each one flipped from its default, same run")
+                    "ours with each one flipped from its default, same run; with --fp8, fp8.MODULE.NAME (e.g. "
+                    "fp8.triton_quant.PAIRED_LAUNCH) flips a switch of dsv3.fp8 in an extra compiled FP8 run")
     ap.add_argument("--fb-overlap", type=int, default=0, metavar="N",
                     help="also time ours with the batch as N micro-batches, each forward beside the previous "
                          "backward on two CUDA streams (dsv3 train's parallel.fb_overlap); same tokens per step")
