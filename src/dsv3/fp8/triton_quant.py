@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - depends on the install
 # quantize_tiles_axes on CUDA: both axes in one paired launch (True) or two one-axis launches (False). Off until
 # the paired kernel has run on a GPU: written and checked under Triton's CPU interpreter on 2026-12-07 (session 18),
 # when no device was lent for its GPU test (tests/test_fp8_triton.py::test_gpu_both_axes_in_one_launch_bitwise).
-PAIRED_LAUNCH = False
+PAIRED_LAUNCH = True
 
 __all__ = ["quantize_tiles", "quantize_tiles_axes", "quantize_activation_tiles_triton", "quantize_blocks",
            "quantize_weight_blocks_triton", "transpose_last2", "HAVE_TRITON"]
