@@ -276,6 +276,32 @@ def test_custom_op_matches_the_autograd_function_bitwise(joined, device):
     assert torch.equal(torch.autograd.grad(y, xx, gy)[0], outs["eager"][1])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+@pytest.mark.parametrize("joined", [False, True])
+def test_bf16_weights_get_gradients_rounded_once_from_fp32(joined, device):
+    """With bf16 weights the weight gradients leave the kernels in bf16 (no fp32 result and cast pass): the
+    bits of the same GEMMs with the same values held as fp32 weights (fp32 gradients), rounded to bf16 once;
+    eager and custom-op paths alike, and dx unchanged."""
+    from dsv3.fp8.grouped import fp8_grouped_mm_op
+    torch.manual_seed(12)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x, ends = _aligned_problem([200, 0, 90, 128, 1], 256, device, dtype)
+    w16 = tuple(torch.randn(5, 128, 256, device=device).to(torch.bfloat16) for _ in range(2 if joined else 1))
+    gy = torch.randn(x.shape[0], 128 * len(w16), device=device, dtype=dtype)
+    for run in (fp8_grouped_mm, fp8_grouped_mm_op):
+        grads = {}
+        for wdt in (torch.float32, torch.bfloat16):
+            w = tuple(t.to(wdt).requires_grad_(True) for t in w16)
+            xx = x.clone().requires_grad_(True)
+            kwargs = {"aligned": True} if run is fp8_grouped_mm else {}
+            y = run(xx, w if joined else w[0], ends, **kwargs)
+            grads[wdt] = torch.autograd.grad(y, (xx, *w), gy)
+        assert all(g.dtype == torch.bfloat16 for g in grads[torch.bfloat16][1:])
+        assert torch.equal(grads[torch.bfloat16][0], grads[torch.float32][0])
+        for got, fp32 in zip(grads[torch.bfloat16][1:], grads[torch.float32][1:]):
+            assert torch.equal(got, fp32.to(torch.bfloat16))
+
+
 def test_compiled_grouped_gemm_has_no_graph_break():
     """Under torch.compile(fullgraph=True) the aligned FP8 grouped GEMM is one graph (the custom ops; a graph
     break would raise), and its numbers are the eager ones."""
@@ -359,6 +385,13 @@ for sizes, n, k in [([128, 0, 256], 256, 256), ([5, 300], 384, 256), ([130, 1], 
                 worst = max(worst, float((y - y_ref).norm() / y_ref.norm()))
             dw = tg.grouped_fp8_wgrad(dq, ds, xtq, xts, ends)
             worst = max(worst, float((dw - dw_ref).norm() / dw_ref.norm()))
+            # weight gradients stored in bf16 straight from the fp32 accumulator: dw rounded once (within one
+            # bf16 step: the interpreter's cast truncates where the GPU's rounds to nearest, which
+            # test_bf16_weights_get_gradients_rounded_once_from_fp32 checks bit for bit on CUDA)
+            dwb = tg.grouped_fp8_wgrad(dq, ds, xtq, xts, ends, out_dtype=torch.bfloat16)
+            assert dwb.dtype == torch.bfloat16
+            worst_bf16 = float(((dwb.float() - dw).abs() / dw.abs().clamp_min(1e-30)).max())
+            assert worst_bf16 <= 2.0 ** -7, worst_bf16
             if n % 2 == 0:  # N as two joined weights: each part contiguous, the same numbers
                 dw2 = tg.grouped_fp8_wgrad(dq, ds, xtq, xts, ends, parts=2)
                 assert dw2.shape == (2, len(sizes), n // 2, k) and dw2[1].is_contiguous()

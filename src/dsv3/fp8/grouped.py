@@ -88,11 +88,14 @@ def _aligned_nt(aq: Tensor, a_s: Tensor, bq: Tensor, b_s: Tensor, offs: Tensor, 
 
 
 def _aligned_wgrad(dytq: Tensor, dyts: Tensor, xtq: Tensor, xts: Tensor, offs: Tensor, parts: int,
-                   backend: str) -> Tensor:
-    """``dW_e = dy_e^T x_e`` in fp32 ([E, N, K], or [parts, E, N/parts, K]) from both operands tiled along all
-    tokens at once; each group starts at a multiple of 128, so its tiles are its own."""
+                   backend: str, w_dtype: torch.dtype = torch.float32) -> Tensor:
+    """``dW_e = dy_e^T x_e`` ([E, N, K], or [parts, E, N/parts, K]) from both operands tiled along all tokens at
+    once; each group starts at a multiple of 128, so its tiles are its own. Accumulated in fp32 and rounded once
+    to ``w_dtype`` (the weights' dtype, what autograd hands the optimizer): the Triton kernel stores that dtype
+    straight from its fp32 accumulator, where an fp32 result and a cast cost a write and a read-write of the
+    whole [E, N, K] (2026-12-07, H100: ~1.5% of the FP8 step with bf16 weights, at `small` and at V3's widths)."""
     if triton_path_available(dytq, backend):
-        return triton_grouped.grouped_fp8_wgrad(dytq, dyts, xtq, xts, offs, out_dtype=torch.float32, parts=parts)
+        return triton_grouped.grouped_fp8_wgrad(dytq, dyts, xtq, xts, offs, out_dtype=w_dtype, parts=parts)
     n, k, e_count = dytq.shape[0], xtq.shape[0], offs.numel()
     dw = torch.zeros(e_count, n, k, dtype=torch.float32, device=dytq.device)
     for g, (s, e) in enumerate(group_bounds(offs, e_count)):
@@ -103,7 +106,7 @@ def _aligned_wgrad(dytq: Tensor, dyts: Tensor, xtq: Tensor, xts: Tensor, offs: T
                                 out_dtype=torch.float32, backend=backend)
     if parts > 1:
         dw = dw.unflatten(1, (parts, n // parts)).transpose(0, 1).contiguous()
-    return dw
+    return dw.to(w_dtype)
 
 
 def _aligned_forward(x: Tensor, offs: Tensor, wq: Tensor, w_s: Tensor, save_xt: bool, pow2_scale: bool,
@@ -116,8 +119,9 @@ def _aligned_forward(x: Tensor, offs: Tensor, wq: Tensor, w_s: Tensor, save_xt: 
 
 def _aligned_backward(dy: Tensor, offs: Tensor, xtq: Tensor | None, xts: Tensor | None, key, wq: Tensor,
                       w_s: Tensor, need_dx: bool, need_dw: bool, parts: int, x_dtype: torch.dtype,
-                      pow2_scale: bool, backend: str) -> tuple[Tensor | None, Tensor | None]:
-    """(dx, dW in fp32) of aligned groups, each None unless asked: dy tiled along N for dgrad (against W^T's
+                      pow2_scale: bool, backend: str, w_dtype: torch.dtype = torch.float32
+                      ) -> tuple[Tensor | None, Tensor | None]:
+    """(dx in ``x_dtype``, dW in ``w_dtype``) of aligned groups, each None unless asked: dy tiled along N for dgrad (against W^T's
     blocks, the forward's transposed), dy^T along tokens for wgrad."""
     dyq, dys, dytq, dyts = quantize_tiles_axes(dy, need_dx, need_dw, pow2_scale, backend)
     dx = dw = None
@@ -125,7 +129,7 @@ def _aligned_backward(dy: Tensor, offs: Tensor, xtq: Tensor | None, xts: Tensor 
         wtq, wts = weight_blocks_transposed(key, wq, w_s, pow2_scale)
         dx = _aligned_nt(dyq, dys, wtq, wts, offs, x_dtype, backend)
     if need_dw:
-        dw = _aligned_wgrad(dytq, dyts, xtq, xts, offs, parts, backend)
+        dw = _aligned_wgrad(dytq, dyts, xtq, xts, offs, parts, backend, w_dtype)
     return dx, dw
 
 
@@ -177,7 +181,8 @@ class FP8GroupedMMFunction(torch.autograd.Function):
             # joined equal weights (gate, up) come back as separate contiguous gradients: [parts, E, N_i, K]
             parts = len(w_rows) if len(set(w_rows)) == 1 else 1
             dx, dw = _aligned_backward(dy, offs, xt[0] if wgrad else None, xt[1] if wgrad else None, ctx.key, wq, ws,
-                                       ctx.needs_input_grad[0], wgrad, parts, x_dtype, pow2_scale, backend)
+                                       ctx.needs_input_grad[0], wgrad, parts, x_dtype, pow2_scale, backend,
+                                       _grad_dtype(*w_dtypes))
         else:
             if ctx.needs_input_grad[0]:
                 dyq, dys = quantize_tiles(dy, pow2_scale, backend)
@@ -250,6 +255,12 @@ def _op_takes(ws: tuple[Tensor, ...]) -> bool:
     return len(ws) == 1 or (len(ws) == 2 and ws[0].shape == ws[1].shape)
 
 
+def _grad_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype the weight gradients leave the kernels in: the weights' own when they share one (no cast pass
+    after), else fp32 (each part cast to its weight's dtype after)."""
+    return dtypes[0] if len(set(dtypes)) == 1 else torch.float32
+
+
 def _joined(w: Tensor, w2: Tensor | None):
     return w if w2 is None else (w, w2)
 
@@ -279,14 +290,16 @@ def _(x, offs, w, w2, pow2_scale, backend, save_xt):
 def _fp8_grouped_backward_op(dy: Tensor, offs: Tensor, xtq: Tensor, xts: Tensor, w: Tensor, w2: Tensor | None,
                              pow2_scale: bool, backend: str, x_dtype: torch.dtype, need_dx: bool, need_dw: bool
                              ) -> tuple[Tensor, Tensor]:
-    """(dx [T, K] in ``x_dtype``, dW in fp32: [E, N, K], or [2, E, N, K] with ``w2``) of
-    ``dsv3::fp8_grouped_mm``, each empty when not needed; the weights' FP8 blocks come from the weight cache."""
+    """(dx [T, K] in ``x_dtype``, dW [E, N, K], or [2, E, N, K] with ``w2``, in the weights' dtype (fp32 if
+    theirs differ)) of ``dsv3::fp8_grouped_mm``, each empty when not needed; the weights' FP8 blocks come from
+    the weight cache."""
     key = _joined(w, w2)
     wq, w_s = weight_blocks(key, pow2_scale)
+    w_dtype = _grad_dtype(w.dtype, *([] if w2 is None else [w2.dtype]))
     dx, dw = _aligned_backward(dy, offs, xtq, xts, key, wq, w_s, need_dx, need_dw, 1 if w2 is None else 2,
-                               x_dtype, pow2_scale, backend)
+                               x_dtype, pow2_scale, backend, w_dtype)
     return (dx if need_dx else dy.new_empty(0, dtype=x_dtype),
-            dw if need_dw else dy.new_empty(0, dtype=torch.float32))
+            dw if need_dw else dy.new_empty(0, dtype=w_dtype))
 
 
 @_fp8_grouped_backward_op.register_fake
@@ -294,7 +307,8 @@ def _(dy, offs, xtq, xts, w, w2, pow2_scale, backend, x_dtype, need_dx, need_dw)
     e, n, k = w.shape
     dx = dy.new_empty(dy.shape[0], k, dtype=x_dtype) if need_dx else dy.new_empty(0, dtype=x_dtype)
     shape = (e, n, k) if w2 is None else (2, e, n, k)
-    dw = dy.new_empty(shape, dtype=torch.float32) if need_dw else dy.new_empty(0, dtype=torch.float32)
+    w_dtype = _grad_dtype(w.dtype, *([] if w2 is None else [w2.dtype]))
+    dw = dy.new_empty(shape, dtype=w_dtype) if need_dw else dy.new_empty(0, dtype=w_dtype)
     return dx, dw
 
 
