@@ -1,5 +1,7 @@
 """FP8 grouped expert GEMM: vs fp32 per-group reference, recipe details, GPU parity."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -200,6 +202,26 @@ def test_weight_cache_quantizes_once_per_scope(monkeypatch):
         assert len(calls) == 4
         torch.testing.assert_close(y3, 2 * y1, rtol=0, atol=0)  # exact: scales double, FP8 bytes equal
     assert weight_cache.cache_size() == 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_joined_weight_blocks_are_the_parts_quantized_separately(device):
+    """``weight_blocks((gate, up))``: each part quantized into its rows of one joined FP8 copy, the bits of
+    quantizing each alone and concatenating; inside a scope it is one cache entry (not the parts again)."""
+    from dsv3.fp8 import weight_cache
+    from dsv3.fp8.blocks import quantize_weight_blocks
+
+    torch.manual_seed(13)
+    parts = (torch.randn(3, 256, 200, device=device), torch.randn(3, 130, 200, device=device) * 7)
+    want = [quantize_weight_blocks(p) for p in parts]
+    for scoped in (False, True):
+        with weight_cache.reuse_quantized_weights() if scoped else contextlib.nullcontext():
+            q, sc = weight_cache.weight_blocks(parts)
+            assert weight_cache.cache_size() == int(scoped)
+        assert torch.equal(q.view(torch.uint8), torch.cat([a for a, _ in want], -2).view(torch.uint8))
+        assert torch.equal(sc, torch.cat([b for _, b in want], -2))
+    with pytest.raises(ValueError, match="multiples of 128"):
+        weight_cache.weight_blocks((parts[1], parts[0]))
 
 
 @cuda
@@ -414,6 +436,17 @@ for m, k, pow2 in ((300, 200, False), (128, 384, True), (1, 130, False)):
                                                   b.view(torch.uint8) if b.element_size() == 1 else b), (m, k)
     assert torch.equal(got[1], quantize_activation_tiles(x, 128, pow2)[1])
     assert torch.equal(got[3], quantize_activation_tiles(x.t(), 128, pow2)[1])
+# the 128x128 weight kernel writing each weight into its rows of a joined copy: the bits of separate calls
+from dsv3.fp8.triton_quant import quantize_weight_blocks_triton
+for lead in ((), (3,)):
+    parts = [torch.randn(*lead, r, 200) for r in (256, 130)]
+    sep = [quantize_weight_blocks_triton(p) for p in parts]
+    q = torch.empty(*lead, 386, 200, dtype=torch.float8_e4m3fn)
+    s = torch.empty(*lead, 4, 2)
+    quantize_weight_blocks_triton(parts[0], out=(q[..., :256, :], s[..., :2, :]))
+    quantize_weight_blocks_triton(parts[1], out=(q[..., 256:, :], s[..., 2:, :]))
+    assert torch.equal(q.view(torch.uint8), torch.cat([a for a, _ in sep], -2).view(torch.uint8))
+    assert torch.equal(s, torch.cat([b for _, b in sep], -2))
 print("WORST", worst)
 """
 

@@ -95,9 +95,10 @@ if HAVE_TRITON:
         tl.store(s_ptr + rm.to(tl.int64) * KT + pid_k, s, mask=rm < M)
 
     @triton.jit
-    def _quant_blocks_kernel(w_ptr, q_ptr, s_ptr, M, N, MB, NB, s_we, s_wm, s_wn,
+    def _quant_blocks_kernel(w_ptr, q_ptr, s_ptr, M, N, s_we, s_wm, s_wn, s_qe, s_qm, s_se, s_sm,
                              BLOCK_SIDE: tl.constexpr, POW2: tl.constexpr):
-        # one program per 128 x 128 block of matrix e: the same arithmetic as _quant_tiles_kernel, one amax
+        # one program per 128 x 128 block of matrix e: the same arithmetic as _quant_tiles_kernel, one amax;
+        # outputs by their strides (rows contiguous), so a weight can be written into its rows of a joined one
         e = tl.program_id(0)
         i = tl.program_id(1)
         j = tl.program_id(2)
@@ -111,9 +112,9 @@ if HAVE_TRITON:
         s = _scale_inv(amax, POW2)
         q = tl.math.div_rn(x, s)
         q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-        tl.store(q_ptr + e.to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + rn[None, :], q.to(tl.float8e4nv),
+        tl.store(q_ptr + e.to(tl.int64) * s_qe + rm[:, None].to(tl.int64) * s_qm + rn[None, :], q.to(tl.float8e4nv),
                  mask=mask)
-        tl.store(s_ptr + (e * MB + i) * NB + j, s)
+        tl.store(s_ptr + e.to(tl.int64) * s_se + i * s_sm + j, s)
 
     @triton.jit
     def _transpose_kernel(x_ptr, y_ptr, R, C, BLOCK: tl.constexpr):
@@ -219,24 +220,42 @@ def quantize_tiles(x: Tensor, pow2_scale: bool = False, backend: str = "auto") -
     return quantize_activation_tiles(x, TILE, pow2_scale)
 
 
-def quantize_weight_blocks_triton(w: Tensor, pow2_scale: bool = False, num_warps: int = 8) -> tuple[Tensor, Tensor]:
-    """Triton twin of ``blocks.quantize_weight_blocks`` (128x128) for a CUDA [..., M, N] tensor, bit-identical."""
+def quantize_weight_blocks_triton(w: Tensor, pow2_scale: bool = False, num_warps: int = 8,
+                                  out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Triton twin of ``blocks.quantize_weight_blocks`` (128x128) for a CUDA [..., M, N] tensor, bit-identical.
+    ``out``: (q, s) to write into, [..., M, N] and [..., M/128, N/128] views with contiguous rows (e.g. this
+    weight's rows of a joined one)."""
     if w.dim() < 2:
         raise ValueError(f"quantize_weight_blocks expects a matrix, got shape {tuple(w.shape)}")
     *lead, m, n = w.shape
     w3 = w.reshape(-1, m, n)
     e = w3.shape[0]
     mb, nb = -(-m // BLOCK), -(-n // BLOCK)
-    q = torch.empty(e, m, n, dtype=FP8_DTYPE, device=w.device)
-    s = torch.empty(e, mb, nb, dtype=torch.float32, device=w.device)
+    if out is None:
+        q3 = torch.empty(e, m, n, dtype=FP8_DTYPE, device=w.device)
+        s3 = torch.empty(e, mb, nb, dtype=torch.float32, device=w.device)
+    else:
+        q3, s3 = (t.view(-1, *t.shape[-2:]) for t in out)  # a view (raises rather than copy)
+        if q3.shape != (e, m, n) or s3.shape != (e, mb, nb) or q3.stride(-1) != 1 or s3.stride(-1) != 1:
+            raise ValueError("out must be (q [..., M, N], s [..., M/128, N/128]) with contiguous rows")
     if e and m and n:
-        _quant_blocks_kernel[(e, mb, nb)](w3, q, s, m, n, mb, nb, w3.stride(0), w3.stride(1), w3.stride(2),
+        _quant_blocks_kernel[(e, mb, nb)](w3, q3, s3, m, n, w3.stride(0), w3.stride(1), w3.stride(2),
+                                          q3.stride(0), q3.stride(1), s3.stride(0), s3.stride(1),
                                           BLOCK_SIDE=BLOCK, POW2=pow2_scale, num_warps=num_warps)
-    return q.reshape(*lead, m, n), s.reshape(*lead, mb, nb)
+    if out is not None:
+        return out
+    return q3.reshape(*lead, m, n), s3.reshape(*lead, mb, nb)
 
 
-def quantize_blocks(w: Tensor, pow2_scale: bool = False, backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """128x128 weight quantization: Triton on CUDA (unless backend is "reference"), else torch."""
+def quantize_blocks(w: Tensor, pow2_scale: bool = False, backend: str = "auto",
+                    out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """128x128 weight quantization: Triton on CUDA (unless backend is "reference"), else torch. ``out``: (q, s)
+    views to write into (see ``quantize_weight_blocks_triton``), returned."""
     if backend != "reference" and HAVE_TRITON and w.is_cuda:
-        return quantize_weight_blocks_triton(w, pow2_scale)
-    return quantize_weight_blocks(w, BLOCK, pow2_scale)
+        return quantize_weight_blocks_triton(w, pow2_scale, out=out)
+    q, s = quantize_weight_blocks(w, BLOCK, pow2_scale)
+    if out is None:
+        return q, s
+    out[0].copy_(q)
+    out[1].copy_(s)
+    return out

@@ -19,6 +19,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import Tensor
 
+from dsv3.fp8.blocks import BLOCK, FP8_DTYPE
 from dsv3.fp8.triton_quant import quantize_blocks, transpose_last2
 
 __all__ = ["reuse_quantized_weights", "step_scope", "weight_blocks", "weight_blocks_transposed", "cache_size"]
@@ -76,8 +77,20 @@ def weight_blocks(w: Tensor | tuple[Tensor, ...], pow2_scale: bool = False) -> t
         return _lookup(ws, pow2_scale, "nk", lambda: quantize_blocks(ws[0].detach(), pow2_scale))
 
     def make():
-        parts = [weight_blocks(p, pow2_scale) for p in ws]
-        return torch.cat([q for q, _ in parts], dim=-2), torch.cat([sc for _, sc in parts], dim=-2)
+        # each part quantized straight into its rows of the joined copy (a torch.cat after per-part copies cost
+        # a copy of the joined FP8 weight per use under CUDA graphs, and kept each part cached twice in a scope)
+        *lead, _, k = ws[0].shape
+        rows = [p.shape[-2] for p in ws]
+        if any(r % BLOCK for r in rows[:-1]):
+            raise ValueError(f"joined weights need row counts that are multiples of {BLOCK}, got {rows}")
+        q = torch.empty(*lead, sum(rows), k, dtype=FP8_DTYPE, device=ws[0].device)
+        s = torch.empty(*lead, -(-sum(rows) // BLOCK), -(-k // BLOCK), dtype=torch.float32, device=ws[0].device)
+        r0 = 0
+        for p, r in zip(ws, rows):
+            quantize_blocks(p.detach(), pow2_scale, out=(q[..., r0:r0 + r, :],
+                                                          s[..., r0 // BLOCK:-(-(r0 + r) // BLOCK), :]))
+            r0 += r
+        return q, s
     return _lookup(ws, pow2_scale, "nk", make)
 
 
