@@ -13,7 +13,8 @@ grouped linear ``y = x @ w[e]^T`` forward + backward (3 GEMMs, 6*M*K*N FLOPs):
 * ``kernels_<variant>`` and ``fp8_triton_<variant>``: the same two for each kernel variant of
   ``dsv3.fp8.triton_grouped`` (``--variants``): ``pointer_mfast`` (the first kernels: pointer loads, row tiles
   launched fastest), ``pointer`` (pointer loads, column tiles fastest), ``tma`` (TMA tensor-descriptor loads,
-  column tiles fastest), ``tma_mfast``, and ``tma_sT`` (TMA with the activation scales stored column-major).
+  column tiles fastest), ``tma_mfast``, ``tma_sT`` (TMA with the activation scales stored column-major) and
+  ``tma_defer`` (TMA, each slice's product promoted after the next slice's dot is issued: DEFER_PROMOTION).
 
 It first checks the Triton path against the fp32 reference on the first shape (exits 1 on a mismatch).
 
@@ -59,13 +60,23 @@ def layouts(E: int, M: int, gen: torch.Generator):
     return counts, ends, aends, rows
 
 
-VARIANTS = {"pointer_mfast": ("pointer", False), "pointer": ("pointer", True), "tma": ("tma", True),
-            "tma_mfast": ("tma", False), "tma_sT": ("tma", True)}
+# (KERNELS, N_FASTEST, DEFER_PROMOTION) of dsv3.fp8.triton_grouped
+VARIANTS = {"pointer_mfast": ("pointer", False, False), "pointer": ("pointer", True, False),
+            "tma": ("tma", True, False), "tma_mfast": ("tma", False, False), "tma_sT": ("tma", True, False),
+            "tma_defer": ("tma", True, True)}
 
 
 def set_variant(name: str) -> None:
     """Point dsv3.fp8.triton_grouped at one kernel variant (module settings; numbers are the same)."""
-    triton_grouped.KERNELS, triton_grouped.N_FASTEST = VARIANTS[name]
+    triton_grouped.KERNELS, triton_grouped.N_FASTEST, triton_grouped.DEFER_PROMOTION = VARIANTS[name]
+
+
+def current_variant() -> tuple:
+    return triton_grouped.KERNELS, triton_grouped.N_FASTEST, triton_grouped.DEFER_PROMOTION
+
+
+def restore_variant(saved: tuple) -> None:
+    triton_grouped.KERNELS, triton_grouped.N_FASTEST, triton_grouped.DEFER_PROMOTION = saved
 
 
 def run_shape(name, E, N, K, M, iters, variants=()) -> dict:
@@ -125,7 +136,7 @@ def run_shape(name, E, N, K, M, iters, variants=()) -> dict:
 
     flops = 6.0 * M * N * K
     res = {"shape": name, "E": E, "N": N, "K": K, "M": M, "aligned_rows_used": int(aends[-1])}
-    default = (triton_grouped.KERNELS, triton_grouped.N_FASTEST)
+    default = current_variant()
     for v in variants:  # each kernel variant: the GEMMs alone, and the whole cached path
         set_variant(v)
         try:
@@ -136,7 +147,7 @@ def run_shape(name, E, N, K, M, iters, variants=()) -> dict:
                     res[f"fp8_triton_{v}_s"] = bench(fp8_triton, iters)
         except Exception as e:  # report, keep going
             res[f"{v}_error"] = repr(e)[:300]
-    triton_grouped.KERNELS, triton_grouped.N_FASTEST = default
+    restore_variant(default)
     # the cached variant: quantize once in a scope that spans the timed calls (as across micro-batches)
     with reuse_quantized_weights():
         fp8_triton()
@@ -195,7 +206,7 @@ def main(argv=None) -> int:
         return 2
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
     numerics = {}
-    default = (triton_grouped.KERNELS, triton_grouped.N_FASTEST)
+    default = current_variant()
     for v in ["default"] + [v for v in variants if v != "tma_sT"]:
         if v != "default":
             set_variant(v)
@@ -204,7 +215,7 @@ def main(argv=None) -> int:
         if max(errs.values()) > 4e-3:
             print("MISMATCH", file=sys.stderr)
             return 1
-    triton_grouped.KERNELS, triton_grouped.N_FASTEST = default
+    restore_variant(default)
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "numerics": numerics, "rows": []}
     for shp in shapes:
         r = run_shape(*shp, iters=args.iters, variants=variants)

@@ -398,15 +398,19 @@ for sizes, n, k in [([128, 0, 256], 256, 256), ([5, 300], 384, 256), ([130, 1], 
         y_ref[s:e] = xd[s:e] @ wd[g].t()
         dw_ref[g] = dd[:, s:e] @ xtd[:, s:e].t()
         s = e
-    for kernels in ("pointer", "tma"):
+    runs = {}
+    for kernels, defer in (("pointer", False), ("tma", False), ("tma", True)):
         for n_fastest in (True, False):
-            tg.KERNELS, tg.N_FASTEST = kernels, n_fastest
+            tg.KERNELS, tg.N_FASTEST, tg.DEFER_PROMOTION = kernels, n_fastest, defer
             for scales in (xs, xs.t().contiguous().t()):  # activation scales row- or column-major
                 y = tg.grouped_fp8_nt(xq, scales, wq, ws, ends, out_dtype=torch.float32)
                 assert (y[int(ends[-1]):] == 0).all(), "padding rows past the last group must be zero"
                 worst = max(worst, float((y - y_ref).norm() / y_ref.norm()))
             dw = tg.grouped_fp8_wgrad(dq, ds, xtq, xts, ends)
             worst = max(worst, float((dw - dw_ref).norm() / dw_ref.norm()))
+            if kernels == "tma":  # deferred promotion: the same sums in the same order, so the same bits
+                seen = runs.setdefault(n_fastest, (y, dw))
+                assert torch.equal(seen[0], y) and torch.equal(seen[1], dw), "deferred promotion changed the sums"
             # weight gradients stored in bf16 straight from the fp32 accumulator: dw rounded once (within one
             # bf16 step: the interpreter's cast truncates where the GPU's rounds to nearest, which
             # test_bf16_weights_get_gradients_rounded_once_from_fp32 checks bit for bit on CUDA)

@@ -53,6 +53,11 @@ __all__ = ["GROUP_ALIGN", "HAVE_TRITON", "KERNELS", "grouped_fp8_nt", "grouped_f
 # against the reference).
 KERNELS = "auto"
 N_FASTEST = True
+# TMA kernels: promote each 128-wide slice's product into the fp32 accumulator right after its dot (False), or one
+# slice later, after the next slice's dot has been issued (True), so the tensor cores can run while the previous
+# product is scaled and added. The same sums in the same order; an experiment (benchmarks/fp8_grouped.py
+# --variants tma_defer), off until it is timed on a GPU.
+DEFER_PROMOTION = False
 
 GROUP_ALIGN = 128  # rows per group are padded to this; equals the quantization tile
 
@@ -136,7 +141,7 @@ if HAVE_TRITON:
                                M, N, K, E,
                                s_asm, s_ask, s_bse, s_bsn,
                                E_P2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr):
+                               BLOCK_K: tl.constexpr, N_FASTEST: tl.constexpr, DEFER: tl.constexpr):
         # _grouped_nt_kernel with the tiles moved by the TMA unit (tensor descriptors): no address arithmetic or
         # masks in the loop (out-of-range rows and columns read as zero, stores are clipped), and the loads are
         # asynchronous bulk copies the pipeliner overlaps with the tensor-core work
@@ -149,12 +154,28 @@ if HAVE_TRITON:
             n_ok = rn < N
             sa_ptrs = as_ptr + rm.to(tl.int64) * s_asm
             sb_ptrs = bs_ptr + g.to(tl.int64) * s_bse + (rn // BLOCK_K) * s_bsn
-            for kt in range(0, tl.cdiv(K, BLOCK_K)):
-                a = a_desc.load([row0, kt * BLOCK_K])
-                b = b_desc.load([g, n0, kt * BLOCK_K]).reshape(BLOCK_N, BLOCK_K)
-                sa = tl.load(sa_ptrs + kt * s_ask, mask=m_ok, other=0.0)
-                sb = tl.load(sb_ptrs + kt, mask=n_ok, other=0.0)
-                acc += tl.dot(a, b.T) * (sa[:, None] * sb[None, :])
+            if DEFER:
+                # slice kt's dot is issued before slice kt-1's product is promoted (see DEFER_PROMOTION)
+                part = tl.dot(a_desc.load([row0, 0]), b_desc.load([g, n0, 0]).reshape(BLOCK_N, BLOCK_K).T)
+                scale = (tl.load(sa_ptrs, mask=m_ok, other=0.0)[:, None]
+                         * tl.load(sb_ptrs, mask=n_ok, other=0.0)[None, :])
+                for kt in range(1, tl.cdiv(K, BLOCK_K)):
+                    a = a_desc.load([row0, kt * BLOCK_K])
+                    b = b_desc.load([g, n0, kt * BLOCK_K]).reshape(BLOCK_N, BLOCK_K)
+                    nxt = tl.dot(a, b.T)
+                    acc += part * scale
+                    sa = tl.load(sa_ptrs + kt * s_ask, mask=m_ok, other=0.0)
+                    sb = tl.load(sb_ptrs + kt, mask=n_ok, other=0.0)
+                    scale = sa[:, None] * sb[None, :]
+                    part = nxt
+                acc += part * scale
+            else:
+                for kt in range(0, tl.cdiv(K, BLOCK_K)):
+                    a = a_desc.load([row0, kt * BLOCK_K])
+                    b = b_desc.load([g, n0, kt * BLOCK_K]).reshape(BLOCK_N, BLOCK_K)
+                    sa = tl.load(sa_ptrs + kt * s_ask, mask=m_ok, other=0.0)
+                    sb = tl.load(sb_ptrs + kt, mask=n_ok, other=0.0)
+                    acc += tl.dot(a, b.T) * (sa[:, None] * sb[None, :])
         c_desc.store([row0, n0], acc.to(c_desc.dtype))
 
     @triton.jit
@@ -213,7 +234,8 @@ if HAVE_TRITON:
     def _grouped_wgrad_tma_kernel(a_desc, as_ptr, b_desc, bs_ptr, c_ptr, ends_ptr,
                                   N, K, PART_N,
                                   s_asn, s_bsk, s_cp, s_ce, s_cn,
-                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
+                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
+                                  DEFER: tl.constexpr):
         # _grouped_wgrad_kernel with TMA tile loads (see _grouped_nt_tma_kernel)
         e, n0, k0, start, end = _wgrad_tile(ends_ptr, K, BLOCK_N, BLOCK_K, BLOCK_T)
         rn = n0 + tl.arange(0, BLOCK_N)
@@ -223,14 +245,29 @@ if HAVE_TRITON:
         sa_ptrs = as_ptr + rn.to(tl.int64) * s_asn + start // BLOCK_T
         sb_ptrs = bs_ptr + rk.to(tl.int64) * s_bsk + start // BLOCK_T
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for t in range(start, end, BLOCK_T):
-            a = a_desc.load([n0, t])
-            b = b_desc.load([k0, t])
-            sa = tl.load(sa_ptrs, mask=n_ok, other=0.0)
-            sb = tl.load(sb_ptrs, mask=k_ok, other=0.0)
-            acc += tl.dot(a, b.T) * (sa[:, None] * sb[None, :])
-            sa_ptrs += 1
-            sb_ptrs += 1
+        if DEFER:
+            if end > start:  # one token slice behind, as _grouped_nt_tma_kernel's DEFER
+                part = tl.dot(a_desc.load([n0, start]), b_desc.load([k0, start]).T)
+                scale = tl.load(sa_ptrs, mask=n_ok, other=0.0)[:, None] * tl.load(sb_ptrs, mask=k_ok, other=0.0)[None, :]
+                for t in range(start + BLOCK_T, end, BLOCK_T):
+                    sa_ptrs += 1
+                    sb_ptrs += 1
+                    nxt = tl.dot(a_desc.load([n0, t]), b_desc.load([k0, t]).T)
+                    acc += part * scale
+                    sa = tl.load(sa_ptrs, mask=n_ok, other=0.0)
+                    sb = tl.load(sb_ptrs, mask=k_ok, other=0.0)
+                    scale = sa[:, None] * sb[None, :]
+                    part = nxt
+                acc += part * scale
+        else:
+            for t in range(start, end, BLOCK_T):
+                a = a_desc.load([n0, t])
+                b = b_desc.load([k0, t])
+                sa = tl.load(sa_ptrs, mask=n_ok, other=0.0)
+                sb = tl.load(sb_ptrs, mask=k_ok, other=0.0)
+                acc += tl.dot(a, b.T) * (sa[:, None] * sb[None, :])
+                sa_ptrs += 1
+                sb_ptrs += 1
         _store_wgrad(c_ptr, acc, e, rn, rk, n_ok, k_ok, PART_N, s_cp, s_ce, s_cn)
 
     def _nt_tma_blocks(nargs):
@@ -326,7 +363,7 @@ def grouped_fp8_nt(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, ends:
         c_desc = TensorDescriptor(out, [m, n], [n, 1], [block_m, bn])
         _grouped_nt_tma_kernel[grid](a_desc, a_scale, b_desc, b_scale, c_desc, ends, m, n, k, e,
                                      a_scale.stride(0), a_scale.stride(1), b_scale.stride(0), b_scale.stride(1),
-                                     **common)
+                                     DEFER=DEFER_PROMOTION, **common)
         return out
     _grouped_nt_kernel[grid](a, a_scale, b, b_scale, out, ends,
                              m, n, k, e,
@@ -370,7 +407,7 @@ def grouped_fp8_wgrad(a_t: Tensor, a_scale: Tensor, b_t: Tensor, b_scale: Tensor
         b_desc = TensorDescriptor(b_t, [k, m], [m, 1], [block_k, GROUP_ALIGN])
         _grouped_wgrad_tma_kernel[grid](a_desc, a_scale, b_desc, b_scale, out4, ends, n, k, n // parts,
                                         a_scale.stride(0), b_scale.stride(0), *c_strides,
-                                        BLOCK_K=block_k, BLOCK_T=GROUP_ALIGN, **_FIXED)
+                                        BLOCK_K=block_k, BLOCK_T=GROUP_ALIGN, DEFER=DEFER_PROMOTION, **_FIXED)
         return out
     _grouped_wgrad_kernel[grid](a_t, a_scale, b_t, b_scale, out4, ends,
                                 n, k, n // parts,
