@@ -63,6 +63,11 @@
 #                                         #   default and 'reduce-overhead', profiled; then, if DIST_S > 0, distributed.py
 #                                         #   RUNS (default one:10:4,one_fp8:10:4,one_cg_fp8:10:4); phases limited by
 #                                         #   TEST_S, STEP_S, DIST_S (0 skips); $OUT/cg8.tar.gz after each phase
+#   benchmarks/next_gpu_session.sh fp8next # one GPU (#6, session 19's NEXT, ~6 min): GPU tests of the bf16 weight
+#                                         #   gradients and joined weight blocks, fp8_grouped.py tma vs tma_defer
+#                                         #   (DEFER_PROMOTION), then the small step BF16 vs FP8 (compiled, CUDA graphs)
+#                                         #   then, in a call of its own: DIST_S=400 RUNS=one_fp8:10:4,one_cg_fp8:10:4 cg8
+#                                         #   with STEP_S=0 TEST_S=0 (the trainer's FP8 as CUDA graphs, never logged)
 #   benchmarks/next_gpu_session.sh fp8lin # one GPU (#6): FP8 quantizer/linear/grouped GPU tests and the CUDA-graph
 #                                         #   block test, fp8_linear.py, fp8_grouped.py, the small FP8 step vs BF16
 #   benchmarks/next_gpu_session.sh ep2wait  # (or onewait) the next call: waits for it, returns its records in run_ep2.tar.gz;
@@ -289,6 +294,23 @@ case "${1:-}" in
       cp /tmp/d/$r/profile/*.txt /tmp/d/$r/profile/*.summary.json $S/$r/ 2>/dev/null; done
     tail -c 4000 /tmp/d/one_cg_fp8/train.log > $S/one_cg_fp8_train_log_tail.txt 2>/dev/null
     cp /tmp/d/distributed.json $S/ 2>/dev/null; pack ;;
+  fp8next)
+    # one GPU (#6, planned in session 19 when no device could be started after its calls 1-2; ~6 min): the GPU
+    # tests of session 19's changes (bf16 weight gradients straight from the grouped kernel, joined weight blocks
+    # by output strides), the grouped kernels with and without DEFER_PROMOTION (flip it on if tma_defer wins at
+    # the v3 shapes), then the small step BF16 vs FP8, compiled and as CUDA graphs; $OUT/fp8next.tar.gz
+    S=/tmp/fp8next; mkdir -p $S
+    pack() { tar czf $OUT/fp8next.tar.gz -C /tmp fp8next; }
+    nvidia-smi --query-gpu=name --format=csv,noheader | tee $S/gpu.txt
+    timeout ${TEST_S:-90} python3 -m pytest -v -p no:cacheprovider tests/test_fp8_grouped.py tests/test_fp8_triton.py \
+        -k "bf16_weights or joined or custom_op or gpu" > $S/gpu_tests.txt 2>&1; echo "tests rc=$?"
+    grep -cE " PASSED" $S/gpu_tests.txt; grep -E "FAILED|^E  |passed|failed" $S/gpu_tests.txt | cut -c1-200 | head; pack
+    timeout ${GROUPED_S:-120} python3 benchmarks/fp8_grouped.py --out $S/fp8_grouped.json --variants tma,tma_defer \
+        --iters 8 2>&1 | grep -v Warn > $S/fp8_grouped.log; echo "grouped rc=$?"
+    grep -E "numerics|MISMATCH|kernels_tma" $S/fp8_grouped.log | cut -c1-400 | head -8; pack
+    timeout ${STEP_S:-330} python3 benchmarks/train_step.py --configs ${CONFIGS:-small} --fp8 --cudagraphs --steps 8 \
+        --peers none --out $S/train_step.json 2>&1 | grep -v Warn > $S/train_step.log; echo "step rc=$?"
+    grep -E "^\[|device|Error" $S/train_step.log | head -20; pack ;;
   fp8lin)
     # one GPU (#6, session 9): the FP8 quantizer and linear GPU tests (+ the CUDA-graph block test of #9), the
     # FP8 linear against the blockwise _scaled_mm GEMMs alone (with and without the per-step weight cache),
@@ -306,5 +328,5 @@ case "${1:-}" in
     grep -E "^\[|device|fp8|FP8" $S/train_step.log | head -20
     tar czf $OUT/fp8lin.tar.gz -C /tmp fp8lin ;;
   *)
-    echo "usage: $0 fp8|dist|cg1|wc1|local|exch|ep2|ep2wait|one|onewait|step|fp8lin" >&2; exit 2 ;;
+    echo "usage: $0 fp8|dist|cg1|wc1|local|exch|ep2|ep2wait|one|onewait|step|fp8lin|cg8|fp8next" >&2; exit 2 ;;
 esac
