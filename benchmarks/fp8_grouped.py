@@ -66,17 +66,19 @@ VARIANTS = {"pointer_mfast": ("pointer", False, False), "pointer": ("pointer", T
             "tma_defer": ("tma", True, True)}
 
 
-def set_variant(name: str) -> None:
-    """Point dsv3.fp8.triton_grouped at one kernel variant (module settings; numbers are the same)."""
-    triton_grouped.KERNELS, triton_grouped.N_FASTEST, triton_grouped.DEFER_PROMOTION = VARIANTS[name]
-
-
 def current_variant() -> tuple:
+    """The (KERNELS, N_FASTEST, DEFER_PROMOTION) settings dsv3.fp8.triton_grouped runs now."""
     return triton_grouped.KERNELS, triton_grouped.N_FASTEST, triton_grouped.DEFER_PROMOTION
 
 
-def restore_variant(saved: tuple) -> None:
-    triton_grouped.KERNELS, triton_grouped.N_FASTEST, triton_grouped.DEFER_PROMOTION = saved
+def restore_variant(settings: tuple) -> None:
+    """Put back settings from ``current_variant``."""
+    triton_grouped.KERNELS, triton_grouped.N_FASTEST, triton_grouped.DEFER_PROMOTION = settings
+
+
+def set_variant(name: str) -> None:
+    """Point dsv3.fp8.triton_grouped at one kernel variant (module settings; numbers are the same)."""
+    restore_variant(VARIANTS[name])
 
 
 def run_shape(name, E, N, K, M, iters, variants=()) -> dict:

@@ -383,12 +383,24 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
             res["runs"]["cudagraphs_error"] = repr(e)[:400]
         torch.cuda.empty_cache()
     if fp8:  # the same model and weights with the FP8 recipe (issue #6's full-step speedup)
-        # (compiled, mode, BF16 run compared with); eager only if the compiled default fails
-        variants = [(True, "default", "ours compiled")] if DEVICE == "cuda" else [(False, "default", "ours eager")]
+        # (compiled, mode, BF16 run compared with, switch flipped); eager only if the compiled default fails.
+        # A switch is an --ab fp8.MODULE.NAME of dsv3.fp8 (e.g. fp8.triton_quant.PAIRED_LAUNCH), flipped for one
+        # more compiled run: what it is worth, same run, same BF16 step to divide by
+        variants = [(True, "default", "ours compiled", None)] if DEVICE == "cuda" else \
+            [(False, "default", "ours eager", None)]
         if CUDAGRAPHS and DEVICE == "cuda":
-            variants.append((True, "reduce-overhead", "ours compiled, cudagraphs"))
-        for compiled, mode, bf16_label in variants:
+            variants.append((True, "reduce-overhead", "ours compiled, cudagraphs", None))
+        if DEVICE == "cuda":
+            variants += [(True, "default", "ours compiled", f) for f in AB_FLAGS if f.startswith("fp8.")]
+        for compiled, mode, bf16_label, flag in variants:
             label = "ours fp8" + (" compiled" if compiled else " eager") + (", cudagraphs" if mode != "default" else "")
+            if flag:
+                import importlib
+                module_path, attr = flag.rsplit(".", 1)
+                module = importlib.import_module("dsv3." + module_path)
+                default = getattr(module, attr)
+                setattr(module, attr, not default)
+                label += f", {attr}={not default}"
             torch._dynamo.reset()
             try:
                 m = build_ours(cfg, compile_blocks=compiled, fp8=True, mode=mode)
@@ -401,7 +413,7 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
                 out["fp8_speedup_over"] = bf16_label
                 record(label, out, first)
                 print(f"[{name}] {label}: step speedup over {bf16_label}: {out['fp8_speedup']:.3f}x", flush=True)
-                if profile_dir and compiled:  # where the FP8 step's time goes, beside the BF16 profile
+                if profile_dir and compiled and not flag:  # where the FP8 step's time goes, beside the BF16 profile
                     tag = "-fp8" + ("-cudagraphs" if mode != "default" else "")
                     profile(m, ours_loss, x, os.path.join(profile_dir, f"profile-{name}{tag}.txt"), make_opt=ours_opt,
                             scope=fp8_scope(mode))
@@ -412,37 +424,12 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
                 traceback.print_exc(limit=6)
                 res["runs"][f"fp8_error {label}"] = repr(e)[:400]
                 torch.cuda.empty_cache()
-                if compiled and mode == "default":
-                    variants.append((False, "default", "ours compiled"))
-        for flag in (f for f in AB_FLAGS if f.startswith("fp8.") and DEVICE == "cuda"):
-            # the compiled FP8 step with one of dsv3.fp8's switches flipped (e.g. fp8.triton_quant.PAIRED_LAUNCH):
-            # what it is worth, same run, same BF16 step to divide by
-            import importlib
-            module_path, attr = flag.rsplit(".", 1)
-            module = importlib.import_module("dsv3." + module_path)
-            default = getattr(module, attr)
-            setattr(module, attr, not default)
-            label = f"ours fp8 compiled, {attr}={not default}"
-            torch._dynamo.reset()
-            try:
-                m = build_ours(cfg, compile_blocks=True, fp8=True)
-                m.load_state_dict(ours_sd, strict=False)
-                with torch.no_grad():
-                    first = float(ours_loss(m, x))
-                out = time_steps(m, ours_loss, x, steps, make_opt=ours_opt, scope=fp8_scope("default"))
-                out["fp8_speedup"] = res["runs"]["ours compiled"]["step_s"] / out["step_s"]
-                out["fp8_speedup_over"] = "ours compiled"
-                record(label, out, first)
-                print(f"[{name}] {label}: step speedup over ours compiled: {out['fp8_speedup']:.3f}x", flush=True)
-                del m
-            except Exception as e:
-                import traceback
-                traceback.print_exc(limit=6)
-                res["runs"][f"fp8_error {label}"] = repr(e)[:400]
+                if compiled and mode == "default" and not flag:
+                    variants.append((False, "default", "ours compiled", None))
             finally:
-                setattr(module, attr, default)
-                torch._dynamo.reset()
-            torch.cuda.empty_cache()
+                if flag:
+                    setattr(module, attr, default)
+                    torch._dynamo.reset()
     if "transformers" in peers:
         try:
             m, impl, missing, unexpected = build_hf(cfg, ours_sd, S)
