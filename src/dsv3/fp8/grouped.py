@@ -295,7 +295,7 @@ def _fp8_grouped_backward_op(dy: Tensor, offs: Tensor, xtq: Tensor, xts: Tensor,
     the weight cache."""
     key = _joined(w, w2)
     wq, w_s = weight_blocks(key, pow2_scale)
-    w_dtype = _grad_dtype(w.dtype, *([] if w2 is None else [w2.dtype]))
+    w_dtype = _grad_dtype(*(t.dtype for t in (w, w2) if t is not None))
     dx, dw = _aligned_backward(dy, offs, xtq, xts, key, wq, w_s, need_dx, need_dw, 1 if w2 is None else 2,
                                x_dtype, pow2_scale, backend, w_dtype)
     return (dx if need_dx else dy.new_empty(0, dtype=x_dtype),
@@ -307,7 +307,7 @@ def _(dy, offs, xtq, xts, w, w2, pow2_scale, backend, x_dtype, need_dx, need_dw)
     e, n, k = w.shape
     dx = dy.new_empty(dy.shape[0], k, dtype=x_dtype) if need_dx else dy.new_empty(0, dtype=x_dtype)
     shape = (e, n, k) if w2 is None else (2, e, n, k)
-    w_dtype = _grad_dtype(w.dtype, *([] if w2 is None else [w2.dtype]))
+    w_dtype = _grad_dtype(*(t.dtype for t in (w, w2) if t is not None))
     dw = dy.new_empty(shape, dtype=w_dtype) if need_dw else dy.new_empty(0, dtype=w_dtype)
     return dx, dw
 
