@@ -121,8 +121,8 @@ def _aligned_backward(dy: Tensor, offs: Tensor, xtq: Tensor | None, xts: Tensor 
                       w_s: Tensor, need_dx: bool, need_dw: bool, parts: int, x_dtype: torch.dtype,
                       pow2_scale: bool, backend: str, w_dtype: torch.dtype = torch.float32
                       ) -> tuple[Tensor | None, Tensor | None]:
-    """(dx in ``x_dtype``, dW in ``w_dtype``) of aligned groups, each None unless asked: dy tiled along N for dgrad (against W^T's
-    blocks, the forward's transposed), dy^T along tokens for wgrad."""
+    """(dx in ``x_dtype``, dW in ``w_dtype``) of aligned groups, each None unless asked: dy tiled along N for
+    dgrad (against W^T's blocks, the forward's transposed), dy^T along tokens for wgrad."""
     dyq, dys, dytq, dyts = quantize_tiles_axes(dy, need_dx, need_dw, pow2_scale, backend)
     dx = dw = None
     if need_dx:

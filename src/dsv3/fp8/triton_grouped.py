@@ -248,7 +248,8 @@ if HAVE_TRITON:
         if DEFER:
             if end > start:  # one token slice behind, as _grouped_nt_tma_kernel's DEFER
                 part = tl.dot(a_desc.load([n0, start]), b_desc.load([k0, start]).T)
-                scale = tl.load(sa_ptrs, mask=n_ok, other=0.0)[:, None] * tl.load(sb_ptrs, mask=k_ok, other=0.0)[None, :]
+                scale = (tl.load(sa_ptrs, mask=n_ok, other=0.0)[:, None]
+                         * tl.load(sb_ptrs, mask=k_ok, other=0.0)[None, :])
                 for t in range(start + BLOCK_T, end, BLOCK_T):
                     sa_ptrs += 1
                     sb_ptrs += 1
