@@ -342,14 +342,21 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
             # the same step with one of moe's switches flipped (e.g. PERMUTE_KERNELS off: the MoE's backward
             # passes over the token copies left to Inductor): what that piece is worth, same run
             from dsv3.model import moe
+            module = moe
             if flag.startswith("inductor."):     # an Inductor option of ours' blocks, e.g. coordinate_descent_tuning
                 import torch._inductor.config as inductor_config
                 option = flag.split(".", 1)[1]
                 default = bool(getattr(inductor_config, option))
                 COMPILE_OPTIONS[option] = not default
             else:
-                default = getattr(moe, flag)
-                setattr(moe, flag, not default)
+                if "." in flag:                  # a switch of another dsv3 module, e.g. kernels.cross_entropy.NAME
+                    import importlib
+                    module_path, flag_name = flag.rsplit(".", 1)
+                    module = importlib.import_module("dsv3." + module_path)
+                else:
+                    flag_name = flag
+                default = getattr(module, flag_name)
+                setattr(module, flag_name, not default)
             torch._dynamo.reset()
             try:
                 m = build_ours(cfg, compile_blocks=True)
@@ -363,7 +370,7 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
                 if flag.startswith("inductor."):
                     COMPILE_OPTIONS.clear()
                 else:
-                    setattr(moe, flag, default)
+                    setattr(module, flag_name, default)
                 torch._dynamo.reset()
 
     if CUDAGRAPHS and DEVICE == "cuda":
@@ -526,7 +533,8 @@ def main():
     ap.add_argument("--ours-optimizer", choices=("dsv3", "torch"), default="dsv3",
                     help="ours with dsv3's Triton AdamW (default; also timed with torch's) or torch's fused AdamW")
     ap.add_argument("--ab", default="", help="comma-separated switches of dsv3.model.moe (PERMUTE_KERNELS, "
-                    "FUSED_GATE_UP_DGRAD) or inductor.OPTION (e.g. inductor.coordinate_descent_tuning): also time "
+                    "FUSED_GATE_UP_DGRAD), MODULE.NAME of another dsv3 module (e.g. kernels.cross_entropy.GEMM_ACCUMULATES) "
+                    "or inductor.OPTION (e.g. inductor.coordinate_descent_tuning): also time "
                     "ours with each one flipped from its default, same run; with --fp8, fp8.MODULE.NAME (e.g. "
                     "fp8.triton_quant.PAIRED_LAUNCH) flips a switch of dsv3.fp8 in an extra compiled FP8 run")
     ap.add_argument("--fb-overlap", type=int, default=0, metavar="N",

@@ -71,6 +71,55 @@ def test_compiled_cross_entropy_on_gpu_matches_fp32_reference():
     assert rel(h.grad, hf.grad) < 2e-2 and rel(w.grad, wf.grad) < 2e-2
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_bf16_cross_entropy_gradients_are_the_chunk_gradients_scaled_once(device):
+    """bf16 head: dh is each chunk's g @ w times grad/n_valid in fp32, rounded once (bit for bit); dw is the fp32
+    sum over chunks of g^T h, scaled, rounded once (bit for bit on the CPU's fp32 reference, within one bf16
+    step on CUDA, where the GEMM accumulates in its own order). The former code rounded each chunk's g^T h to
+    bf16 before summing: that fails here."""
+    from dsv3.kernels.cross_entropy import chunk_loss_and_grad
+    g = torch.Generator(device=device).manual_seed(3)
+    T, D, V, chunk = 600, 64, 1000, 256
+    h = torch.randn(T, D, device=device, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(V, D, device=device, generator=g) * 0.1).bfloat16().requires_grad_()
+    labels = torch.randint(0, V, (T,), device=device, generator=g)
+    labels[::5] = -100
+    loss = linear_cross_entropy(h, w, labels, chunk=chunk, compiled=False)
+    (loss * 1.7).backward()
+    scale = torch.tensor(1.7, device=device) / (labels != -100).sum().float()
+    dh_ref, dw_ref = [], torch.zeros(V, D, device=device)
+    for s in range(0, T, chunk):
+        hc = h.detach()[s:s + chunk]
+        gc = chunk_loss_and_grad(hc @ w.detach().t(), labels[s:s + chunk])[1]
+        dh_ref.append(((gc @ w.detach()).float() * scale).bfloat16())
+        dw_ref += gc.float().t() @ hc.float()
+    assert torch.equal(h.grad, torch.cat(dh_ref))
+    dw_ref = (dw_ref * scale).bfloat16()
+    if device == "cpu":
+        assert torch.equal(w.grad, dw_ref)
+    else:
+        step = dw_ref.float().abs().clamp_min(1e-30) * 2 ** -7
+        assert ((w.grad.float() - dw_ref.float()).abs() <= step).all()
+        assert (w.grad == dw_ref).float().mean() > 0.95
+
+
+@cuda
+def test_head_weight_gradient_accumulates_in_fp32_on_gpu():
+    """add_weight_grad on CUDA bf16 chunks (fp32 output, then accumulation in the GEMM epilogue) against fp32
+    sums of the exact products: agreement to fp32 summation order. Rounding any chunk to bf16 fails (~1e-3)."""
+    from dsv3.kernels.cross_entropy import add_weight_grad
+    g = torch.Generator(device="cuda").manual_seed(4)
+    V, D = 4096, 512
+    dw, ref = None, torch.zeros(V, D, device="cuda")
+    for _ in range(3):
+        gc = torch.randn(1024, V, device="cuda", generator=g).bfloat16()
+        hc = torch.randn(1024, D, device="cuda", generator=g).bfloat16()
+        dw = add_weight_grad(dw, gc, hc)
+        ref += gc.float().t() @ hc.float()
+    assert dw.dtype == torch.float32
+    assert ((dw - ref).norm() / ref.norm()).item() < 1e-5
+
+
 def test_model_fused_loss_equals_logits_loss():
     from dsv3.config import preset
     from dsv3.model import DeepseekV3

@@ -27,6 +27,18 @@ def test_summary_of_a_handmade_timeline(tmp_path):
     assert s["kernel_ms"]["gemm"] == 0.1 and s["kernel_ms"]["communication"] == 0.25
     assert s["kernel_ms"]["attention"] == 0.1 and s["kernel_ms"]["other"] == 0.05
     assert s["longest_gaps"][0] == {"ms": 0.1, "after": "ncclDevKernel_SendRecv"}
+    assert [(k["name"], k["ms"], k["calls"]) for k in s["top_kernels"]] == [
+        ("ncclDevKernel_SendRecv", 0.25, 1), ("sm90_xmma_gemm_bf16", 0.1, 1), ("flash_fwd_kernel", 0.1, 1),
+        ("vectorized_elementwise_kernel", 0.05, 1)]
+
+
+def test_top_kernels_sum_repeated_calls(tmp_path):
+    events = [_k("triton_poi_fused_add_mul_cat_expand_select_" + "x" * 100, 0, 30), _k("gemm", 40, 50),
+              _k("triton_poi_fused_add_mul_cat_expand_select_" + "x" * 100, 100, 30)]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    top = summarize_trace(path, top=1)["top_kernels"]
+    assert top == [{"ms": 0.06, "calls": 2, "name": "triton_poi_fused_add_mul_cat_expand_select_" + "x" * 100}]
 
 
 def test_cpu_trace_gives_zeros(tmp_path):

@@ -55,6 +55,39 @@ def _chunk_fn(device: torch.device, compiled: bool | None):
     return _compiled_chunk
 
 
+# False: each chunk's g^T h is rounded to the operands' dtype, cast to fp32 and added (the pre-2026-12-07 code),
+# the other side of ``benchmarks/train_step.py --ab kernels.cross_entropy.GEMM_ACCUMULATES``
+GEMM_ACCUMULATES = True
+
+
+def add_weight_grad(dw_VD: torch.Tensor | None, g_CV: torch.Tensor, h_CD: torch.Tensor) -> torch.Tensor:
+    """dw + g^T h in fp32 (dw None: the first chunk's g^T h): the head's weight gradient summed over chunks.
+
+    On CUDA with bf16/fp16 operands the GEMM writes its fp32 result itself (``out_dtype``) and later chunks
+    accumulate into it in the GEMM's epilogue (``addmm(..., out=dw)``): exact products, fp32 sums. The old form,
+    ``dw += (g^T h).float()``, rounded each chunk's sum to bf16 first and then made three more passes over the
+    fp32 [V, D] buffer per chunk (a cast, a read-add-write, the zero fill): ~2 ms of a 3.2B step in an H100 profile.
+    Elsewhere (the reference) the same sums in fp32 torch math."""
+    if g_CV.is_cuda and g_CV.dtype in (torch.bfloat16, torch.float16):
+        if not GEMM_ACCUMULATES:
+            part = (g_CV.t() @ h_CD).float()
+            return part if dw_VD is None else dw_VD.add_(part)
+        if dw_VD is None:
+            return torch.mm(g_CV.t(), h_CD, out_dtype=torch.float32)
+        return torch.addmm(dw_VD, g_CV.t(), h_CD, out_dtype=torch.float32, out=dw_VD)
+    part = g_CV.t().float() @ h_CD.float()
+    return part if dw_VD is None else dw_VD.add_(part)
+
+
+def scaled_to(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t * scale computed in fp32 and rounded once to ``dtype`` (the scale, grad / n_valid, is never rounded to a
+    bf16 t's dtype first), in one pass where t is fp32."""
+    out = torch.empty(t.shape, dtype=dtype, device=t.device)
+    if t.dtype == torch.float32:
+        return torch.mul(t, scale, out=out)     # one pass: fp32 product, one rounding on the store
+    return torch.mul(t.float(), scale, out=out)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_TD, w_VD, labels_T, chunk, compiled):
@@ -62,7 +95,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         n_valid = (labels_T != IGNORE_INDEX).sum().clamp_min(1).to(torch.float32)
         want_dh, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh_TD = torch.empty_like(h_TD) if want_dh else None
-        dw_VD = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device) if want_dw else None
+        dw_VD = None
         loss_sum = torch.zeros((), dtype=torch.float32, device=h_TD.device)
         step = _chunk_fn(h_TD.device, compiled)
         for s in range(0, T, chunk):
@@ -72,7 +105,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if want_dh:
                 dh_TD[s:s + chunk] = g @ w_VD
             if want_dw:
-                dw_VD += (g.t() @ h).float()
+                dw_VD = add_weight_grad(dw_VD, g, h)
+        if want_dw and dw_VD is None:   # no tokens at all
+            dw_VD = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device)
         ctx.save_for_backward(*(t for t in (dh_TD, dw_VD) if t is not None), n_valid)
         ctx.has = (want_dh, want_dw)
         ctx.w_dtype = w_VD.dtype
@@ -82,12 +117,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         saved = list(ctx.saved_tensors)
         n_valid = saved.pop()
-        scale = grad_loss / n_valid
+        scale = grad_loss.float() / n_valid
         dh = dw = None
         if ctx.has[0]:
-            dh = saved.pop(0) * scale.to(saved[0].dtype if saved else torch.float32)
+            dh_TD = saved.pop(0)
+            dh = scaled_to(dh_TD, scale, dh_TD.dtype)
         if ctx.has[1]:
-            dw = (saved.pop(0) * scale).to(ctx.w_dtype)
+            dw = scaled_to(saved.pop(0), scale, ctx.w_dtype)
         return dh, dw, None, None, None
 
 

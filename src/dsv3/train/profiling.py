@@ -95,17 +95,20 @@ def _minus(xs, ys) -> float:
     return _length(xs) - covered
 
 
-def summarize_trace(path: Path, gaps: int = 8) -> dict:
+def summarize_trace(path: Path, gaps: int = 8, top: int = 40) -> dict:
     """The GPU side of a torch.profiler Chrome trace, in milliseconds: ``window_ms`` (first kernel start to last
     kernel end), ``busy_ms`` (union of all kernels and copies over every stream) and ``idle_ms`` (the rest of
     the window), kernel time by kind (``kernel_ms``: self time summed, so overlapping streams can add up to more
     than busy), ``comm_exposed_ms`` (communication kernels' time during which no other kernel ran: the
-    transfers nothing hid), ``kernels`` (count) and the longest idle gaps with the kernel before each. A trace
-    without GPU events (CPU runs) gives zeros."""
+    transfers nothing hid), ``kernels`` (count), the longest idle gaps with the kernel before each, and
+    ``top_kernels``: the ``top`` kernels by total time, full names (the profiler's table cuts them at 55
+    characters, where Inductor's fused-op lists say which model code a kernel is). A trace without GPU events
+    (CPU runs) gives zeros."""
     events = json.loads(Path(path).read_text()).get("traceEvents", [])
     kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     res: dict = {"kernels": len(kernels), "window_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0, "comm_exposed_ms": 0.0,
-                 "kernel_ms": {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"other": 0.0}, "longest_gaps": []}
+                 "kernel_ms": {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"other": 0.0}, "longest_gaps": [],
+                 "top_kernels": []}
     if not kernels:
         return res
     spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), e.get("name", "")) for e in kernels)
@@ -127,6 +130,13 @@ def summarize_trace(path: Path, gaps: int = 8) -> dict:
             end, last = b, name
     found.sort(key=lambda g: -g[0])
     res["longest_gaps"] = [{"ms": gap / 1e3, "after": name[:120]} for gap, name in found[:gaps]]
+    by_name: dict[str, list[float]] = {}
+    for a, b, name in spans:
+        total = by_name.setdefault(name, [0.0, 0])
+        total[0] += b - a
+        total[1] += 1
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    res["top_kernels"] = [{"ms": round(us / 1e3, 3), "calls": n, "name": name[:300]} for name, (us, n) in ranked]
     res["kernel_ms"] = {k: round(v, 3) for k, v in res["kernel_ms"].items()}
     for k in ("window_ms", "busy_ms", "idle_ms", "comm_exposed_ms"):
         res[k] = round(res[k], 3)
