@@ -68,6 +68,8 @@
 #                                         #   (DEFER_PROMOTION), then the small step BF16 vs FP8 (compiled, CUDA graphs)
 #                                         #   then, in a call of its own: DIST_S=400 RUNS=one_fp8:10:4,one_cg_fp8:10:4 cg8
 #                                         #   with STEP_S=0 TEST_S=0 (the trainer's FP8 as CUDA graphs, never logged)
+#   benchmarks/next_gpu_session.sh s20    # one GPU (#5, session 20): head-CE and FP8 GPU tests, then 3b (CONFIGS) vs
+#                                         #   torchtitan with the head-gradient A/B and CUDA graphs, profiled
 #   benchmarks/next_gpu_session.sh fp8lin # one GPU (#6): FP8 quantizer/linear/grouped GPU tests and the CUDA-graph
 #                                         #   block test, fp8_linear.py, fp8_grouped.py, the small FP8 step vs BF16
 #   benchmarks/next_gpu_session.sh ep2wait  # (or onewait) the next call: waits for it, returns its records in run_ep2.tar.gz;
@@ -311,6 +313,35 @@ case "${1:-}" in
     timeout ${STEP_S:-330} python3 benchmarks/train_step.py --configs ${CONFIGS:-small} --fp8 --cudagraphs --steps 8 \
         --peers none --out $S/train_step.json 2>&1 | grep -v Warn > $S/train_step.log; echo "step rc=$?"
     grep -E "^\[|device|Error" $S/train_step.log | head -20; pack ;;
+  s20)
+    # one GPU (#5, session 20; one config ~7 min): the GPU tests of the head cross-entropy change (fp32 weight
+    # gradient summed by the GEMM) and of session 19's FP8 changes (TESTS_K), then train_step.py on CONFIGS
+    # (default 3b) against torchtitan: ours, ours with the old head gradient (--ab
+    # kernels.cross_entropy.GEMM_ACCUMULATES), ours as CUDA graphs; profiled (summaries keep full kernel names;
+    # traces dropped); $OUT/s20.tar.gz after each phase. GROUPED_S > 0 adds fp8_grouped.py tma vs tma_defer.
+    S=/tmp/s20; mkdir -p $S
+    pack() { tar czf $OUT/s20.tar.gz -C /tmp s20; }
+    if [ -d .whl ]; then
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+          .whl/torchtitan-*.whl .whl/tomli-*.whl .whl/tyro-*.whl .whl/typeguard-*.whl .whl/docstring_parser-*.whl \
+          .whl/shtab-*.whl .whl/torchdata-*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    fi
+    nvidia-smi --query-gpu=name --format=csv,noheader | tee $S/gpu.txt
+    if [ "${TEST_S:-100}" != 0 ]; then
+    timeout ${TEST_S:-100} python3 -m pytest -v -p no:cacheprovider ${TESTS:-tests/test_kernels.py \
+        tests/test_fp8_grouped.py tests/test_fp8_triton.py} \
+        -k "${TESTS_K:-cross_entropy or head_weight or bf16_weights or joined or custom_op or gpu}" \
+        > $S/gpu_tests.txt 2>&1; echo "tests rc=$?"
+    grep -cE " PASSED" $S/gpu_tests.txt; grep -E "FAILED|^E  |passed|failed" $S/gpu_tests.txt | cut -c1-200 | head; pack; fi
+    if [ "${GROUPED_S:-0}" != 0 ]; then
+    timeout ${GROUPED_S} python3 benchmarks/fp8_grouped.py --out $S/fp8_grouped.json --variants tma,tma_defer \
+        --iters 8 2>&1 | grep -v Warn > $S/fp8_grouped.log; echo "grouped rc=$?"
+    grep -E "numerics|MISMATCH|kernels_tma" $S/fp8_grouped.log | cut -c1-400 | head -8; pack; fi
+    timeout ${STEP_S:-440} python3 benchmarks/train_step.py --configs ${CONFIGS:-3b} --steps ${STEPS:-10} \
+        --peers ${PEERS:-torchtitan} --cudagraphs --ab ${AB:-kernels.cross_entropy.GEMM_ACCUMULATES} \
+        --profile-dir $S --out $S/train_step.json ${STEP_ARGS:-} 2>&1 | grep -v Warn > $S/train_step.log
+    echo "step rc=$?"; grep -E "^\[|device" $S/train_step.log | head -30
+    rm -f $S/*.trace.json; pack ;;
   fp8lin)
     # one GPU (#6, session 9): the FP8 quantizer and linear GPU tests (+ the CUDA-graph block test of #9), the
     # FP8 linear against the blockwise _scaled_mm GEMMs alone (with and without the per-step weight cache),
@@ -328,5 +359,5 @@ case "${1:-}" in
     grep -E "^\[|device|fp8|FP8" $S/train_step.log | head -20
     tar czf $OUT/fp8lin.tar.gz -C /tmp fp8lin ;;
   *)
-    echo "usage: $0 fp8|dist|cg1|wc1|local|exch|ep2|ep2wait|one|onewait|step|fp8lin|cg8|fp8next" >&2; exit 2 ;;
+    echo "usage: $0 fp8|dist|cg1|wc1|local|exch|ep2|ep2wait|one|onewait|step|fp8lin|cg8|fp8next|s20" >&2; exit 2 ;;
 esac
