@@ -330,7 +330,7 @@ case "${1:-}" in
     if [ "${TEST_S:-100}" != 0 ]; then
     timeout ${TEST_S:-100} python3 -m pytest -v -p no:cacheprovider ${TESTS:-tests/test_kernels.py \
         tests/test_fp8_grouped.py tests/test_fp8_triton.py} \
-        -k "${TESTS_K:-cross_entropy or head_weight or bf16_weights or joined or custom_op or gpu}" \
+        -k "${TESTS_K:-scaled_once or head_weight or on_gpu or bf16_weights or joined or custom_op or gpu}" \
         > $S/gpu_tests.txt 2>&1; echo "tests rc=$?"
     grep -cE " PASSED" $S/gpu_tests.txt; grep -E "FAILED|^E  |passed|failed" $S/gpu_tests.txt | cut -c1-200 | head; pack; fi
     if [ "${GROUPED_S:-0}" != 0 ]; then
