@@ -74,8 +74,9 @@ def test_compiled_cross_entropy_on_gpu_matches_fp32_reference():
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
 def test_bf16_cross_entropy_gradients_are_the_chunk_gradients_scaled_once(device):
     """bf16 head: dh is each chunk's g @ w times grad/n_valid in fp32, rounded once (bit for bit); dw is the fp32
-    sum over chunks of g^T h, scaled, rounded once (bit for bit on the CPU's fp32 reference, within one bf16
-    step on CUDA, where the GEMM accumulates in its own order). The former code rounded each chunk's g^T h to
+    sum over chunks of g^T h, scaled, rounded once (bit for bit on the CPU's fp32 reference; on CUDA, where the
+    GEMM sums in its own order, within a bf16 rounding in norm, and ``test_head_weight_gradient_...`` checks
+    the fp32 sums themselves). The former code rounded each chunk's g^T h to
     bf16 before summing: that fails here."""
     from dsv3.kernels.cross_entropy import chunk_loss_and_grad
     g = torch.Generator(device=device).manual_seed(3)
@@ -97,10 +98,8 @@ def test_bf16_cross_entropy_gradients_are_the_chunk_gradients_scaled_once(device
     dw_ref = (dw_ref * scale).bfloat16()
     if device == "cpu":
         assert torch.equal(w.grad, dw_ref)
-    else:
-        step = dw_ref.float().abs().clamp_min(1e-30) * 2 ** -7
-        assert ((w.grad.float() - dw_ref.float()).abs() <= step).all()
-        assert (w.grad == dw_ref).float().mean() > 0.95
+    else:   # the sums' order differs: a bf16 rounding apart at most, in norm (entries that cancel move more)
+        assert ((w.grad.float() - dw_ref.float()).norm() / dw_ref.float().norm()).item() < 2 ** -8
 
 
 @cuda
