@@ -338,7 +338,7 @@ case "${1:-}" in
         --iters 8 2>&1 | grep -v Warn > $S/fp8_grouped.log; echo "grouped rc=$?"
     grep -E "numerics|MISMATCH|kernels_tma" $S/fp8_grouped.log | cut -c1-400 | head -8; pack; fi
     timeout ${STEP_S:-440} python3 benchmarks/train_step.py --configs ${CONFIGS:-3b} --steps ${STEPS:-10} \
-        --peers ${PEERS:-torchtitan} --cudagraphs --ab "${AB-kernels.cross_entropy.GEMM_ACCUMULATES}" \
+        --peers ${PEERS:-torchtitan} ${CG---cudagraphs} --ab "${AB-kernels.cross_entropy.GEMM_ACCUMULATES}" \
         --profile-dir $S --out $S/train_step.json ${STEP_ARGS:-} 2>&1 | grep -v Warn > $S/train_step.log
     echo "step rc=$?"; grep -E "^\[|device" $S/train_step.log | head -30
     rm -f $S/*.trace.json; pack ;;
