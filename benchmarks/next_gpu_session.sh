@@ -337,6 +337,7 @@ case "${1:-}" in
     timeout ${GROUPED_S} python3 benchmarks/fp8_grouped.py --out $S/fp8_grouped.json --variants tma,tma_defer \
         --iters 8 2>&1 | grep -v Warn > $S/fp8_grouped.log; echo "grouped rc=$?"
     grep -E "numerics|MISMATCH|kernels_tma" $S/fp8_grouped.log | cut -c1-400 | head -8; pack; fi
+    [ "${STEP_S:-440}" = 0 ] && { pack; exit 0; }
     timeout ${STEP_S:-440} python3 benchmarks/train_step.py --configs ${CONFIGS:-3b} --steps ${STEPS:-10} \
         --peers ${PEERS:-torchtitan} ${CG---cudagraphs} --ab "${AB-kernels.cross_entropy.GEMM_ACCUMULATES}" \
         --profile-dir $S --out $S/train_step.json ${STEP_ARGS:-} 2>&1 | grep -v Warn > $S/train_step.log
