@@ -70,6 +70,12 @@
 #                                         #   with STEP_S=0 TEST_S=0 (the trainer's FP8 as CUDA graphs, never logged)
 #   benchmarks/next_gpu_session.sh s20    # one GPU (#5, session 20): head-CE and FP8 GPU tests, then 3b (CONFIGS) vs
 #                                         #   torchtitan with the head-gradient A/B and CUDA graphs, profiled
+#                                         #   (session 20, H100: all tests pass, session 19's FP8 ones included;
+#                                         #   3b 1.313x / 1.305x torchtitan, 1.328x as CUDA graphs; small 1.368x)
+#                                         #   AB= and CG= (empty) leave out the A/B and CUDA-graph runs; STEP_S=0
+#                                         #   runs the tests alone
+#   NEXT (one GPU, after session 20): session 19's FP8 changes passed their GPU tests but are untimed: fp8next
+#     (~6 min: its tests again, tma vs tma_defer, the small step BF16 vs FP8), then the cg8 trainer call above
 #   benchmarks/next_gpu_session.sh fp8lin # one GPU (#6): FP8 quantizer/linear/grouped GPU tests and the CUDA-graph
 #                                         #   block test, fp8_linear.py, fp8_grouped.py, the small FP8 step vs BF16
 #   benchmarks/next_gpu_session.sh ep2wait  # (or onewait) the next call: waits for it, returns its records in run_ep2.tar.gz;
