@@ -115,8 +115,9 @@ def dsv3_adamw(params):
 
 def time_steps(model, loss_fn, x, steps: int, warmup: int = 3, make_opt=torch_adamw, fwd_bwd=None,
                scope=None) -> dict:
-    """Median step time over `steps` timed steps of forward+backward+optimizer step. ``fwd_bwd(model, x)``, when
-    given, runs the forward and backward itself (e.g. over micro-batches) and returns the step's loss.
+    """Median step time (and the fastest and slowest) over `steps` timed steps of forward+backward+optimizer
+    step. ``fwd_bwd(model, x)``, when given, runs the forward and backward itself (e.g. over micro-batches)
+    and returns the step's loss.
     ``scope()``: a context around each step's forward and backward (ours in FP8: the trainer's weight cache)."""
     from contextlib import nullcontext
     scope = scope or nullcontext
@@ -141,7 +142,8 @@ def time_steps(model, loss_fn, x, steps: int, warmup: int = 3, make_opt=torch_ad
             times.append(time.perf_counter() - t)
     times.sort()
     peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0
-    return {"step_s": times[len(times) // 2], "peak_gib": peak,
+    # the spread of the timed steps beside the median: whether a 1% ratio is signal or step-to-step noise
+    return {"step_s": times[len(times) // 2], "step_s_min": times[0], "step_s_max": times[-1], "peak_gib": peak,
             "last_loss": float(loss)}
 
 
