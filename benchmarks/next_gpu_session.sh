@@ -74,7 +74,9 @@
 #                                         #   3b 1.313x / 1.305x torchtitan, 1.328x as CUDA graphs; small 1.368x)
 #                                         #   AB= and CG= (empty) leave out the A/B and CUDA-graph runs; STEP_S=0
 #                                         #   runs the tests alone
-#   NEXT (one GPU, after session 20): session 19's FP8 changes passed their GPU tests but are untimed: fp8next
+#   benchmarks/next_gpu_session.sh gather # one GPU (#5, session 20, ~2 min, never run): gather_gemm_probe.py, whether
+#                                         #   a grouped GEMM that gathers its A rows itself beats gather + CUTLASS
+#   NEXT (one GPU, after session 20): `gather` first (decides #5's next lever); then, for #6, fp8next
 #     (~6 min: its tests again, tma vs tma_defer, the small step BF16 vs FP8), then the cg8 trainer call above
 #   benchmarks/next_gpu_session.sh fp8lin # one GPU (#6): FP8 quantizer/linear/grouped GPU tests and the CUDA-graph
 #                                         #   block test, fp8_linear.py, fp8_grouped.py, the small FP8 step vs BF16
@@ -349,6 +351,11 @@ case "${1:-}" in
         --profile-dir $S --out $S/train_step.json ${STEP_ARGS:-} 2>&1 | grep -v Warn > $S/train_step.log
     echo "step rc=$?"; grep -E "^\[|device" $S/train_step.log | head -30
     rm -f $S/*.trace.json; pack ;;
+  gather)
+    # one GPU (#5, written in session 20, ~2 min): would a gather-fused grouped GEMM pay? gather_gemm_probe.py at
+    # the small and 3b shapes (torch gather + CUTLASS vs our Triton kernel on gathered rows vs gathering itself)
+    nvidia-smi --query-gpu=name --format=csv,noheader
+    timeout ${PROBE_S:-240} python3 benchmarks/gather_gemm_probe.py --out $OUT/gather_gemm.json 2>&1 | grep -v Warn ;;
   fp8lin)
     # one GPU (#6, session 9): the FP8 quantizer and linear GPU tests (+ the CUDA-graph block test of #9), the
     # FP8 linear against the blockwise _scaled_mm GEMMs alone (with and without the per-step weight cache),
@@ -366,5 +373,5 @@ case "${1:-}" in
     grep -E "^\[|device|fp8|FP8" $S/train_step.log | head -20
     tar czf $OUT/fp8lin.tar.gz -C /tmp fp8lin ;;
   *)
-    echo "usage: $0 fp8|dist|cg1|wc1|local|exch|ep2|ep2wait|one|onewait|step|fp8lin|cg8|fp8next|s20" >&2; exit 2 ;;
+    echo "usage: $0 fp8|dist|cg1|wc1|local|exch|ep2|ep2wait|one|onewait|step|fp8lin|cg8|fp8next|s20|gather" >&2; exit 2 ;;
 esac

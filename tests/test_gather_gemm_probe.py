@@ -1,0 +1,26 @@
+"""benchmarks/gather_gemm_probe.py's Triton grouped GEMM (gathered rows and rows it gathers itself) against its
+fp32 reference, under Triton's CPU interpreter: uneven groups, an empty expert first and in the middle, and
+rows, columns and K that do not fill a tile. The probe asserts the error itself; a kernel that picks the wrong
+expert for a tile fails it (checked by mutation)."""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def test_gather_gemm_probe_numerics_interpreted():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton not installed (the optional gpu extra)")
+    import triton
+
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7):
+        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run these kernels; 3.7+ can")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "gather_gemm_probe.py"), "--check-only"],
+                          env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("check") == 3
