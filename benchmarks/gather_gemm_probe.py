@@ -63,7 +63,10 @@ def _grouped_nt_kernel(x_ptr, src_ptr, w_ptr, y_ptr, ends_ptr, tile_ends_ptr, M,
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         rk = tl.arange(0, BLOCK_K)
-        rows = tl.load(src_ptr + rm, mask=m_ok, other=0) if GATHER else rm
+        if GATHER:      # constexpr: two kernels, the gathering one reads each row's token index
+            rows = tl.load(src_ptr + rm, mask=m_ok, other=0)
+        else:
+            rows = rm
         a_ptrs = x_ptr + rows[:, None].to(tl.int64) * s_xm + rk[None, :]
         b_ptrs = w_ptr + e.to(tl.int64) * s_we + rn[None, :].to(tl.int64) * s_wn + rk[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
