@@ -9,7 +9,10 @@ N = F):
 - ``torch``: ``x[src]`` then ``torch._grouped_mm`` (CUTLASS), what the step does now;
 - ``gather``: ``x[src]`` alone;
 - ``triton``: the Triton kernel below on the already-gathered rows (its efficiency against CUTLASS);
-- ``fused``: the same kernel reading rows ``src`` of x itself (no gathered copy).
+- ``fused``: the same kernel reading rows ``src`` of x itself (no gathered copy);
+- the weight gradient g^T x_s per expert: CUTLASS on the saved copy (``torch_wgrad``, today's backward), our
+  Triton kernel on it (``triton_wgrad``), and gathering x's rows itself (``fused_wgrad``: then the forward
+  need not save the copy at all).
 
 ``fused_over_torch`` > 1 means the fused kernel is faster than gather + CUTLASS. Before timing, each Triton
 variant is checked against an fp32 reference (relative error in norm < 1e-2, bf16 output).
@@ -98,6 +101,65 @@ def grouped_nt(x: torch.Tensor, w_ENK: torch.Tensor, ends_E: torch.Tensor, src_M
     return y
 
 
+def _wgrad_configs():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_R": 32}, num_stages=1, num_warps=4)]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_R": br}, num_stages=s, num_warps=w)
+            for bn, bk, br, s, w in [(128, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 256, 64, 3, 8),
+                                     (64, 128, 64, 4, 4), (128, 128, 32, 4, 8)]]
+
+
+@triton.autotune(configs=_wgrad_configs(), key=["M", "N", "K", "GATHER"])
+@triton.jit
+def _grouped_wgrad_kernel(g_ptr, x_ptr, src_ptr, dw_ptr, ends_ptr, M, N, K, E,
+                          s_gm, s_xm, s_de, s_dn,
+                          E_P2: tl.constexpr, GATHER: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dw[e] = g[rows of e]^T @ x[src[r] if GATHER else r] -> [E, N, K]: the weight gradient of grouped_nt,
+    reducing over expert e's rows; the gathering kernel reads x's rows by token (no [M, K] copy kept)."""
+    pid = tl.program_id(0)
+    num_n, num_k = tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K)
+    e = pid // (num_n * num_k)
+    pid_n, pid_k = (pid // num_k) % num_n, pid % num_k
+    ge = tl.arange(0, E_P2)
+    ends = tl.load(ends_ptr + ge, mask=ge < E, other=0)
+    start = tl.sum(tl.where(ge == e - 1, ends, 0), axis=0)
+    end = tl.sum(tl.where(ge == e, ends, 0), axis=0)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_ok, k_ok = rn < N, rk < K
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rr < end
+        if GATHER:
+            rows = tl.load(src_ptr + rr, mask=r_ok, other=0)
+        else:
+            rows = rr
+        gt = tl.load(g_ptr + rr[None, :].to(tl.int64) * s_gm + rn[:, None], mask=r_ok[None, :] & n_ok[:, None],
+                     other=0.0)                                                       # [BLOCK_N, BLOCK_R]
+        xr = tl.load(x_ptr + rows[:, None].to(tl.int64) * s_xm + rk[None, :], mask=r_ok[:, None] & k_ok[None, :],
+                     other=0.0)                                                       # [BLOCK_R, BLOCK_K]
+        acc = tl.dot(gt, xr, acc)
+    dw_ptrs = dw_ptr + e.to(tl.int64) * s_de + rn[:, None].to(tl.int64) * s_dn + rk[None, :]
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+
+
+def grouped_wgrad(g_MN: torch.Tensor, x: torch.Tensor, ends_E: torch.Tensor, src_M: torch.Tensor | None = None):
+    """[E, N, K]: per expert, g's rows of that expert transposed times x's rows (or rows src of x)."""
+    M, N = g_MN.shape
+    K = x.shape[1]
+    E = ends_E.numel()
+    dw = torch.empty(E, N, K, dtype=g_MN.dtype, device=g_MN.device)
+
+    def grid(meta):
+        return (E * triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]),)
+    _grouped_wgrad_kernel[grid](g_MN, x, src_M if src_M is not None else ends_E, dw, ends_E, M, N, K, E,
+                                g_MN.stride(0), x.stride(0), dw.stride(0), dw.stride(1),
+                                E_P2=triton.next_power_of_2(E), GATHER=src_M is not None)
+    return dw
+
+
 def routing(T: int, K: int, E: int, device: str):
     """Random top-K routing: (src [T*K] token of each copy in expert order, ends [E] int32)."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -116,6 +178,15 @@ def reference(x, w_ENK, ends_E, src_M):
     return torch.cat(out)
 
 
+def reference_wgrad(g_MN, x, ends_E, src_M):
+    xs = x[src_M.long()].float()
+    out, start = [], 0
+    for end in ends_E.tolist():
+        out.append(g_MN[start:end].float().t() @ xs[start:end])
+        start = end
+    return torch.stack(out)
+
+
 def check(T, K, E, D, N, device, dtype, empty_expert: int | None = None):
     """Both Triton variants against the fp32 reference; ``empty_expert``: a group with no rows inserted there."""
     x = torch.randn(T, D, device=device, dtype=dtype)
@@ -129,6 +200,14 @@ def check(T, K, E, D, N, device, dtype, empty_expert: int | None = None):
     for name, y in (("triton", grouped_nt(x[src.long()], w, ends)), ("fused", grouped_nt(x, w, ends, src))):
         errs[name] = ((y.float() - ref).norm() / ref.norm()).item()
         assert errs[name] < 1e-2, (name, errs[name])
+    g = torch.randn(src.numel(), N, device=device, dtype=dtype)
+    ref_w = reference_wgrad(g, x, ends, src)
+    for name, dw in (("wgrad_triton", grouped_wgrad(g, x[src.long()], ends)),
+                     ("wgrad_fused", grouped_wgrad(g, x, ends, src))):
+        errs[name] = ((dw.float() - ref_w).norm() / ref_w.norm()).item()
+        assert errs[name] < 1e-2, (name, errs[name])
+        if empty_expert is not None:
+            assert (dw[empty_expert] == 0).all(), name
     return errs
 
 
@@ -157,16 +236,24 @@ def main():
         srcl = src.long()
         xs = x[srcl]
         wt = w.transpose(-2, -1)
+        g = torch.randn(T * K, N, device=device, dtype=torch.bfloat16)
+        gt = g.t()
         ms = {"torch": bench(lambda: torch._grouped_mm(x[srcl], wt, offs=ends), 20, warmup=3),
               "gather": bench(lambda: x[srcl], 20, warmup=3),
               "cutlass_only": bench(lambda: torch._grouped_mm(xs, wt, offs=ends), 20, warmup=3),
               "triton": bench(lambda: grouped_nt(xs, w, ends), 20, warmup=3),
-              "fused": bench(lambda: grouped_nt(x, w, ends, src), 20, warmup=3)}
+              "fused": bench(lambda: grouped_nt(x, w, ends, src), 20, warmup=3),
+              # the weight gradient: today it reads the saved [M, D] copy (torch_wgrad); gathering x's rows
+              # instead lets the forward keep no copy at all
+              "torch_wgrad": bench(lambda: torch._grouped_mm(gt, xs, offs=ends), 20, warmup=3),
+              "triton_wgrad": bench(lambda: grouped_wgrad(g, xs, ends), 20, warmup=3),
+              "fused_wgrad": bench(lambda: grouped_wgrad(g, x, ends, src), 20, warmup=3)}
         flop = 2 * T * K * N * D
         row = {f"{k}_ms": round(v, 4) for k, v in ms.items()}
         row.update({f"{k}_tflops": round(flop / v / 1e9, 1) for k, v in ms.items() if k != "gather"})
         row.update(fused_over_torch=round(ms["torch"] / ms["fused"], 3),
-                   triton_over_cutlass=round(ms["cutlass_only"] / ms["triton"], 3), rel_err=errs)
+                   triton_over_cutlass=round(ms["cutlass_only"] / ms["triton"], 3),
+                   fused_wgrad_over_torch=round(ms["torch_wgrad"] / ms["fused_wgrad"], 3), rel_err=errs)
         res["shapes"][name] = row
         print(name, json.dumps(row), flush=True)
     if args.out:

@@ -1,7 +1,8 @@
-"""benchmarks/gather_gemm_probe.py's Triton grouped GEMM (gathered rows and rows it gathers itself) against its
-fp32 reference, under Triton's CPU interpreter: uneven groups, an empty expert first and in the middle, and
-rows, columns and K that do not fill a tile. The probe asserts the error itself; a kernel that picks the wrong
-expert for a tile fails it (checked by mutation)."""
+"""benchmarks/gather_gemm_probe.py's Triton grouped GEMMs (forward and weight gradient; on gathered rows and on
+rows they gather themselves) against fp32 references, under Triton's CPU interpreter: uneven groups, an empty expert first and in the middle, and
+rows, columns and K that do not fill a tile, an empty expert's gradient exactly zero. The probe asserts the
+errors itself; a forward tile given the wrong expert, or a weight gradient reducing over the wrong rows, fails it
+(both checked by mutation)."""
 import importlib.util
 import os
 import subprocess
