@@ -353,7 +353,8 @@ case "${1:-}" in
     rm -f $S/*.trace.json; pack ;;
   gather)
     # one GPU (#5, written in session 20, ~2 min): would a gather-fused grouped GEMM pay? gather_gemm_probe.py at
-    # the small and 3b shapes (torch gather + CUTLASS vs our Triton kernel on gathered rows vs gathering itself)
+    # the small and 3b shapes (torch gather + CUTLASS vs our Triton kernel on gathered rows vs gathering itself;
+    # forward and weight gradient)
     nvidia-smi --query-gpu=name --format=csv,noheader
     timeout ${PROBE_S:-240} python3 benchmarks/gather_gemm_probe.py --out $OUT/gather_gemm.json 2>&1 | grep -v Warn ;;
   fp8lin)
