@@ -71,6 +71,14 @@ def bench_configs() -> dict[str, tuple[ModelConfig, int, int]]:
     return {"small": (small, 4, 4096), "819m": (c819, 8, 2048), "3b": (c3b, 4, 4096), "v3w": (v3w, 2, 4096)}
 
 
+def dsv3_switch(flag: str):
+    """(module, attribute name) of an ``--ab`` switch: NAME of dsv3.model.moe, or MODULE.NAME of dsv3.MODULE
+    (e.g. kernels.cross_entropy.GEMM_ACCUMULATES, fp8.triton_quant.PAIRED_LAUNCH)."""
+    import importlib
+    module_path, name = flag.rsplit(".", 1) if "." in flag else ("model.moe", flag)
+    return importlib.import_module("dsv3." + module_path), name
+
+
 def free_cudagraph_pools() -> None:
     """Give back the memory pools of every CUDA-graph tree (session 20: 21 GiB of them, still held after the
     cudagraphs run, left torchtitan out of memory on 3.2B)."""
@@ -357,20 +365,13 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
         for flag in ([f for f in AB_FLAGS if not f.startswith("fp8.")] if compiled else ()):
             # the same step with one of moe's switches flipped (e.g. PERMUTE_KERNELS off: the MoE's backward
             # passes over the token copies left to Inductor): what that piece is worth, same run
-            from dsv3.model import moe
-            module = moe
             if flag.startswith("inductor."):     # an Inductor option of ours' blocks, e.g. coordinate_descent_tuning
                 import torch._inductor.config as inductor_config
                 option = flag.split(".", 1)[1]
                 default = bool(getattr(inductor_config, option))
                 COMPILE_OPTIONS[option] = not default
             else:
-                if "." in flag:                  # a switch of another dsv3 module, e.g. kernels.cross_entropy.NAME
-                    import importlib
-                    module_path, flag_name = flag.rsplit(".", 1)
-                    module = importlib.import_module("dsv3." + module_path)
-                else:
-                    flag_name = flag
+                module, flag_name = dsv3_switch(flag)
                 default = getattr(module, flag_name)
                 setattr(module, flag_name, not default)
             torch._dynamo.reset()
@@ -418,9 +419,7 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
         for compiled, mode, bf16_label, flag in variants:
             label = "ours fp8" + (" compiled" if compiled else " eager") + (", cudagraphs" if mode != "default" else "")
             if flag:
-                import importlib
-                module_path, attr = flag.rsplit(".", 1)
-                module = importlib.import_module("dsv3." + module_path)
+                module, attr = dsv3_switch(flag)
                 default = getattr(module, attr)
                 setattr(module, attr, not default)
                 label += f", {attr}={not default}"
@@ -441,7 +440,10 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
                     profile(m, ours_loss, x, os.path.join(profile_dir, f"profile-{name}{tag}.txt"), make_opt=ours_opt,
                             scope=fp8_scope(mode))
                 del m
-                free_cudagraph_pools() if mode != "default" else torch.cuda.empty_cache()
+                if mode != "default":
+                    free_cudagraph_pools()
+                else:
+                    torch.cuda.empty_cache()
             except Exception as e:
                 import traceback
                 traceback.print_exc(limit=6)
