@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv3.fp8.grouped import group_bounds
+
 BLOCK_M = 128   # one for every config: the per-expert tile numbering is built with it on the host
 
 
@@ -171,20 +173,12 @@ def routing(T: int, K: int, E: int, device: str):
 
 def reference(x, w_ENK, ends_E, src_M):
     xs = x[src_M.long()].float()
-    out, start = [], 0
-    for e, end in enumerate(ends_E.tolist()):
-        out.append(xs[start:end] @ w_ENK[e].float().t())
-        start = end
-    return torch.cat(out)
+    return torch.cat([xs[s:e] @ w_ENK[g].float().t() for g, (s, e) in enumerate(group_bounds(ends_E))])
 
 
 def reference_wgrad(g_MN, x, ends_E, src_M):
     xs = x[src_M.long()].float()
-    out, start = [], 0
-    for end in ends_E.tolist():
-        out.append(g_MN[start:end].float().t() @ xs[start:end])
-        start = end
-    return torch.stack(out)
+    return torch.stack([g_MN[s:e].float().t() @ xs[s:e] for s, e in group_bounds(ends_E)])
 
 
 def check(T, K, E, D, N, device, dtype, empty_expert: int | None = None):
