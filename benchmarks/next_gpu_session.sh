@@ -89,6 +89,14 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
+# torchtitan 0.2.2 and what it imports, from the carried wheels (.whl), for train_step.py's torchtitan peer
+install_peers() {
+  if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/torchtitan-*.whl .whl/tomli-*.whl .whl/tyro-*.whl .whl/typeguard-*.whl .whl/docstring_parser-*.whl \
+        .whl/shtab-*.whl .whl/torchdata-*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  fi
+}
 case "${1:-}" in
   fp8)
     nvidia-smi --query-gpu=name --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -207,11 +215,7 @@ case "${1:-}" in
     tail -5 "$W/run_$what.log" ;;
   step)
     S=/tmp/step; mkdir -p $S
-    if [ -d .whl ]; then
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-          .whl/torchtitan-*.whl .whl/tomli-*.whl .whl/tyro-*.whl .whl/typeguard-*.whl .whl/docstring_parser-*.whl \
-          .whl/shtab-*.whl .whl/torchdata-*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-    fi
+    install_peers
     timeout ${TEST_S:-200} python3 -m pytest -q ${TESTS:-tests/test_moe_permute_kernels.py tests/test_moe_compile.py \
         tests/test_kernels.py tests/test_optim_fused.py tests/test_model.py} 2>&1 \
         | grep -E "^E  |passed|failed|^FAILED" | head -30 | tee $S/gpu_tests.txt
@@ -329,11 +333,7 @@ case "${1:-}" in
     # traces dropped); $OUT/s20.tar.gz after each phase. GROUPED_S > 0 adds fp8_grouped.py tma vs tma_defer.
     S=/tmp/s20; mkdir -p $S
     pack() { tar czf $OUT/s20.tar.gz -C /tmp s20; }
-    if [ -d .whl ]; then
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-          .whl/torchtitan-*.whl .whl/tomli-*.whl .whl/tyro-*.whl .whl/typeguard-*.whl .whl/docstring_parser-*.whl \
-          .whl/shtab-*.whl .whl/torchdata-*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-    fi
+    install_peers
     nvidia-smi --query-gpu=name --format=csv,noheader | tee $S/gpu.txt
     if [ "${TEST_S:-100}" != 0 ]; then
     timeout ${TEST_S:-100} python3 -m pytest -v -p no:cacheprovider ${TESTS:-tests/test_kernels.py \
