@@ -77,6 +77,9 @@
 #   benchmarks/next_gpu_session.sh gather # one GPU (#5, session 20, ~2 min, never run): gather_gemm_probe.py, whether
 #                                         #   a grouped GEMM that gathers its A rows itself beats gather + CUTLASS
 #   NEXT (one GPU, after session 20): `gather` first (decides #5's next lever); then, for #6, fp8next
+#   (session 21: moe.GATHER_GEMM, the kernels in dsv3.kernels.gather_gemm, is timed by the s20 phase with
+#   TESTS="tests/test_gather_gemm.py tests/test_moe_compile.py" TESTS_K="gpu or gather_gemm" AB=GATHER_GEMM
+#   PEERS=none CG= CONFIGS=small,3b)
 #     (~6 min: its tests again, tma vs tma_defer, the small step BF16 vs FP8), then the cg8 trainer call above
 #   benchmarks/next_gpu_session.sh fp8lin # one GPU (#6): FP8 quantizer/linear/grouped GPU tests and the CUDA-graph
 #                                         #   block test, fp8_linear.py, fp8_grouped.py, the small FP8 step vs BF16

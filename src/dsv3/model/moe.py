@@ -14,6 +14,7 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.kernels.casting import cast_result
+from dsv3.kernels.gather_gemm import gathered_grouped_mm, gathered_grouped_wgrad
 from dsv3.kernels.moe_permute import combine_backward, gather_sum
 from dsv3.model.layers import MLP
 
@@ -297,6 +298,10 @@ FUSED_GATE_UP_DGRAD = False
 # gradients inside the gather-sum (BF16 path, unpadded groups, with PERMUTE_KERNELS). False: autograd adds them
 # first (the A/B switch of ``benchmarks/train_step.py --ab COPIES_GATE_UP``).
 COPIES_GATE_UP = True
+# The gate/up GEMMs gather x's rows themselves (``dsv3.kernels.gather_gemm``, ``_GatheredGateUp``): the [T*K, D]
+# dispatch copy is neither written nor saved for backward, whose weight gradients gather x's rows again. Used on
+# the COPIES_GATE_UP path; off until it is timed on a GPU (the A/B switch ``--ab model.moe.GATHER_GEMM``).
+GATHER_GEMM = False
 
 
 class _GroupedSwiGLUInput(torch.autograd.Function):
@@ -412,6 +417,33 @@ class _CopiesGateUp(torch.autograd.Function):
         return dx, dwg, dwu, None, None, None, None, None
 
 
+class _GatheredGateUp(torch.autograd.Function):
+    """[gate | up] = x[src] [w_gate[e] ; w_up[e]]^T as ONE [M, 2F] output of one grouped GEMM that gathers x's
+    rows while it loads them (``gathered_grouped_mm``): no [M, D] copy in HBM, none saved. The backward runs
+    the two input-gradient GEMMs into the gather-sum as ``_CopiesGateUp`` does, and the weight gradients read
+    x's rows by token (``gathered_grouped_wgrad``) from the [M, 2F] gradient's two column halves."""
+
+    @staticmethod
+    def forward(ctx, x_TD, w_gate_EFD, w_up_EFD, src_M, copy_rows, K, ends_E, counts_E):
+        ctx.save_for_backward(x_TD, w_gate_EFD, w_up_EFD, src_M, copy_rows, ends_E, counts_E)
+        ctx.K = K
+        return gathered_grouped_mm(x_TD, src_M, w_gate_EFD, ends_E, w_up_EFD)
+
+    @staticmethod
+    def backward(ctx, g_MF2):
+        x_TD, w_gate_EFD, w_up_EFD, src_M, copy_rows, ends_E, counts_E = ctx.saved_tensors
+        g_gate, g_up = g_MF2.split(w_gate_EFD.shape[1], dim=1)
+        dx = dwg = dwu = None
+        if ctx.needs_input_grad[0]:
+            dx = gather_sum(grouped_linear(g_gate, w_gate_EFD.transpose(1, 2), ends_E, counts_E), copy_rows, ctx.K,
+                            grouped_linear(g_up, w_up_EFD.transpose(1, 2), ends_E, counts_E))
+        if ctx.needs_input_grad[1]:
+            dwg = gathered_grouped_wgrad(g_gate, x_TD, src_M, ends_E)
+        if ctx.needs_input_grad[2]:
+            dwu = gathered_grouped_wgrad(g_up, x_TD, src_M, ends_E)
+        return dx, dwg, dwu, None, None, None, None, None
+
+
 class _CombineCopies(torch.autograd.Function):
     """out[t] = sum_k w[t, k] * y[rows[t*K + k]] for y holding exactly the T*K copies (``rows`` the inverse of
     the permutation that sorted them), summed in fp32 and returned in y's dtype: the un-permute and the
@@ -485,7 +517,12 @@ def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_
         ends_E = torch.cumsum(counts_E, 0).to(torch.int32)
         copy_rows = inverse
         if COPIES_GATE_UP and PERMUTE_KERNELS and gemm is None and not fuse_gate_up and not FUSED_GATE_UP_DGRAD:
-            gate, up = _CopiesGateUp.apply(x_TD, w_gate_EFD, w_up_EFD, order, copy_rows, K, ends_E, counts_E)
+            if GATHER_GEMM:
+                src_M = (order // K).to(torch.int32)
+                gate, up = _GatheredGateUp.apply(x_TD, w_gate_EFD, w_up_EFD, src_M, copy_rows, K, ends_E,
+                                                 counts_E).split(w_gate_EFD.shape[1], dim=1)
+            else:
+                gate, up = _CopiesGateUp.apply(x_TD, w_gate_EFD, w_up_EFD, order, copy_rows, K, ends_E, counts_E)
             y_sorted = grouped_linear(F.silu(gate) * up, w_down_EDF, ends_E, counts_E)
             return combine_copies(y_sorted, copy_rows, routing.weight_TK)
         x_sorted = _GatherCopies.apply(x_TD, order, copy_rows, K)

@@ -1,0 +1,176 @@
+"""dsv3.kernels.gather_gemm: grouped GEMMs that gather their own rows, and the MoE path built on them
+(``moe.GATHER_GEMM``).
+
+- The Triton kernels under Triton's CPU interpreter against the fp32 references: uneven groups, an empty expert
+  first and in the middle, rows / columns / K that do not fill a tile, a second weight whose columns start inside
+  a column tile, a weight-gradient operand that is a column slice (row stride 2N), an empty expert's gradient
+  exactly zero.
+- The references against independent per-expert loops.
+- The MoE forward and every gradient with GATHER_GEMM against the per-expert loop reference and against the
+  _CopiesGateUp path (CPU: the custom ops run their references; CUDA: the kernels in bf16).
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dsv3.kernels.gather_gemm import (gathered_grouped_mm, gathered_grouped_mm_reference, gathered_grouped_wgrad,
+                                      gathered_grouped_wgrad_reference)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _routing(T, K, E, empty=None, seed=0):
+    """(src int32 [T*K]: token of each copy in expert order, ends int32 [E]); ``empty``: that expert gets none."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(T, E, generator=g)
+    if empty is not None:
+        scores[:, empty] = -1
+    idx = scores.topk(K, dim=1).indices.reshape(-1)
+    order = torch.argsort(idx, stable=True)
+    return (order // K).to(torch.int32), torch.cumsum(torch.bincount(idx, minlength=E), 0).to(torch.int32)
+
+
+def test_references_equal_per_expert_loops():
+    """The references against a loop over experts that finds each expert's tokens by itself (no ends)."""
+    torch.manual_seed(0)
+    T, K, E, D, N, N2 = 23, 3, 5, 12, 7, 9
+    src, ends = _routing(T, K, E, empty=2)
+    x = torch.randn(T, D, dtype=torch.float64)
+    w, w2 = torch.randn(E, N, D, dtype=torch.float64), torch.randn(E, N2, D, dtype=torch.float64)
+    g = torch.randn(T * K, N, dtype=torch.float64)
+    expert_of_row = torch.repeat_interleave(torch.arange(E), torch.diff(ends.long(), prepend=torch.zeros(1).long()))
+    y = gathered_grouped_mm_reference(x, src, w, ends, w2)
+    dw = gathered_grouped_wgrad_reference(g, x, src, ends)
+    for r in range(T * K):
+        e, t = int(expert_of_row[r]), int(src[r])
+        assert torch.allclose(y[r], torch.cat([w[e] @ x[t], w2[e] @ x[t]]))
+    for e in range(E):
+        rows = (expert_of_row == e).nonzero().flatten()
+        assert torch.allclose(dw[e], g[rows].t() @ x[src[rows].long()])
+    assert (dw[2] == 0).all()
+
+
+_INTERPRETED = r"""
+import torch
+from dsv3.kernels.gather_gemm import (launch_gathered_mm, launch_gathered_wgrad, gathered_grouped_mm_reference,
+                                      gathered_grouped_wgrad_reference)
+from tests.test_gather_gemm import _routing
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+torch.manual_seed(0)
+worst = 0.0
+for T, K, E, D, N, N2, empty in [(70, 3, 5, 80, 48, None, None), (70, 3, 5, 80, 48, 40, 0), (41, 2, 6, 40, 20, 36, 3)]:
+    src, ends = _routing(T, K, E, empty=empty, seed=T)
+    x = torch.randn(T, D)
+    w = torch.randn(E, N, D) * 0.1
+    w2 = None if N2 is None else torch.randn(E, N2, D) * 0.1
+    ref = gathered_grouped_mm_reference(x, src, w, ends, w2)
+    worst = max(worst, rel(launch_gathered_mm(x, src, w, ends, w2), ref))
+    worst = max(worst, rel(launch_gathered_mm(x[src.long()], None, w, ends, w2), ref))
+    g_wide = torch.randn(T * K, 2 * N)
+    g = g_wide[:, N:]                     # a column slice: row stride 2N, as the [M, 2F] gradient's halves
+    dw = launch_gathered_wgrad(g, x, src, ends)
+    worst = max(worst, rel(dw, gathered_grouped_wgrad_reference(g, x, src, ends)))
+    worst = max(worst, rel(launch_gathered_wgrad(g, x[src.long()], None, ends),
+                           gathered_grouped_wgrad_reference(g, x, src, ends)))
+    if empty is not None:
+        assert (dw[empty] == 0).all()
+print("WORST", worst)
+"""
+
+
+def test_gather_gemm_kernels_interpreted():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton not installed (the optional gpu extra)")
+    import triton
+
+    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7):
+        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run these kernels; 3.7+ can")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.path.join(root, "src")]))
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    worst = float(done.stdout.split("WORST")[1])
+    assert worst < 1e-5, worst     # fp32 in, fp32 dot in the interpreter: summation order only
+
+
+def _experts_case(device, dtype, T=96, D=64, Fd=32, E=8, K=3):
+    from dsv3.model.moe import Routing
+    g = torch.Generator().manual_seed(1)
+    scores = torch.rand(T, E, generator=g)
+    idx = scores.topk(K, dim=1).indices
+    weight = torch.rand(T, K, generator=g)
+    x = torch.randn(T, D, generator=g)
+    ws = [torch.randn(E, Fd, D, generator=g) * 0.2, torch.randn(E, Fd, D, generator=g) * 0.2,
+          torch.randn(E, D, Fd, generator=g) * 0.2]
+    gy = torch.randn(T, D, generator=g)
+    to = lambda t: t.to(device)  # noqa: E731
+    return (Routing(idx_TK=to(idx), weight_TK=to(weight), scores_TE=to(scores)), to(x).to(dtype),
+            [to(w).to(dtype) for w in ws], to(gy))
+
+
+def _run_experts(routing, x, ws, gy, path, monkeypatch):
+    """(y, dx, d_weight, dW_gate, dW_up, dW_down) through ``path``: 'gather_gemm', 'copies' or 'loop'."""
+    import dsv3.model.moe as moe
+    from dsv3.model.moe import Routing, experts_forward_loop, experts_forward_sorted
+    monkeypatch.setattr(moe, "GATHER_GEMM", path == "gather_gemm")
+    leaves = [t.detach().clone().requires_grad_(True) for t in [x, routing.weight_TK, *ws]]
+    r = Routing(idx_TK=routing.idx_TK, weight_TK=leaves[1], scores_TE=routing.scores_TE)
+    fn = experts_forward_loop if path == "loop" else experts_forward_sorted
+    y = fn(leaves[0], r, *leaves[2:])
+    (y.float() * gy).sum().backward()
+    return [y.detach().float()] + [t.grad.float() for t in leaves]
+
+
+_NAMES = ["y", "dx", "d_weight_TK", "dW_gate", "dW_up", "dW_down"]
+
+
+def test_gather_gemm_experts_match_loop_reference_cpu(monkeypatch):
+    """fp32 on the CPU (the custom ops' references): forward and every gradient equal the loop reference and the
+    _CopiesGateUp path up to fp32 summation order."""
+    case = _experts_case("cpu", torch.float32)
+    got = _run_experts(*case, "gather_gemm", monkeypatch)
+    for other in ("loop", "copies"):
+        want = _run_experts(*case, other, monkeypatch)
+        for name, a, b in zip(_NAMES, got, want):
+            assert float(b.norm()) > 0, name
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=f"{name} vs {other}")
+
+
+@cuda
+def test_gather_gemm_experts_on_gpu_match_cutlass_path(monkeypatch):
+    """bf16 on CUDA: the Triton kernels' path against the fp32 loop reference, no further off than the CUTLASS
+    _CopiesGateUp path (both round the same bf16 intermediates; only summation orders differ)."""
+    routing, x, ws, gy = _experts_case("cuda", torch.bfloat16, T=1000, D=256, Fd=128, E=16, K=4)
+    ref = _run_experts(routing, x.float(), [w.float() for w in ws], gy, "loop", monkeypatch)
+    got = _run_experts(routing, x, ws, gy, "gather_gemm", monkeypatch)
+    base = _run_experts(routing, x, ws, gy, "copies", monkeypatch)
+    err = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    for name, a, b, r in zip(_NAMES, got, base, ref):
+        assert err(a, r) <= 1.5 * err(b, r) + 1e-3 and err(a, r) < 2e-2, (name, err(a, r), err(b, r))
+
+
+@cuda
+def test_gather_gemm_ops_on_gpu_match_references():
+    """The CUDA custom ops (autotuned Triton) against the fp32 references at a shape with several tiles per expert,
+    an empty expert, and a second weight: within a bf16 rounding in norm."""
+    torch.manual_seed(0)
+    T, K, E, D, N = 3000, 6, 16, 512, 256
+    src, ends = _routing(T, K, E, empty=5)
+    src, ends = src.cuda(), ends.cuda()
+    x = torch.randn(T, D, device="cuda").bfloat16()
+    w, w2 = (torch.randn(E, N, D, device="cuda") * 0.05).bfloat16(), (torch.randn(E, N, D, device="cuda") * 0.05).bfloat16()
+    g = torch.randn(T * K, 2 * N, device="cuda").bfloat16()
+    rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
+    assert rel(gathered_grouped_mm(x, src, w, ends, w2), gathered_grouped_mm_reference(x.float(), src, w.float(), ends,
+                                                                                      w2.float())) < 8e-3
+    dw = gathered_grouped_wgrad(g[:, N:], x, src, ends)
+    assert rel(dw, gathered_grouped_wgrad_reference(g[:, N:].float(), x.float(), src, ends)) < 8e-3
+    assert (dw[5] == 0).all()
