@@ -68,11 +68,12 @@ if HAS_TRITON:
                                      (256, 64, 4, 8), (128, 128, 3, 8)]]
 
     @triton.autotune(configs=_mm_configs(), key=["M", "N", "K", "GATHER"])
+    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     @triton.jit
     def _gathered_mm_kernel(x_ptr, src_ptr, w_ptr, w2_ptr, y_ptr, ends_ptr, tile_ends_ptr, M, N, N1, K, E,
                             s_xm, s_we, s_wn, s_w2e, s_w2n, s_ym,
                             E_P2: tl.constexpr, GATHER: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
         """y[r, n] = x[src[r] if GATHER else r] . (w[e, n] if n < N1 else w2[e, n - N1]) for expert e's rows r."""
         pid = tl.program_id(0)
         num_n = tl.cdiv(N, BLOCK_N)
@@ -102,9 +103,13 @@ if HAS_TRITON:
             b_ptrs = tl.where(first[None, :], w_ptr, w2_ptr) + w_off[None, :] + rk[:, None]
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for kt in range(0, tl.cdiv(K, BLOCK_K)):
-                k_ok = rk < K - kt * BLOCK_K
-                a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                if EVEN_K:      # the model's widths: no K mask, so loads along K stay vectorized
+                    a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
+                    b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+                else:
+                    k_ok = rk < K - kt * BLOCK_K
+                    a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                    b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc = tl.dot(a, b, acc)
                 a_ptrs += BLOCK_K
                 b_ptrs += BLOCK_K
