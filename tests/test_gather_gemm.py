@@ -167,7 +167,7 @@ def test_gather_gemm_ops_on_gpu_match_references():
     src, ends = _routing(T, K, E, empty=5)
     src, ends = src.cuda(), ends.cuda()
     x = torch.randn(T, D, device="cuda").bfloat16()
-    w, w2 = (torch.randn(E, N, D, device="cuda") * 0.05).bfloat16(), (torch.randn(E, N, D, device="cuda") * 0.05).bfloat16()
+    w, w2 = ((torch.randn(E, N, D, device="cuda") * 0.05).bfloat16() for _ in range(2))
     g = torch.randn(T * K, 2 * N, device="cuda").bfloat16()
     rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
     assert rel(gathered_grouped_mm(x, src, w, ends, w2), gathered_grouped_mm_reference(x.float(), src, w.float(), ends,
