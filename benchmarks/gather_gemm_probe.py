@@ -37,12 +37,12 @@ from dsv3.kernels.gather_gemm import (gathered_grouped_mm_reference, gathered_gr
 def grouped_nt(x: torch.Tensor, w_ENK: torch.Tensor, ends_E: torch.Tensor, src_M: torch.Tensor | None = None,
                w2_ENK: torch.Tensor | None = None) -> torch.Tensor:
     """[M, N]: rows of x (or rows src of x) times w[e]^T (then w2[e]^T) per expert group (the dsv3 kernel)."""
-    return launch_gathered_mm(x, src_M, w_ENK, ends_E, w2_ENK)
+    return launch_gathered_mm(x, w_ENK, ends_E, src_M, None, w2_ENK)
 
 
 def grouped_wgrad(g_MN: torch.Tensor, x: torch.Tensor, ends_E: torch.Tensor, src_M: torch.Tensor | None = None):
     """[E, N, K]: per expert, g's rows of that expert transposed times x's rows (or rows src of x)."""
-    return launch_gathered_wgrad(g_MN, x, src_M, ends_E)
+    return launch_gathered_wgrad(g_MN, x, ends_E, x_src=src_M)
 
 
 def routing(T: int, K: int, E: int, device: str):
@@ -55,12 +55,12 @@ def routing(T: int, K: int, E: int, device: str):
 
 
 def reference(x, w_ENK, ends_E, src_M, w2_ENK=None):
-    return gathered_grouped_mm_reference(x.float(), src_M, w_ENK.float(), ends_E,
-                                         None if w2_ENK is None else w2_ENK.float())
+    return gathered_grouped_mm_reference(x.float(), w_ENK.float(), ends_E, src_M,
+                                         w2=None if w2_ENK is None else w2_ENK.float())
 
 
 def reference_wgrad(g_MN, x, ends_E, src_M):
-    return gathered_grouped_wgrad_reference(g_MN.float(), x.float(), src_M, ends_E)
+    return gathered_grouped_wgrad_reference(g_MN.float(), x.float(), ends_E, x_src=src_M)
 
 
 def check(T, K, E, D, N, device, dtype, empty_expert: int | None = None):

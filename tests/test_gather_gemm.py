@@ -17,8 +17,8 @@ import sys
 import pytest
 import torch
 
-from dsv3.kernels.gather_gemm import (gathered_grouped_mm, gathered_grouped_mm_reference, gathered_grouped_wgrad,
-                                      gathered_grouped_wgrad_reference)
+from dsv3.kernels.gather_gemm import (gathered_grouped_mm, gathered_grouped_mm_nn, gathered_grouped_mm_reference,
+                                      gathered_grouped_wgrad, gathered_grouped_wgrad_reference)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -35,22 +35,29 @@ def _routing(T, K, E, empty=None, seed=0):
 
 
 def test_references_equal_per_expert_loops():
-    """The references against a loop over experts that finds each expert's tokens by itself (no ends)."""
+    """The references against a loop over rows and experts that finds each expert's rows by itself (no ends)."""
     torch.manual_seed(0)
     T, K, E, D, N, N2 = 23, 3, 5, 12, 7, 9
     src, ends = _routing(T, K, E, empty=2)
-    x = torch.randn(T, D, dtype=torch.float64)
-    w, w2 = torch.randn(E, N, D, dtype=torch.float64), torch.randn(E, N2, D, dtype=torch.float64)
-    g = torch.randn(T * K, N, dtype=torch.float64)
+    f64 = dict(dtype=torch.float64)
+    x, scale = torch.randn(T, D, **f64), torch.rand(T * K, **f64)
+    w, w2 = torch.randn(E, N, D, **f64), torch.randn(E, N2, D, **f64)
+    wkn, wkn2 = torch.randn(E, D, N, **f64), torch.randn(E, N2, N, **f64)
+    a2 = torch.randn(T, D + N2, **f64)          # the K-split's input: D columns for wkn, N2 for wkn2
+    g = torch.randn(T * K, N, **f64)
     expert_of_row = torch.repeat_interleave(torch.arange(E), torch.diff(ends.long(), prepend=torch.zeros(1).long()))
-    y = gathered_grouped_mm_reference(x, src, w, ends, w2)
-    dw = gathered_grouped_wgrad_reference(g, x, src, ends)
+    y = gathered_grouped_mm_reference(x, w, ends, src, scale, w2)
+    y_nn = gathered_grouped_mm_reference(a2, wkn, ends, src, None, wkn2, w_kn=True)
+    dw = gathered_grouped_wgrad_reference(g, x, ends, x_src=src)
+    dw_scaled = gathered_grouped_wgrad_reference(x, g, ends, x_src=None, g_src=src, g_scale=scale)
     for r in range(T * K):
         e, t = int(expert_of_row[r]), int(src[r])
-        assert torch.allclose(y[r], torch.cat([w[e] @ x[t], w2[e] @ x[t]]))
+        assert torch.allclose(y[r], scale[r] * torch.cat([w[e] @ x[t], w2[e] @ x[t]]))
+        assert torch.allclose(y_nn[r], a2[t, :D] @ wkn[e] + a2[t, D:] @ wkn2[e])
     for e in range(E):
         rows = (expert_of_row == e).nonzero().flatten()
         assert torch.allclose(dw[e], g[rows].t() @ x[src[rows].long()])
+        assert torch.allclose(dw_scaled[e], (x[src[rows].long()] * scale[rows, None]).t() @ g[rows])
     assert (dw[2] == 0).all()
 
 
@@ -65,23 +72,37 @@ def rel(a, b):
 
 torch.manual_seed(0)
 worst = 0.0
-# K = 80 runs the masked K loop, K = 64 the unmasked one (EVEN_K)
+# K = 80 runs the masked K loop, K = 64 the unmasked one (EVEN_K); N1 = 48 ends inside a 32-wide column tile
 for T, K, E, D, N, N2, empty in [(70, 3, 5, 80, 48, None, None), (70, 3, 5, 80, 48, 40, 0), (41, 2, 6, 64, 20, 36, 3)]:
     src, ends = _routing(T, K, E, empty=empty, seed=T)
     x = torch.randn(T, D)
+    scale = torch.rand(T * K)
     w = torch.randn(E, N, D) * 0.1
     w2 = None if N2 is None else torch.randn(E, N2, D) * 0.1
-    ref = gathered_grouped_mm_reference(x, src, w, ends, w2)
-    worst = max(worst, rel(launch_gathered_mm(x, src, w, ends, w2), ref))
-    worst = max(worst, rel(launch_gathered_mm(x[src.long()], None, w, ends, w2), ref))
+    for sc in (None, scale):
+        ref = gathered_grouped_mm_reference(x, w, ends, src, sc, w2)
+        worst = max(worst, rel(launch_gathered_mm(x, w, ends, src, sc, w2), ref))
+    worst = max(worst, rel(launch_gathered_mm(x[src.long()], w, ends, None, None, w2),
+                           gathered_grouped_mm_reference(x, w, ends, src, None, w2)))
+    # the input-gradient form: weights [E, K, N], the second one continuing the reduction (gate | up -> dx)
+    kn2 = 32 if N2 is None else N2
+    a = torch.randn(T * K, N + kn2)
+    wkn, wkn2 = torch.randn(E, N, D) * 0.1, torch.randn(E, kn2, D) * 0.1
+    worst = max(worst, rel(launch_gathered_mm(a, wkn, ends, None, None, wkn2, w_kn=True),
+                           gathered_grouped_mm_reference(a, wkn, ends, None, None, wkn2, w_kn=True)))
+    worst = max(worst, rel(launch_gathered_mm(x, wkn.transpose(1, 2).contiguous(), ends, src, scale, w_kn=True),
+                           gathered_grouped_mm_reference(x, wkn.transpose(1, 2), ends, src, scale, w_kn=True)))
     g_wide = torch.randn(T * K, 2 * N)
     g = g_wide[:, N:]                     # a column slice: row stride 2N, as the [M, 2F] gradient's halves
-    dw = launch_gathered_wgrad(g, x, src, ends)
-    worst = max(worst, rel(dw, gathered_grouped_wgrad_reference(g, x, src, ends)))
-    worst = max(worst, rel(launch_gathered_wgrad(g, x[src.long()], None, ends),
-                           gathered_grouped_wgrad_reference(g, x, src, ends)))
+    dw = launch_gathered_wgrad(g, x, ends, x_src=src)
+    worst = max(worst, rel(dw, gathered_grouped_wgrad_reference(g, x, ends, x_src=src)))
+    worst = max(worst, rel(launch_gathered_wgrad(g, x[src.long()], ends),
+                           gathered_grouped_wgrad_reference(g, x, ends, x_src=src)))
+    # the down projection's: G rows gathered from the tokens and scaled by the routing weights
+    dws = launch_gathered_wgrad(x, g, ends, g_src=src, g_scale=scale)
+    worst = max(worst, rel(dws, gathered_grouped_wgrad_reference(x, g, ends, g_src=src, g_scale=scale)))
     if empty is not None:
-        assert (dw[empty] == 0).all()
+        assert (dw[empty] == 0).all() and (dws[empty] == 0).all()
 print("WORST", worst)
 """
 
@@ -118,10 +139,12 @@ def _experts_case(device, dtype, T=96, D=64, Fd=32, E=8, K=3):
 
 
 def _run_experts(routing, x, ws, gy, path, monkeypatch):
-    """(y, dx, d_weight, dW_gate, dW_up, dW_down) through ``path``: 'gather_gemm', 'copies' or 'loop'."""
+    """(y, dx, d_weight, dW_gate, dW_up, dW_down) through ``path``: 'gather_gemm' (moe.GATHER_GEMM),
+    'gathered_combine' (moe.GATHERED_COMBINE), 'both', 'copies' (neither) or 'loop' (the reference)."""
     import dsv3.model.moe as moe
     from dsv3.model.moe import Routing, experts_forward_loop, experts_forward_sorted
-    monkeypatch.setattr(moe, "GATHER_GEMM", path == "gather_gemm")
+    monkeypatch.setattr(moe, "GATHER_GEMM", path in ("gather_gemm", "both"))
+    monkeypatch.setattr(moe, "GATHERED_COMBINE", path in ("gathered_combine", "both"))
     leaves = [t.detach().clone().requires_grad_(True) for t in [x, routing.weight_TK, *ws]]
     r = Routing(idx_TK=routing.idx_TK, weight_TK=leaves[1], scores_TE=routing.scores_TE)
     fn = experts_forward_loop if path == "loop" else experts_forward_sorted
@@ -133,11 +156,12 @@ def _run_experts(routing, x, ws, gy, path, monkeypatch):
 _NAMES = ["y", "dx", "d_weight_TK", "dW_gate", "dW_up", "dW_down"]
 
 
-def test_gather_gemm_experts_match_loop_reference_cpu(monkeypatch):
+@pytest.mark.parametrize("path", ["gather_gemm", "gathered_combine", "both"])
+def test_gather_gemm_experts_match_loop_reference_cpu(path, monkeypatch):
     """fp32 on the CPU (the custom ops' references): forward and every gradient equal the loop reference and the
     _CopiesGateUp path up to fp32 summation order."""
     case = _experts_case("cpu", torch.float32)
-    got = _run_experts(*case, "gather_gemm", monkeypatch)
+    got = _run_experts(*case, path, monkeypatch)
     for other in ("loop", "copies"):
         want = _run_experts(*case, other, monkeypatch)
         for name, a, b in zip(_NAMES, got, want):
@@ -146,12 +170,13 @@ def test_gather_gemm_experts_match_loop_reference_cpu(monkeypatch):
 
 
 @cuda
-def test_gather_gemm_experts_on_gpu_match_cutlass_path(monkeypatch):
+@pytest.mark.parametrize("path", ["gather_gemm", "gathered_combine", "both"])
+def test_gather_gemm_experts_on_gpu_match_cutlass_path(path, monkeypatch):
     """bf16 on CUDA: the Triton kernels' path against the fp32 loop reference, no further off than the CUTLASS
     _CopiesGateUp path (both round the same bf16 intermediates; only summation orders differ)."""
     routing, x, ws, gy = _experts_case("cuda", torch.bfloat16, T=1000, D=256, Fd=128, E=16, K=4)
     ref = _run_experts(routing, x.float(), [w.float() for w in ws], gy, "loop", monkeypatch)
-    got = _run_experts(routing, x, ws, gy, "gather_gemm", monkeypatch)
+    got = _run_experts(routing, x, ws, gy, path, monkeypatch)
     base = _run_experts(routing, x, ws, gy, "copies", monkeypatch)
     err = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     for name, a, b, r in zip(_NAMES, got, base, ref):
@@ -169,9 +194,19 @@ def test_gather_gemm_ops_on_gpu_match_references():
     x = torch.randn(T, D, device="cuda").bfloat16()
     w, w2 = ((torch.randn(E, N, D, device="cuda") * 0.05).bfloat16() for _ in range(2))
     g = torch.randn(T * K, 2 * N, device="cuda").bfloat16()
+    scale = torch.rand(T * K, device="cuda")
     rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())  # noqa: E731
-    assert rel(gathered_grouped_mm(x, src, w, ends, w2), gathered_grouped_mm_reference(x.float(), src, w.float(), ends,
-                                                                                      w2.float())) < 8e-3
-    dw = gathered_grouped_wgrad(g[:, N:], x, src, ends)
-    assert rel(dw, gathered_grouped_wgrad_reference(g[:, N:].float(), x.float(), src, ends)) < 8e-3
+    assert rel(gathered_grouped_mm(x, w, ends, src, None, w2),
+               gathered_grouped_mm_reference(x.float(), w.float(), ends, src, None, w2.float())) < 8e-3
+    dw = gathered_grouped_wgrad(g[:, N:], x, ends, x_src=src)
+    assert rel(dw, gathered_grouped_wgrad_reference(g[:, N:].float(), x.float(), ends, x_src=src)) < 8e-3
     assert (dw[5] == 0).all()
+    # the backward forms: [d_gate | d_up] against both weights along the reduction; rows of x gathered and
+    # scaled (the down projection's input gradient and weight gradient)
+    assert rel(gathered_grouped_mm_nn(g, w, ends, w2_EKN=w2),
+               gathered_grouped_mm_reference(g.float(), w.float(), ends, w2=w2.float(), w_kn=True)) < 8e-3
+    wd = w.transpose(1, 2).contiguous()           # [E, D, N]: a down projection's layout
+    assert rel(gathered_grouped_mm_nn(x, wd, ends, src, scale),
+               gathered_grouped_mm_reference(x, wd, ends, src, scale, w_kn=True).float()) < 8e-3
+    dws = gathered_grouped_wgrad(x, g[:, :N], ends, g_src=src, g_scale=scale)
+    assert rel(dws, gathered_grouped_wgrad_reference(x, g[:, :N], ends, g_src=src, g_scale=scale).float()) < 8e-3

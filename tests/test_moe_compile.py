@@ -104,7 +104,8 @@ def test_padded_experts_compiled_match_the_loop_reference(fp8):
         assert abs(c.float().norm() / r.float().norm() - 1) < 0.05, (name, float(c.float().norm() / r.float().norm()))
 
 
-@pytest.mark.parametrize("variant", ["copies_gate_up", "gather_gemm", "gather_then_gemms", "inductor_permute"])
+@pytest.mark.parametrize("variant", ["copies_gate_up", "gather_gemm", "gathered_combine", "gather_then_gemms",
+                                     "inductor_permute"])
 def test_fp32_experts_compiled_keep_every_gradient(variant, monkeypatch):
     """The unpadded expert path (what `dsv3 train` runs) in fp32, compiled vs eager: y, dx, dW and d(routing
     weights) agree. On torch 2.11, ``_CombineCopies``' forward ended in a no-op ``.to(fp32)`` and the compiled
@@ -112,8 +113,9 @@ def test_fp32_experts_compiled_keep_every_gradient(variant, monkeypatch):
     the fix is ``dsv3.kernels.casting.cast_result``."""
     import dsv3.model.moe as moe
 
-    monkeypatch.setattr(moe, "COPIES_GATE_UP", variant in ("copies_gate_up", "gather_gemm"))
+    monkeypatch.setattr(moe, "COPIES_GATE_UP", variant in ("copies_gate_up", "gather_gemm", "gathered_combine"))
     monkeypatch.setattr(moe, "GATHER_GEMM", variant == "gather_gemm")
+    monkeypatch.setattr(moe, "GATHERED_COMBINE", variant == "gathered_combine")
     monkeypatch.setattr(moe, "PERMUTE_KERNELS", variant != "inductor_permute")
     torch.manual_seed(0)
     T, D, Fd, E, K = 48, 32, 16, 8, 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv3.kernels.moe_permute import (combine_backward, combine_backward_reference, gather_sum,
+from dsv3.kernels.moe_permute import (combine_backward, combine_backward_reference, combine_weight_grad, gather_sum,
                                       gather_sum_reference)
 from dsv3.model.moe import sort_copies
 
@@ -34,6 +34,9 @@ def test_ops_pass_opcheck_on_cpu(padded):
     torch.testing.assert_close(gather_sum(gy, rows, K, y), gather_sum_reference(gy, rows, K)
                                + gather_sum_reference(y, rows, K))
     torch.library.opcheck(torch.ops.dsv3.combine_backward.default, (gt, y, rows, w))
+    torch.library.opcheck(torch.ops.dsv3.combine_weight_grad.default, (gt, y, rows, w))
+    # the weight-only op is combine_backward's dw
+    torch.testing.assert_close(combine_weight_grad(gt, y, rows, w), combine_backward_reference(gt, y, rows, w)[1])
     assert torch.equal(gather_sum(gy, rows, K), gather_sum_reference(gy, rows, K))
 
 
@@ -54,3 +57,5 @@ def test_triton_kernels_match_references(padded, D):
     dy_ref, dw_ref = combine_backward_reference(gt, y, rows, w)
     assert torch.equal(dy, dy_ref)                    # one product, rounded once: exact
     torch.testing.assert_close(dw, dw_ref, rtol=1e-5, atol=1e-4)
+    # without dy: the same kernel, the same sums
+    assert torch.equal(combine_weight_grad(gt, y, rows, w), dw)

@@ -62,7 +62,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _combine_backward_kernel(g_ptr, y_ptr, rows_ptr, w_ptr, dy_ptr, dw_ptr, D, K: tl.constexpr,
-                                 KP: tl.constexpr, BLOCK_D: tl.constexpr):
+                                 KP: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_DY: tl.constexpr = True):
         # one token per program, its K copies as one [KP, BLOCK_D] tile per step along D (K padded to a power
         # of two), so K row loads are in flight at once (a copy-at-a-time loop measured 225 us against 213 in
         # the `small` step on an H200); g[t] is read once per step, y and dy touched once each
@@ -79,7 +79,8 @@ if HAS_TRITON:
             m2 = kmask[:, None] & dmask[None, :]
             ptrs = rows[:, None] * D + offs[None, :]
             y = tl.load(y_ptr + ptrs, mask=m2, other=0.0).to(tl.float32)
-            tl.store(dy_ptr + ptrs, (w[:, None] * g[None, :]).to(dy_ptr.dtype.element_ty), mask=m2)
+            if WRITE_DY:
+                tl.store(dy_ptr + ptrs, (w[:, None] * g[None, :]).to(dy_ptr.dtype.element_ty), mask=m2)
             acc += g[None, :] * y
         tl.store(dw_ptr + t * K + ks, tl.sum(acc, axis=1), mask=kmask)
 
@@ -131,3 +132,32 @@ def combine_backward(g_TD: torch.Tensor, y_MD: torch.Tensor, rows: torch.Tensor,
 @combine_backward.register_fake
 def _combine_backward_fake(g_TD, y_MD, rows, w_TK):
     return torch.empty_like(y_MD), torch.empty(w_TK.shape, dtype=torch.float32, device=w_TK.device)
+
+
+def combine_weight_grad_reference(g_TD: torch.Tensor, y_MD: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """dw [T, K] fp32 of out[t] = sum_k w[t, k] y[rows[t*K + k]]: <g[t], y[rows[t*K + k]]>."""
+    T = g_TD.shape[0]
+    return (g_TD.float()[:, None, :] * y_MD[rows].view(T, rows.numel() // T, -1).float()).sum(dim=-1)
+
+
+@torch.library.custom_op("dsv3::combine_weight_grad", mutates_args=())
+def combine_weight_grad(g_TD: torch.Tensor, y_MD: torch.Tensor, rows: torch.Tensor, w_TK: torch.Tensor
+                        ) -> torch.Tensor:
+    """Only the routing weights' gradient of the combine (``combine_backward`` without dy): for a backward
+    whose expert GEMMs read w * g[token] themselves (``moe._GatheredDownCombine``). Triton on CUDA."""
+    if not _use_triton(g_TD, y_MD, rows):
+        return combine_weight_grad_reference(g_TD, y_MD, rows)
+    g_TD, y_MD, rows = (t.contiguous() for t in (g_TD, y_MD, rows))
+    T, K = w_TK.shape
+    D = y_MD.shape[1]
+    dw = torch.empty(T, K, dtype=torch.float32, device=g_TD.device)
+    kp = triton.next_power_of_2(K)
+    block = max(64, min(triton.next_power_of_2(D), 4096 // kp))
+    _combine_backward_kernel[(T,)](g_TD, y_MD, rows, w_TK.float().contiguous(), y_MD, dw, D, K=K, KP=kp,
+                                   BLOCK_D=block, WRITE_DY=False, num_warps=8)
+    return dw
+
+
+@combine_weight_grad.register_fake
+def _combine_weight_grad_fake(g_TD, y_MD, rows, w_TK):
+    return torch.empty(w_TK.shape, dtype=torch.float32, device=w_TK.device)

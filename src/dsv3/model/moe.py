@@ -14,8 +14,8 @@ from torch import nn
 
 from dsv3.config import ModelConfig
 from dsv3.kernels.casting import cast_result
-from dsv3.kernels.gather_gemm import gathered_grouped_mm, gathered_grouped_wgrad
-from dsv3.kernels.moe_permute import combine_backward, gather_sum
+from dsv3.kernels.gather_gemm import gathered_grouped_mm, gathered_grouped_mm_nn, gathered_grouped_wgrad
+from dsv3.kernels.moe_permute import combine_backward, combine_weight_grad, gather_sum
 from dsv3.model.layers import MLP
 
 
@@ -299,9 +299,14 @@ FUSED_GATE_UP_DGRAD = False
 # first (the A/B switch of ``benchmarks/train_step.py --ab COPIES_GATE_UP``).
 COPIES_GATE_UP = True
 # The gate/up GEMMs gather x's rows themselves (``dsv3.kernels.gather_gemm``, ``_GatheredGateUp``): the [T*K, D]
-# dispatch copy is neither written nor saved for backward, whose weight gradients gather x's rows again. Used on
-# the COPIES_GATE_UP path; off until it is timed on a GPU (the A/B switch ``--ab model.moe.GATHER_GEMM``).
+# dispatch copy is neither written nor saved for backward, whose weight gradients gather x's rows again, and
+# whose input gradient is ONE GEMM over [d_gate | d_up] (one [T*K, D] output for the gather-sum, not two).
+# Used on the COPIES_GATE_UP path; off until timed on a GPU (the A/B switch ``--ab GATHER_GEMM``).
 GATHER_GEMM = False
+# The down projection's backward reads w * g[token] by rows itself (``_GatheredDownCombine``): the combine's
+# backward computes only the routing weights' gradient and writes no [T*K, D] dy. Same path; off until timed
+# (``--ab GATHERED_COMBINE``).
+GATHERED_COMBINE = False
 
 
 class _GroupedSwiGLUInput(torch.autograd.Function):
@@ -419,29 +424,62 @@ class _CopiesGateUp(torch.autograd.Function):
 
 class _GatheredGateUp(torch.autograd.Function):
     """[gate | up] = x[src] [w_gate[e] ; w_up[e]]^T as ONE [M, 2F] output of one grouped GEMM that gathers x's
-    rows while it loads them (``gathered_grouped_mm``): no [M, D] copy in HBM, none saved. The backward runs
-    the two input-gradient GEMMs into the gather-sum as ``_CopiesGateUp`` does, and the weight gradients read
-    x's rows by token (``gathered_grouped_wgrad``) from the [M, 2F] gradient's two column halves."""
+    rows while it loads them (``gathered_grouped_mm``): no [M, D] copy in HBM, none saved. Backward: the input
+    gradient is one GEMM of the [M, 2F] gradient against w_gate[e] then w_up[e] along the reduction
+    (``gathered_grouped_mm_nn``), summed back to the tokens by the gather-sum; the weight gradients read x's rows
+    by token (``gathered_grouped_wgrad``) against the gradient's two column halves."""
 
     @staticmethod
-    def forward(ctx, x_TD, w_gate_EFD, w_up_EFD, src_M, copy_rows, K, ends_E, counts_E):
-        ctx.save_for_backward(x_TD, w_gate_EFD, w_up_EFD, src_M, copy_rows, ends_E, counts_E)
+    def forward(ctx, x_TD, w_gate_EFD, w_up_EFD, src_M, copy_rows, K, ends_E):
+        ctx.save_for_backward(x_TD, w_gate_EFD, w_up_EFD, src_M, copy_rows, ends_E)
         ctx.K = K
-        return gathered_grouped_mm(x_TD, src_M, w_gate_EFD, ends_E, w_up_EFD)
+        return gathered_grouped_mm(x_TD, w_gate_EFD, ends_E, src_M, None, w_up_EFD)
 
     @staticmethod
     def backward(ctx, g_MF2):
-        x_TD, w_gate_EFD, w_up_EFD, src_M, copy_rows, ends_E, counts_E = ctx.saved_tensors
+        x_TD, w_gate_EFD, w_up_EFD, src_M, copy_rows, ends_E = ctx.saved_tensors
         g_gate, g_up = g_MF2.split(w_gate_EFD.shape[1], dim=1)
         dx = dwg = dwu = None
         if ctx.needs_input_grad[0]:
-            dx = gather_sum(grouped_linear(g_gate, w_gate_EFD.transpose(1, 2), ends_E, counts_E), copy_rows, ctx.K,
-                            grouped_linear(g_up, w_up_EFD.transpose(1, 2), ends_E, counts_E))
+            dx = gather_sum(gathered_grouped_mm_nn(g_MF2, w_gate_EFD, ends_E, w2_EKN=w_up_EFD), copy_rows, ctx.K)
         if ctx.needs_input_grad[1]:
-            dwg = gathered_grouped_wgrad(g_gate, x_TD, src_M, ends_E)
+            dwg = gathered_grouped_wgrad(g_gate, x_TD, ends_E, x_src=src_M)
         if ctx.needs_input_grad[2]:
-            dwu = gathered_grouped_wgrad(g_up, x_TD, src_M, ends_E)
-        return dx, dwg, dwu, None, None, None, None, None
+            dwu = gathered_grouped_wgrad(g_up, x_TD, ends_E, x_src=src_M)
+        return dx, dwg, dwu, None, None, None, None
+
+
+def combine_rows(y_MD: torch.Tensor, rows: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
+    """sum_k w[t, k] * y[rows[t*K + k]] -> [T, D], summed in fp32 and returned in y's dtype."""
+    T, K = w_TK.shape
+    return cast_result((y_MD[rows].view(T, K, -1).float() * w_TK[..., None]).sum(dim=1), y_MD.dtype)
+
+
+class _GatheredDownCombine(torch.autograd.Function):
+    """The down projection and the combine: y = h w_down[e]^T per expert, out[t] = sum_k w[t, k] y[rows[t*K+k]].
+    Its backward never writes dy = w * g[token] (a [T*K, D] tensor): the input-gradient GEMM and the weight
+    gradient read rows of g by token, scaled by each row's routing weight, while they load them
+    (``gathered_grouped_mm_nn`` / ``gathered_grouped_wgrad``), and the routing weights' gradient
+    <g[t], y[row]> comes from ``combine_weight_grad``. The forward is ``_CombineCopies``' on the GEMM's output."""
+
+    @staticmethod
+    def forward(ctx, h_MF, w_down_EDF, rows, w_TK, order, src_M, ends_E, counts_E):
+        y_MD = grouped_linear(h_MF, w_down_EDF, ends_E, counts_E)
+        w_M = w_TK.reshape(-1)[order].float()      # each row's routing weight, rows in expert order
+        ctx.save_for_backward(h_MF, w_down_EDF, y_MD, rows, w_TK, src_M, w_M, ends_E)
+        return combine_rows(y_MD, rows, w_TK)
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        h_MF, w_down_EDF, y_MD, rows, w_TK, src_M, w_M, ends_E = ctx.saved_tensors
+        dh = dw_down = dw_TK = None
+        if ctx.needs_input_grad[0]:
+            dh = gathered_grouped_mm_nn(g_TD, w_down_EDF, ends_E, src_M, w_M)
+        if ctx.needs_input_grad[1]:
+            dw_down = gathered_grouped_wgrad(g_TD, h_MF, ends_E, g_src=src_M, g_scale=w_M)
+        if ctx.needs_input_grad[3]:
+            dw_TK = combine_weight_grad(g_TD, y_MD, rows, w_TK)
+        return dh, dw_down, None, dw_TK, None, None, None, None
 
 
 class _CombineCopies(torch.autograd.Function):
@@ -457,9 +495,8 @@ class _CombineCopies(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y_MD, rows, w_TK):
-        T, K = w_TK.shape
         ctx.save_for_backward(y_MD, rows, w_TK)
-        return cast_result((y_MD[rows].view(T, K, -1).float() * w_TK[..., None]).sum(dim=1), y_MD.dtype)
+        return combine_rows(y_MD, rows, w_TK)
 
     @staticmethod
     def backward(ctx, g_TD):
@@ -517,14 +554,17 @@ def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_
         ends_E = torch.cumsum(counts_E, 0).to(torch.int32)
         copy_rows = inverse
         if COPIES_GATE_UP and PERMUTE_KERNELS and gemm is None and not fuse_gate_up and not FUSED_GATE_UP_DGRAD:
+            src_M = (order // K).to(torch.int32)      # the token of each row in expert order
             if GATHER_GEMM:
-                src_M = (order // K).to(torch.int32)
-                gate, up = _GatheredGateUp.apply(x_TD, w_gate_EFD, w_up_EFD, src_M, copy_rows, K, ends_E,
-                                                 counts_E).split(w_gate_EFD.shape[1], dim=1)
+                gate, up = _GatheredGateUp.apply(x_TD, w_gate_EFD, w_up_EFD, src_M, copy_rows, K,
+                                                 ends_E).split(w_gate_EFD.shape[1], dim=1)
             else:
                 gate, up = _CopiesGateUp.apply(x_TD, w_gate_EFD, w_up_EFD, order, copy_rows, K, ends_E, counts_E)
-            y_sorted = grouped_linear(F.silu(gate) * up, w_down_EDF, ends_E, counts_E)
-            return combine_copies(y_sorted, copy_rows, routing.weight_TK)
+            h_MF = F.silu(gate) * up
+            if GATHERED_COMBINE:
+                return _GatheredDownCombine.apply(h_MF, w_down_EDF, copy_rows, routing.weight_TK, order, src_M,
+                                                  ends_E, counts_E)
+            return combine_copies(grouped_linear(h_MF, w_down_EDF, ends_E, counts_E), copy_rows, routing.weight_TK)
         x_sorted = _GatherCopies.apply(x_TD, order, copy_rows, K)
     # FP8 experts pass their own grouped GEMM
     y_sorted = grouped_swiglu(x_sorted, w_gate_EFD, w_up_EFD, w_down_EDF, gemm or grouped_linear, ends_E, counts_E,
