@@ -16,6 +16,9 @@ N = F):
   Triton kernel on it (``triton_wgrad``), and gathering x's rows itself (``fused_wgrad``: then the forward
   need not save the copy at all).
 
+At the N = 2F shapes, ``backward`` times the MoE backward's two [T*K, D] passes today against the gathered
+kernels (``time_backward``: ``dgrad_gathered_over_today``, ``down_backward_gathered_over_today``).
+
 ``fused_over_torch`` > 1 means the fused kernel is faster than gather + CUTLASS. Before timing, each Triton
 variant is checked against an fp32 reference (relative error in norm < 1e-2, bf16 output).
 
@@ -52,6 +55,57 @@ def routing(T: int, K: int, E: int, device: str):
     order = torch.argsort(idx, stable=True)
     counts = torch.bincount(idx, minlength=E)
     return (order // K).to(torch.int32), torch.cumsum(counts, 0).to(torch.int32)
+
+
+def time_backward(T, K, E, D, F_, bench, dev="cuda", bf=torch.bfloat16) -> dict:
+    """The MoE backward's two [T*K, D] passes as today's code runs them against the gathered kernels, ms each:
+
+    - gate/up input gradient: two CUTLASS GEMMs (d_gate w_gate[e], d_up w_up[e]) summed back to the tokens by one
+      gather-sum of both, against ONE GEMM over [d_gate | d_up] along the reduction and a gather-sum of one;
+    - down projection: combine_backward (writes dy = w g[token], and dw) then CUTLASS dgrad and wgrad on dy,
+      against combine_weight_grad and the gathered, scaled dgrad and wgrad (no dy written).
+    """
+    from dsv3.kernels.gather_gemm import gathered_grouped_mm_nn, gathered_grouped_wgrad
+    from dsv3.kernels.moe_permute import combine_backward, combine_weight_grad, gather_sum
+    g = torch.Generator(device=dev).manual_seed(1)
+    idx = torch.rand(T, E, device=dev, generator=g).topk(K, dim=1).indices.reshape(-1)
+    order = torch.argsort(idx, stable=True)
+    rows = torch.argsort(order)                                   # copy -> row (the inverse permutation)
+    ends = torch.cumsum(torch.bincount(idx, minlength=E), 0).to(torch.int32)
+    src = (order // K).to(torch.int32)
+    w_TK = torch.rand(T, K, device=dev)
+    w_M = w_TK.reshape(-1)[order]
+    wg, wu = (torch.randn(E, F_, D, device=dev, dtype=bf) * 0.05 for _ in range(2))
+    wd = torch.randn(E, D, F_, device=dev, dtype=bf) * 0.05
+    g2 = torch.randn(T * K, 2 * F_, device=dev, dtype=bf)
+    gg, gu = g2[:, :F_].contiguous(), g2[:, F_:].contiguous()
+    g_TD = torch.randn(T, D, device=dev, dtype=bf)
+    y = torch.randn(T * K, D, device=dev, dtype=bf)
+    h = torch.randn(T * K, F_, device=dev, dtype=bf)
+
+    def today_down():
+        dy, dw = combine_backward(g_TD, y, rows, w_TK)
+        return torch._grouped_mm(dy, wd, offs=ends), torch._grouped_mm(dy.t(), h, offs=ends), dw
+
+    def gathered_down():
+        return (gathered_grouped_mm_nn(g_TD, wd, ends, src, w_M),
+                gathered_grouped_wgrad(g_TD, h, ends, g_src=src, g_scale=w_M), combine_weight_grad(g_TD, y, rows, w_TK))
+    def today_dgrad():
+        return gather_sum(torch._grouped_mm(gg, wg, offs=ends), rows, K, torch._grouped_mm(gu, wu, offs=ends))
+
+    def gathered_dgrad():
+        return gather_sum(gathered_grouped_mm_nn(g2, wg, ends, w2_EKN=wu), rows, K)
+    # both sides compute the same gradients (each rounds differently: within 1e-2 in norm)
+    for a, b in zip((today_dgrad(), *today_down()), (gathered_dgrad(), *gathered_down())):
+        err = float((a.float() - b.float()).norm() / b.float().norm())
+        assert err < 1e-2, err
+    ms = {"dgrad_today": bench(today_dgrad, 20, warmup=3), "dgrad_gathered": bench(gathered_dgrad, 20, warmup=3),
+          "down_backward_today": bench(today_down, 20, warmup=3),
+          "down_backward_gathered": bench(gathered_down, 20, warmup=3)}
+    out = {f"{k}_ms": round(v, 4) for k, v in ms.items()}
+    out.update(dgrad_gathered_over_today=round(ms["dgrad_today"] / ms["dgrad_gathered"], 3),
+               down_backward_gathered_over_today=round(ms["down_backward_today"] / ms["down_backward_gathered"], 3))
+    return out
 
 
 def reference(x, w_ENK, ends_E, src_M, w2_ENK=None):
@@ -135,6 +189,8 @@ def main():
                    fused_two_weights_over_torch=round(ms["torch"] / ms["fused_two_weights"], 3),
                    triton_over_cutlass=round(ms["cutlass_only"] / ms["triton"], 3),
                    fused_wgrad_over_torch=round(ms["torch_wgrad"] / ms["fused_wgrad"], 3), rel_err=errs)
+        if name.endswith("N=2F"):
+            row["backward"] = time_backward(T, K, E, D, N // 2, bench)
         res["shapes"][name] = row
         print(name, json.dumps(row), flush=True)
     if args.out:

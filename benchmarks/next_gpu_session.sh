@@ -76,10 +76,12 @@
 #                                         #   runs the tests alone
 #   benchmarks/next_gpu_session.sh gather # one GPU (#5, session 20, ~2 min, never run): gather_gemm_probe.py, whether
 #                                         #   a grouped GEMM that gathers its A rows itself beats gather + CUTLASS
-#   NEXT (one GPU, after session 20): `gather` first (decides #5's next lever); then, for #6, fp8next
-#   (session 21: moe.GATHER_GEMM, the kernels in dsv3.kernels.gather_gemm, is timed by the s20 phase with
-#   TESTS="tests/test_gather_gemm.py tests/test_moe_compile.py" TESTS_K="gpu or gather_gemm" AB=GATHER_GEMM
-#   PEERS=none CG= CONFIGS=small,3b)
+#   NEXT (one GPU, after session 21): `gg` first (it runs the gather probe too; decides #5's next lever); then, for #6, fp8next
+#   benchmarks/next_gpu_session.sh gg     # one GPU (#5, session 21, ~9 min, never run; no device could be
+#                                         #   started in session 21): the gather_gemm GPU tests, the probe
+#                                         #   (forward and backward), then train_step.py on small (and 3b if time
+#                                         #   is left) with --ab GATHER_GEMM,GATHERED_COMBINE, no peers; flip a
+#                                         #   switch on by default only if it wins on both configs
 #     (~6 min: its tests again, tma vs tma_defer, the small step BF16 vs FP8), then the cg8 trainer call above
 #   benchmarks/next_gpu_session.sh fp8lin # one GPU (#6): FP8 quantizer/linear/grouped GPU tests and the CUDA-graph
 #                                         #   block test, fp8_linear.py, fp8_grouped.py, the small FP8 step vs BF16
@@ -360,6 +362,20 @@ case "${1:-}" in
     # forward and weight gradient)
     nvidia-smi --query-gpu=name --format=csv,noheader
     timeout ${PROBE_S:-240} python3 benchmarks/gather_gemm_probe.py --out $OUT/gather_gemm.json 2>&1 | grep -v Warn ;;
+  gg)
+    # one GPU (#5, written in session 21): moe.GATHER_GEMM / moe.GATHERED_COMBINE (dsv3.kernels.gather_gemm):
+    # GPU tests first (kernels never compiled for a GPU yet), the probe, then the step A/B; $OUT/gg.tar.gz
+    S=/tmp/gg; mkdir -p $S
+    pack() { tar czf $OUT/gg.tar.gz -C /tmp gg; }
+    nvidia-smi --query-gpu=name --format=csv,noheader | tee $S/gpu.txt
+    timeout ${TEST_S:-100} python3 -m pytest -v -p no:cacheprovider tests/test_gather_gemm.py \
+        tests/test_moe_permute_kernels.py > $S/gpu_tests.txt 2>&1; echo "tests rc=$?"
+    grep -cE " PASSED" $S/gpu_tests.txt; grep -E "FAILED|^E  |passed|failed" $S/gpu_tests.txt | cut -c1-200 | head; pack
+    timeout ${PROBE_S:-170} python3 benchmarks/gather_gemm_probe.py --out $S/gather_gemm.json 2>&1 | grep -v Warn \
+        > $S/probe.log; echo "probe rc=$?"; cut -c1-600 $S/probe.log; pack
+    timeout ${STEP_S:-300} python3 benchmarks/train_step.py --configs ${CONFIGS:-small,3b} --steps ${STEPS:-10} \
+        --peers none --ab "${AB-GATHER_GEMM,GATHERED_COMBINE}" --out $S/train_step.json 2>&1 | grep -v Warn \
+        > $S/train_step.log; echo "step rc=$?"; grep -E "^\[|device|Error" $S/train_step.log | head -30; pack ;;
   fp8lin)
     # one GPU (#6, session 9): the FP8 quantizer and linear GPU tests (+ the CUDA-graph block test of #9), the
     # FP8 linear against the blockwise _scaled_mm GEMMs alone (with and without the per-step weight cache),
@@ -377,5 +393,5 @@ case "${1:-}" in
     grep -E "^\[|device|fp8|FP8" $S/train_step.log | head -20
     tar czf $OUT/fp8lin.tar.gz -C /tmp fp8lin ;;
   *)
-    echo "usage: $0 fp8|dist|cg1|wc1|local|exch|ep2|ep2wait|one|onewait|step|fp8lin|cg8|fp8next|s20|gather" >&2; exit 2 ;;
+    echo "usage: $0 fp8|dist|cg1|wc1|local|exch|ep2|ep2wait|one|onewait|step|fp8lin|cg8|fp8next|s20|gather|gg" >&2; exit 2 ;;
 esac

@@ -25,3 +25,25 @@ def test_gather_gemm_probe_numerics_interpreted():
                           env=env, capture_output=True, text=True, timeout=600, cwd=root)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("check") == 3
+
+
+def test_backward_probe_sides_agree_on_cpu():
+    """The probe's backward comparison (today's dy + CUTLASS GEMMs against the gathered, scaled kernels) on the
+    CPU in fp32, where both sides run their torch references: it asserts the two sides' gradients agree before
+    it times anything, so a probe that timed different computations fails here."""
+    import torch
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("torch._grouped_mm missing")
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "benchmarks"))
+    try:
+        import gather_gemm_probe
+    finally:
+        sys.path.remove(str(root / "benchmarks"))
+    calls = []
+
+    def bench(fn, n, warmup=0):
+        calls.append(fn())
+        return 1.0
+    out = gather_gemm_probe.time_backward(60, 3, 5, 16, 8, bench, dev="cpu", bf=torch.float32)
+    assert len(calls) == 4 and out["dgrad_gathered_over_today"] == 1.0
