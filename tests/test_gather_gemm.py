@@ -210,3 +210,41 @@ def test_gather_gemm_ops_on_gpu_match_references():
                gathered_grouped_mm_reference(x, wd, ends, src, scale, w_kn=True).float()) < 8e-3
     dws = gathered_grouped_wgrad(x, g[:, :N], ends, g_src=src, g_scale=scale)
     assert rel(dws, gathered_grouped_wgrad_reference(x, g[:, :N], ends, g_src=src, g_scale=scale).float()) < 8e-3
+
+
+def test_gather_gemm_kernels_compile_for_hopper():
+    """The interpreter runs the kernels' Python, not Triton's compiler: compile them ahead of time for sm_90 (no GPU
+    needed; Triton's bundled ptxas) so a type error only a GPU build would hit fails here, and check the dots
+    became Hopper warpgroup MMAs (wgmma) as the speed case assumes."""
+    triton = pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this Triton has no ahead-of-time compile API")
+    import dsv3.kernels.gather_gemm as gg
+
+    def compile_ptx(kernel, sig, consts):
+        fn = kernel
+        while not isinstance(fn, triton.runtime.jit.JITFunction):
+            fn = fn.fn
+        signature = {n: sig.get(n, "constexpr") for n in fn.arg_names}
+        src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
+        try:
+            return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
+        except (FileNotFoundError, RuntimeError) as e:     # no ptxas / CUDA backend in this Triton build
+            if "ptxas" in str(e) or "backend" in str(e).lower():
+                pytest.skip(f"cannot compile for CUDA here: {e}")
+            raise
+
+    bf, i32 = "*bf16", "i32"
+    mm_sig = dict(x_ptr=bf, src_ptr="*i32", scale_ptr="*fp32", w_ptr=bf, w2_ptr=bf, y_ptr=bf, ends_ptr="*i32",
+                  tile_ends_ptr="*i32", **{n: i32 for n in ["M", "N1", "N2", "K1", "K2", "E", "s_xm", "s_we", "s_wn",
+                                                              "s_w2e", "s_w2n", "s_wk", "s_ym"]})
+    mm = compile_ptx(gg._gathered_mm_kernel, mm_sig, dict(E_P2=64, GATHER=True, SCALE=True, BLOCK_M=128,
+                                                          BLOCK_N=128, BLOCK_K=64, EVEN_K=False))
+    wg_sig = dict(g_ptr=bf, g_src_ptr="*i32", g_scale_ptr="*fp32", x_ptr=bf, x_src_ptr="*i32", dw_ptr=bf,
+                  ends_ptr="*i32", **{n: i32 for n in ["M", "N", "K", "E", "s_gm", "s_xm", "s_de", "s_dn"]})
+    wg = compile_ptx(gg._gathered_wgrad_kernel, wg_sig, dict(E_P2=64, GATHER_G=True, SCALE_G=True, GATHER_X=True,
+                                                              BLOCK_N=128, BLOCK_K=128, BLOCK_R=64))
+    assert "wgmma" in mm.asm["ptx"] and "wgmma" in wg.asm["ptx"]

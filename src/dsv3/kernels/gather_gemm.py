@@ -138,7 +138,7 @@ if HAS_TRITON:
             e64 = e.to(tl.int64)
             # a column tile reads one weight: w's N1 columns first, then w2's N2
             if pid_n < num_n1:
-                col0 = 0
+                col0 = N1 * 0       # a runtime int like the other branch's (a literal 0 would be a constexpr)
                 rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
                 n_ok = rn < N1
                 b_ptrs = w_ptr + e64 * s_we + rn[None, :].to(tl.int64) * s_wn + rk[:, None].to(tl.int64) * s_wk
