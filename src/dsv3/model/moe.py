@@ -554,7 +554,8 @@ def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_
         ends_E = torch.cumsum(counts_E, 0).to(torch.int32)
         copy_rows = inverse
         if COPIES_GATE_UP and PERMUTE_KERNELS and gemm is None and not fuse_gate_up and not FUSED_GATE_UP_DGRAD:
-            src_M = (order // K).to(torch.int32)      # the token of each row in expert order
+            # the token of each row in expert order, for the kernels that gather rows themselves
+            src_M = (order // K).to(torch.int32) if GATHER_GEMM or GATHERED_COMBINE else None
             if GATHER_GEMM:
                 gate, up = _GatheredGateUp.apply(x_TD, w_gate_EFD, w_up_EFD, src_M, copy_rows, K,
                                                  ends_E).split(w_gate_EFD.shape[1], dim=1)
