@@ -26,6 +26,7 @@ class Routing:
     idx_TK: torch.Tensor       # chosen experts (int64)
     weight_TK: torch.Tensor    # fp32 combine weights (renormalized, times routed_scaling_factor)
     scores_TE: torch.Tensor    # fp32 affinities s (sigmoid or softmax), unbiased
+    counts_E: torch.Tensor | None = None   # selections per expert, once counted (``MoE.forward``), for reuse
 
 
 def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, config: ModelConfig,
@@ -218,12 +219,14 @@ def count_selections(idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def sort_copies(idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sort_copies(idx_TK: torch.Tensor, num_experts: int, counts_E: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The T*K token copies in expert order, on the device: ``order`` (stable argsort of the flat expert ids,
-    so copy ``order[j]`` is the j-th in expert order), its inverse permutation, and the copies per expert [E]."""
+    so copy ``order[j]`` is the j-th in expert order), its inverse permutation, and the copies per expert [E]
+    (``counts_E`` when the caller has counted them already: one scatter kernel per layer less)."""
     order = torch.argsort(idx_TK.reshape(-1), stable=True)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-    return order, inverse, count_selections(idx_TK, num_experts)
+    return order, inverse, counts_E if counts_E is not None else count_selections(idx_TK, num_experts)
 
 
 def experts_forward_loop(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_EDF) -> torch.Tensor:
@@ -538,7 +541,7 @@ def experts_forward_sorted(x_TD, routing: Routing, w_gate_EFD, w_up_EFD, w_down_
     if cast_weights:
         w_gate_EFD, w_up_EFD, w_down_EDF = (t.to(dtype) for t in (w_gate_EFD, w_up_EFD, w_down_EDF))
     flat_idx = routing.idx_TK.reshape(-1)
-    order, inverse, counts_E = sort_copies(routing.idx_TK, E)
+    order, inverse, counts_E = sort_copies(routing.idx_TK, E, routing.counts_E)
     M = order.numel()
     if align > 1:
         padded_E = (counts_E + (align - 1)) // align * align
@@ -617,6 +620,7 @@ class MoE(nn.Module):
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.gate(x_TD)
         counts = count_selections(routing.idx_TK, self.config.n_routed_experts)
+        routing = Routing(routing.idx_TK, routing.weight_TK, routing.scores_TE, counts)     # counted once
         y = self.experts(x_TD, routing).view(B, S, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x_BSD)
