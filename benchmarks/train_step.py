@@ -383,6 +383,12 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
                 record(f"ours compiled, {flag}={not default}", out, ours_first)
                 del m
                 torch.cuda.empty_cache()
+            except Exception as e:  # a switch's failure (a kernel new to the GPU) must not end the other runs
+                import traceback
+                traceback.print_exc(limit=6)
+                res["runs"][f"ab_error {flag}"] = repr(e)[:400]
+                m = None    # noqa: F841 (its memory back before the next run)
+                torch.cuda.empty_cache()
             finally:
                 if flag.startswith("inductor."):
                     COMPILE_OPTIONS.clear()
