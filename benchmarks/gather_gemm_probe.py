@@ -12,6 +12,7 @@ N = F):
   CUTLASS);
 - ``fused``: the same kernel reading rows ``src`` of x itself (no gathered copy);
 - ``fused_two_weights``: the same with gate and up as two weights read by one launch (``moe.GATHER_GEMM``);
+  ``_tma``: with the weight tiles loaded by TMA descriptors (``gather_gemm.B_LOADS = "tma"``);
 - the weight gradient g^T x_s per expert: CUTLASS on the saved copy (``torch_wgrad``, today's backward), our
   Triton kernel on it (``triton_wgrad``), and gathering x's rows itself (``fused_wgrad``: then the forward
   need not save the copy at all).
@@ -35,6 +36,19 @@ import triton
 
 from dsv3.kernels.gather_gemm import (gathered_grouped_mm_reference, gathered_grouped_wgrad_reference,
                                       launch_gathered_mm, launch_gathered_wgrad)
+
+
+def with_tma(fn):
+    """fn run with the kernels' weight tiles loaded by TMA descriptors (``gather_gemm.B_LOADS = "tma"``)."""
+    import dsv3.kernels.gather_gemm as gg
+
+    def run():
+        gg.B_LOADS = "tma"
+        try:
+            return fn()
+        finally:
+            gg.B_LOADS = "pointer"
+    return run
 
 
 def grouped_nt(x: torch.Tensor, w_ENK: torch.Tensor, ends_E: torch.Tensor, src_M: torch.Tensor | None = None,
@@ -101,10 +115,15 @@ def time_backward(T, K, E, D, F_, bench, dev="cuda", bf=torch.bfloat16) -> dict:
         assert err < 1e-2, err
     ms = {"dgrad_today": bench(today_dgrad, 20, warmup=3), "dgrad_gathered": bench(gathered_dgrad, 20, warmup=3),
           "down_backward_today": bench(today_down, 20, warmup=3),
-          "down_backward_gathered": bench(gathered_down, 20, warmup=3)}
+          "down_backward_gathered": bench(gathered_down, 20, warmup=3),
+          "dgrad_gathered_tma": bench(with_tma(gathered_dgrad), 20, warmup=3),
+          "down_backward_gathered_tma": bench(with_tma(gathered_down), 20, warmup=3)}
     out = {f"{k}_ms": round(v, 4) for k, v in ms.items()}
     out.update(dgrad_gathered_over_today=round(ms["dgrad_today"] / ms["dgrad_gathered"], 3),
-               down_backward_gathered_over_today=round(ms["down_backward_today"] / ms["down_backward_gathered"], 3))
+               down_backward_gathered_over_today=round(ms["down_backward_today"] / ms["down_backward_gathered"], 3),
+               dgrad_gathered_tma_over_today=round(ms["dgrad_today"] / ms["dgrad_gathered_tma"], 3),
+               down_backward_gathered_tma_over_today=round(ms["down_backward_today"]
+                                                           / ms["down_backward_gathered_tma"], 3))
     return out
 
 
@@ -129,7 +148,8 @@ def check(T, K, E, D, N, device, dtype, empty_expert: int | None = None):
     errs = {}
     h = N // 2     # gate and up as two weights read by one launch (what moe.GATHER_GEMM runs)
     for name, y in (("triton", grouped_nt(x[src.long()], w, ends)), ("fused", grouped_nt(x, w, ends, src)),
-                    ("fused_two_weights", grouped_nt(x, w[:, :h], ends, src, w[:, h:]))):
+                    ("fused_two_weights", grouped_nt(x, w[:, :h], ends, src, w[:, h:])),
+                    ("fused_two_weights_tma", with_tma(lambda: grouped_nt(x, w[:, :h], ends, src, w[:, h:]))())):
         errs[name] = ((y.float() - ref).norm() / ref.norm()).item()
         assert errs[name] < 1e-2, (name, errs[name])
     g = torch.randn(src.numel(), N, device=device, dtype=dtype)
@@ -177,6 +197,8 @@ def main():
               "fused": bench(lambda: grouped_nt(x, w, ends, src), 20, warmup=3),
               "fused_two_weights": bench(lambda: grouped_nt(x, w[:, :N // 2], ends, src, w[:, N // 2:]), 20,
                                          warmup=3),
+              "fused_two_weights_tma": bench(with_tma(lambda: grouped_nt(x, w[:, :N // 2], ends, src, w[:, N // 2:])),
+                                             20, warmup=3),
               # the weight gradient: today it reads the saved [M, D] copy (torch_wgrad); gathering x's rows
               # instead lets the forward keep no copy at all
               "torch_wgrad": bench(lambda: torch._grouped_mm(gt, xs, offs=ends), 20, warmup=3),
@@ -187,6 +209,7 @@ def main():
         row.update({f"{k}_tflops": round(flop / v / 1e9, 1) for k, v in ms.items() if k != "gather"})
         row.update(fused_over_torch=round(ms["torch"] / ms["fused"], 3),
                    fused_two_weights_over_torch=round(ms["torch"] / ms["fused_two_weights"], 3),
+                   fused_two_weights_tma_over_torch=round(ms["torch"] / ms["fused_two_weights_tma"], 3),
                    triton_over_cutlass=round(ms["cutlass_only"] / ms["triton"], 3),
                    fused_wgrad_over_torch=round(ms["torch_wgrad"] / ms["fused_wgrad"], 3), rel_err=errs)
         if name.endswith("N=2F"):

@@ -63,6 +63,7 @@ def test_references_equal_per_expert_loops():
 
 _INTERPRETED = r"""
 import torch
+import dsv3.kernels.gather_gemm as gg
 from dsv3.kernels.gather_gemm import (launch_gathered_mm, launch_gathered_wgrad, gathered_grouped_mm_reference,
                                       gathered_grouped_wgrad_reference)
 from tests.test_gather_gemm import _routing
@@ -73,7 +74,10 @@ def rel(a, b):
 torch.manual_seed(0)
 worst = 0.0
 # K = 80 runs the masked K loop, K = 64 the unmasked one (EVEN_K); N1 = 48 ends inside a 32-wide column tile
-for T, K, E, D, N, N2, empty in [(70, 3, 5, 80, 48, None, None), (70, 3, 5, 80, 48, 40, 0), (41, 2, 6, 64, 20, 36, 3)]:
+# every case with the weight tiles by pointer loads and by TMA descriptors (B_LOADS)
+cases = [(70, 3, 5, 80, 48, None, None), (70, 3, 5, 80, 48, 40, 0), (41, 2, 6, 64, 20, 36, 3)]
+for (T, K, E, D, N, N2, empty), loads in [(c, l) for c in cases for l in ("pointer", "tma")]:
+    gg.B_LOADS = loads
     src, ends = _routing(T, K, E, empty=empty, seed=T)
     x = torch.randn(T, D)
     scale = torch.rand(T * K)
@@ -88,6 +92,7 @@ for T, K, E, D, N, N2, empty in [(70, 3, 5, 80, 48, None, None), (70, 3, 5, 80, 
     kn2 = 32 if N2 is None else N2
     a = torch.randn(T * K, N + kn2)
     wkn, wkn2 = torch.randn(E, N, D) * 0.1, torch.randn(E, kn2, D) * 0.1
+    assert loads == "pointer" or gg.tma_ok(w, wkn, wkn2, wkn.transpose(1, 2).contiguous()), "TMA not exercised"
     worst = max(worst, rel(launch_gathered_mm(a, wkn, ends, None, None, wkn2, w_kn=True),
                            gathered_grouped_mm_reference(a, wkn, ends, None, None, wkn2, w_kn=True)))
     worst = max(worst, rel(launch_gathered_mm(x, wkn.transpose(1, 2).contiguous(), ends, src, scale, w_kn=True),
@@ -287,8 +292,16 @@ def test_gather_gemm_kernels_compile_for_hopper():
     mm_sig = dict(x_ptr=bf, src_ptr="*i32", scale_ptr="*fp32", w_ptr=bf, w2_ptr=bf, y_ptr=bf, ends_ptr="*i32",
                   tile_ends_ptr="*i32", **{n: i32 for n in ["M", "N1", "N2", "K1", "K2", "E", "s_xm", "s_we", "s_wn",
                                                               "s_w2e", "s_w2n", "s_wk", "s_ym"]})
-    mm = compile_ptx(gg._gathered_mm_kernel, mm_sig, dict(E_P2=64, GATHER=True, SCALE=True, BLOCK_M=128,
-                                                          BLOCK_N=128, BLOCK_K=64, EVEN_K=False))
+    mm = compile_ptx(gg._gathered_mm_kernel, mm_sig, dict(E_P2=64, GATHER=True, SCALE=True, B_TMA=False,
+                                                          B_KN=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
+                                                          EVEN_K=False, w_desc=None, w2_desc=None))
+    # the weight tiles by TMA (B_LOADS = "tma"), both weight layouts: bulk tensor copies in the PTX
+    for kn, block in ((False, "1,128,64"), (True, "1,64,128")):
+        desc = f"tensordesc<bf16[{block}]>"
+        tma = compile_ptx(gg._gathered_mm_kernel, dict(mm_sig, w_desc=desc, w2_desc=desc),
+                          dict(E_P2=64, GATHER=True, SCALE=kn, B_TMA=True, B_KN=kn, BLOCK_M=128, BLOCK_N=128,
+                               BLOCK_K=64, EVEN_K=True))
+        assert "wgmma" in tma.asm["ptx"] and "cp.async.bulk.tensor" in tma.asm["ptx"], kn
     wg_sig = dict(g_ptr=bf, g_src_ptr="*i32", g_scale_ptr="*fp32", x_ptr=bf, x_src_ptr="*i32", dw_ptr=bf,
                   ends_ptr="*i32", **{n: i32 for n in ["M", "N", "K", "E", "s_gm", "s_xm", "s_de", "s_dn"]})
     wg = compile_ptx(gg._gathered_wgrad_kernel, wg_sig, dict(E_P2=64, GATHER_G=True, SCALE_G=True, GATHER_X=True,

@@ -46,4 +46,4 @@ def test_backward_probe_sides_agree_on_cpu():
         calls.append(fn())
         return 1.0
     out = gather_gemm_probe.time_backward(60, 3, 5, 16, 8, bench, dev="cpu", bf=torch.float32)
-    assert len(calls) == 4 and out["dgrad_gathered_over_today"] == 1.0
+    assert len(calls) == 6 and out["dgrad_gathered_over_today"] == 1.0

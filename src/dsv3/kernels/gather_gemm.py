@@ -35,6 +35,16 @@ try:
     HAS_TRITON = True
 except ImportError:
     HAS_TRITON = False
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:      # an older Triton: pointer loads only
+    TensorDescriptor = None
+
+# How the forward / input-gradient kernel loads the weight tiles: "pointer" (cp.async loads, the tested default)
+# or "tma" (Hopper's tensor memory accelerator: one descriptor load per tile; out-of-range rows and columns of
+# w[e] arrive as zeros). The gathered activation side is always pointer loads: Hopper's TMA has no row gather.
+# "tma" is untimed (written in session 21 with no device); ``benchmarks/gather_gemm_probe.py`` times both.
+B_LOADS = "pointer"
 
 BLOCK_M = 128   # one row-tile height for every config: the per-expert tile numbering is built with it on the host
 
@@ -83,24 +93,42 @@ def gathered_grouped_wgrad_reference(g: torch.Tensor, x: torch.Tensor, ends_E: t
 
 
 if HAS_TRITON:
+    def _weight_blocks(nargs):
+        """Autotune pre-hook: the weight descriptors' block shapes follow the config's tile (TMA loads only)."""
+        if nargs.get("w_desc") is None:
+            return
+        bn, bk = nargs["BLOCK_N"], nargs["BLOCK_K"]
+        for name in ("w_desc", "w2_desc"):
+            nargs[name].block_shape = [1, bk, bn] if nargs["B_KN"] else [1, bn, bk]
+
     def _mm_configs():
         if os.environ.get("TRITON_INTERPRET") == "1":
-            return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_stages=1, num_warps=4)]
-        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w)
+            return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_stages=1, num_warps=4,
+                                  pre_hook=_weight_blocks)]
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w, pre_hook=_weight_blocks)
                 for bn, bk, s, w in [(128, 64, 3, 8), (128, 64, 4, 8), (256, 64, 3, 8), (128, 64, 4, 4),
                                      (256, 64, 4, 8), (128, 128, 3, 8)]]
 
     @triton.jit
-    def _k_loop(acc, a_ptrs, b_ptrs, m_ok, n_ok, rk, Kc, s_bk, scale,
-                SCALE: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
-        """acc += a[:, :Kc] @ b[:Kc, :] over BLOCK_K steps (a's columns contiguous; b's rows s_bk apart)."""
+    def _k_loop(acc, a_ptrs, b_ptrs, b_desc, e, n0, m_ok, n_ok, rk, Kc, s_bk, scale, SCALE: tl.constexpr,
+                EVEN_K: tl.constexpr, B_TMA: tl.constexpr, B_KN: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr):
+        """acc += a[:, :Kc] @ b[:Kc, n0:n0 + BLOCK_N] over BLOCK_K steps: a's columns contiguous; b by pointers
+        (rows s_bk apart) or, with B_TMA, by descriptor loads of w[e] ([E, K, N] if B_KN, else [E, N, K])."""
         for kt in range(0, tl.cdiv(Kc, BLOCK_K)):
             if EVEN_K:      # the model's widths: no K mask, so loads along K stay vectorized
                 a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
-                b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
             else:
                 k_ok = rk < Kc - kt * BLOCK_K
                 a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if B_TMA:
+                if B_KN:
+                    b = b_desc.load([e, kt * BLOCK_K, n0]).reshape(BLOCK_K, BLOCK_N)
+                else:
+                    b = b_desc.load([e, n0, kt * BLOCK_K]).reshape(BLOCK_N, BLOCK_K).T
+            elif EVEN_K:
+                b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+            else:
                 b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if SCALE:       # rounded to the operand dtype first: the bits of (g.float() * w).to(bf16)
                 a = (a.to(tl.float32) * scale[:, None]).to(b.dtype)
@@ -109,17 +137,19 @@ if HAS_TRITON:
             b_ptrs += BLOCK_K * s_bk
         return acc
 
-    @triton.autotune(configs=_mm_configs(), key=["M", "N1", "N2", "K1", "K2", "GATHER", "SCALE"])
+    @triton.autotune(configs=_mm_configs(), key=["M", "N1", "N2", "K1", "K2", "GATHER", "SCALE", "B_TMA"])
     @triton.heuristics({"EVEN_K": lambda args: args["K1"] % args["BLOCK_K"] == 0
                         and args["K2"] % args["BLOCK_K"] == 0})
     @triton.jit
-    def _gathered_mm_kernel(x_ptr, src_ptr, scale_ptr, w_ptr, w2_ptr, y_ptr, ends_ptr, tile_ends_ptr,
-                            M, N1, N2, K1, K2, E, s_xm, s_we, s_wn, s_w2e, s_w2n, s_wk, s_ym,
-                            E_P2: tl.constexpr, GATHER: tl.constexpr, SCALE: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    def _gathered_mm_kernel(x_ptr, src_ptr, scale_ptr, w_ptr, w2_ptr, w_desc, w2_desc, y_ptr, ends_ptr,
+                            tile_ends_ptr, M, N1, N2, K1, K2, E, s_xm, s_we, s_wn, s_w2e, s_w2n, s_wk, s_ym,
+                            E_P2: tl.constexpr, GATHER: tl.constexpr, SCALE: tl.constexpr, B_TMA: tl.constexpr,
+                            B_KN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
         """y[r, n] = sum_k a[r, k] B[k, n] for expert e's rows r, a[r] = x[src[r] or r] (* scale[r]);
         B[k, n] = w[e] at (n, k) by strides for n < N1, then w2[e] at (n - N1, k) for N2 more columns; with
-        K2 > 0 (and N2 = 0) the reduction continues over a's columns K1.. against w2[e]."""
+        K2 > 0 (and N2 = 0) the reduction continues over a's columns K1.. against w2[e]. B_KN: w is [E, K, N]
+        (the descriptors' layout; the strides say the same for pointer loads)."""
         pid = tl.program_id(0)
         num_n1 = tl.cdiv(N1, BLOCK_N)
         num_n = num_n1 + tl.cdiv(N2, BLOCK_N)
@@ -136,17 +166,6 @@ if HAS_TRITON:
             m_ok = rm < end
             rk = tl.arange(0, BLOCK_K)
             e64 = e.to(tl.int64)
-            # a column tile reads one weight: w's N1 columns first, then w2's N2
-            if pid_n < num_n1:
-                col0 = N1 * 0       # a runtime int like the other branch's (a literal 0 would be a constexpr)
-                rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-                n_ok = rn < N1
-                b_ptrs = w_ptr + e64 * s_we + rn[None, :].to(tl.int64) * s_wn + rk[:, None].to(tl.int64) * s_wk
-            else:
-                col0 = N1
-                rn = (pid_n - num_n1) * BLOCK_N + tl.arange(0, BLOCK_N)
-                n_ok = rn < N2
-                b_ptrs = w2_ptr + e64 * s_w2e + rn[None, :].to(tl.int64) * s_w2n + rk[:, None].to(tl.int64) * s_wk
             if GATHER:
                 rows = tl.load(src_ptr + rm, mask=m_ok, other=0)
             else:
@@ -156,14 +175,31 @@ if HAS_TRITON:
             else:
                 scale = tl.zeros((BLOCK_M,), dtype=tl.float32)
             a_row = x_ptr + rows[:, None].to(tl.int64) * s_xm
+            y_row = y_ptr + rm[:, None].to(tl.int64) * s_ym
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc = _k_loop(acc, a_row + rk[None, :], b_ptrs, m_ok, n_ok, rk, K1, s_wk, scale, SCALE, EVEN_K, BLOCK_K)
-            if K2 > 0:
-                b2_ptrs = w2_ptr + e64 * s_w2e + rn[None, :].to(tl.int64) * s_w2n + rk[:, None].to(tl.int64) * s_wk
-                acc = _k_loop(acc, a_row + K1 + rk[None, :], b2_ptrs, m_ok, n_ok, rk, K2, s_wk, scale, SCALE,
-                              EVEN_K, BLOCK_K)
-            y_ptrs = y_ptr + rm[:, None].to(tl.int64) * s_ym + col0 + rn[None, :]
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            # a column tile reads one weight: w's N1 columns first, then w2's N2
+            if pid_n < num_n1:
+                n0 = pid_n * BLOCK_N
+                rn = n0 + tl.arange(0, BLOCK_N)
+                n_ok = rn < N1
+                b_ptrs = w_ptr + e64 * s_we + rn[None, :].to(tl.int64) * s_wn + rk[:, None].to(tl.int64) * s_wk
+                acc = _k_loop(acc, a_row + rk[None, :], b_ptrs, w_desc, e, n0, m_ok, n_ok, rk, K1, s_wk, scale,
+                              SCALE, EVEN_K, B_TMA, B_KN, BLOCK_N, BLOCK_K)
+                if K2 > 0:
+                    b2_ptrs = (w2_ptr + e64 * s_w2e + rn[None, :].to(tl.int64) * s_w2n
+                               + rk[:, None].to(tl.int64) * s_wk)
+                    acc = _k_loop(acc, a_row + K1 + rk[None, :], b2_ptrs, w2_desc, e, n0, m_ok, n_ok, rk, K2, s_wk,
+                                  scale, SCALE, EVEN_K, B_TMA, B_KN, BLOCK_N, BLOCK_K)
+                tl.store(y_row + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            else:
+                n0 = (pid_n - num_n1) * BLOCK_N
+                rn = n0 + tl.arange(0, BLOCK_N)
+                n_ok = rn < N2
+                b_ptrs = w2_ptr + e64 * s_w2e + rn[None, :].to(tl.int64) * s_w2n + rk[:, None].to(tl.int64) * s_wk
+                acc = _k_loop(acc, a_row + rk[None, :], b_ptrs, w2_desc, e, n0, m_ok, n_ok, rk, K1, s_wk, scale,
+                              SCALE, EVEN_K, B_TMA, B_KN, BLOCK_N, BLOCK_K)
+                tl.store(y_row + N1 + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                         mask=m_ok[:, None] & n_ok[None, :])
 
     def _wgrad_configs():
         if os.environ.get("TRITON_INTERPRET") == "1":
@@ -240,12 +276,30 @@ def launch_gathered_mm(x: torch.Tensor, w: torch.Tensor, ends_E: torch.Tensor, s
 
     def grid(meta):
         return (max_tiles * (triton.cdiv(N1, meta["BLOCK_N"]) + triton.cdiv(N2, meta["BLOCK_N"])),)
+    b_tma = B_LOADS == "tma" and tma_ok(w, w2_)
+    if B_LOADS not in ("pointer", "tma"):
+        raise ValueError(f"gather_gemm.B_LOADS must be 'pointer' or 'tma', got {B_LOADS!r}")
+    # block shapes are set per config by the autotune pre-hook (_weight_blocks)
+    w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [1, 1, 1]) if b_tma else None
+    w2_desc = TensorDescriptor(w2_, list(w2_.shape), list(w2_.stride()), [1, 1, 1]) if b_tma else None
     _gathered_mm_kernel[grid](x, src_M if src_M is not None else ends_E, scale_M if scale_M is not None else x,
-                              w, w2_, y, ends_E, tile_ends, M, N1, N2, K1, K2, E, x.stride(0), w.stride(0), s_wn,
-                              w2_.stride(0), s_w2n, s_wk, y.stride(0),
+                              w, w2_, w_desc, w2_desc, y, ends_E, tile_ends, M, N1, N2, K1, K2, E, x.stride(0),
+                              w.stride(0), s_wn, w2_.stride(0), s_w2n, s_wk, y.stride(0),
                               E_P2=triton.next_power_of_2(E), GATHER=src_M is not None, SCALE=scale_M is not None,
-                              BLOCK_M=BLOCK_M)
+                              B_TMA=b_tma, B_KN=w_kn, BLOCK_M=BLOCK_M)
     return y
+
+
+def tma_ok(*weights: torch.Tensor) -> bool:
+    """Whether the weights can be TMA descriptors: Triton's descriptor class, a Hopper-or-newer GPU (or the
+    interpreter), contiguous inner dims, 16-byte aligned bases and strides."""
+    if TensorDescriptor is None:
+        return False
+    if os.environ.get("TRITON_INTERPRET") != "1" and not (
+            weights[0].is_cuda and torch.cuda.get_device_capability(weights[0].device)[0] >= 9):
+        return False
+    return all(w.stride(-1) == 1 and w.data_ptr() % 16 == 0
+               and all(st * w.element_size() % 16 == 0 for st in w.stride()[:-1]) for w in weights)
 
 
 def launch_gathered_wgrad(g: torch.Tensor, x: torch.Tensor, ends_E: torch.Tensor, x_src: torch.Tensor | None = None,
