@@ -252,7 +252,8 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling()
 
 
-def grouped_linear(x_MD: torch.Tensor, w_EOD: torch.Tensor, ends_E: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+def grouped_linear(x_MD: torch.Tensor, w_EOD: torch.Tensor, ends_E: torch.Tensor, counts_E: torch.Tensor
+                   ) -> torch.Tensor:
     """Rows of x sorted by expert; rows [ends[e-1], ends[e]) go through w[e]: y = x w[e]^T -> [M, O].
 
     torch._grouped_mm where the build supports it (one kernel, no host sync); otherwise a loop over the
