@@ -79,9 +79,10 @@
 #   NEXT (one GPU, after session 21): `gg` first (it runs the gather probe too; decides #5's next lever); then, for #6, fp8next
 #   benchmarks/next_gpu_session.sh gg     # one GPU (#5, session 21, ~9 min, never run; no device could be
 #                                         #   started in session 21): the gather_gemm GPU tests, the probe
-#                                         #   (forward and backward), then train_step.py on small (and 3b if time
-#                                         #   is left) with --ab GATHER_GEMM,GATHERED_COMBINE, no peers; flip a
-#                                         #   switch on by default only if it wins on both configs
+#                                         #   (forward and backward, pointer and TMA weight loads), then
+#                                         #   train_step.py on small (and 3b if time is left), no peers: ours, ours
+#                                         #   with both switches, and with both + B_LOADS=tma (AB= to choose);
+#                                         #   turn a switch on by default only if it wins on both configs
 #     (~6 min: its tests again, tma vs tma_defer, the small step BF16 vs FP8), then the cg8 trainer call above
 #   benchmarks/next_gpu_session.sh fp8lin # one GPU (#6): FP8 quantizer/linear/grouped GPU tests and the CUDA-graph
 #                                         #   block test, fp8_linear.py, fp8_grouped.py, the small FP8 step vs BF16
@@ -368,13 +369,14 @@ case "${1:-}" in
     S=/tmp/gg; mkdir -p $S
     pack() { tar czf $OUT/gg.tar.gz -C /tmp gg; }
     nvidia-smi --query-gpu=name --format=csv,noheader | tee $S/gpu.txt
-    timeout ${TEST_S:-100} python3 -m pytest -v -p no:cacheprovider tests/test_gather_gemm.py \
+    timeout ${TEST_S:-80} python3 -m pytest -v -p no:cacheprovider tests/test_gather_gemm.py \
         tests/test_moe_permute_kernels.py > $S/gpu_tests.txt 2>&1; echo "tests rc=$?"
     grep -cE " PASSED" $S/gpu_tests.txt; grep -E "FAILED|^E  |passed|failed" $S/gpu_tests.txt | cut -c1-200 | head; pack
-    timeout ${PROBE_S:-170} python3 benchmarks/gather_gemm_probe.py --out $S/gather_gemm.json 2>&1 | grep -v Warn \
+    timeout ${PROBE_S:-200} python3 benchmarks/gather_gemm_probe.py --out $S/gather_gemm.json 2>&1 | grep -v Warn \
         > $S/probe.log; echo "probe rc=$?"; cut -c1-600 $S/probe.log; pack
-    timeout ${STEP_S:-300} python3 benchmarks/train_step.py --configs ${CONFIGS:-small,3b} --steps ${STEPS:-10} \
-        --peers none --ab "${AB-GATHER_GEMM,GATHERED_COMBINE}" --out $S/train_step.json 2>&1 | grep -v Warn \
+    timeout ${STEP_S:-280} python3 benchmarks/train_step.py --configs ${CONFIGS:-small,3b} --steps ${STEPS:-10} \
+        --peers none --ab "${AB-GATHER_GEMM+GATHERED_COMBINE,GATHER_GEMM+GATHERED_COMBINE+kernels.gather_gemm.B_LOADS=tma}" \
+        --out $S/train_step.json 2>&1 | grep -v Warn \
         > $S/train_step.log; echo "step rc=$?"; grep -E "^\[|device|Error" $S/train_step.log | head -30; pack ;;
   fp8lin)
     # one GPU (#6, session 9): the FP8 quantizer and linear GPU tests (+ the CUDA-graph block test of #9), the

@@ -79,6 +79,25 @@ def dsv3_switch(flag: str):
     return importlib.import_module("dsv3." + module_path), name
 
 
+def set_switches(spec: str):
+    """Apply one ``--ab`` variant: SWITCH (a bool, flipped) or SWITCH=VALUE (True/False or a string such as
+    kernels.gather_gemm.B_LOADS=tma), several joined by '+' for one run with all of them. Returns (label, restore)."""
+    undo, parts = [], []
+    for item in spec.split("+"):
+        name, has_value, value = item.partition("=")
+        module, attr = dsv3_switch(name)
+        old = getattr(module, attr)
+        new = ({"True": True, "False": False}.get(value, value)) if has_value else not old
+        setattr(module, attr, new)
+        undo.append((module, attr, old))
+        parts.append(f"{name}={new}")
+
+    def restore():
+        for module, attr, old in reversed(undo):
+            setattr(module, attr, old)
+    return "+".join(parts), restore
+
+
 def free_cudagraph_pools() -> None:
     """Give back the memory pools of every CUDA-graph tree (session 20: 21 GiB of them, still held after the
     cudagraphs run, left torchtitan out of memory on 3.2B)."""
@@ -370,17 +389,16 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
                 option = flag.split(".", 1)[1]
                 default = bool(getattr(inductor_config, option))
                 COMPILE_OPTIONS[option] = not default
+                label = f"{flag}={not default}"
             else:
-                module, flag_name = dsv3_switch(flag)
-                default = getattr(module, flag_name)
-                setattr(module, flag_name, not default)
+                label, restore = set_switches(flag)
             torch._dynamo.reset()
             try:
                 m = build_ours(cfg, compile_blocks=True)
                 m.load_state_dict(ours_sd)
                 out = time_steps(m, ours_loss, x, steps, make_opt=ours_opt)
                 out["optimizer"] = OURS_OPTIMIZER
-                record(f"ours compiled, {flag}={not default}", out, ours_first)
+                record(f"ours compiled, {label}", out, ours_first)
                 del m
                 torch.cuda.empty_cache()
             except Exception as e:  # a switch's failure (a kernel new to the GPU) must not end the other runs
@@ -393,7 +411,7 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
                 if flag.startswith("inductor."):
                     COMPILE_OPTIONS.clear()
                 else:
-                    setattr(module, flag_name, default)
+                    restore()
                 torch._dynamo.reset()
 
     if CUDAGRAPHS and DEVICE == "cuda":
@@ -558,6 +576,7 @@ def main():
                     help="ours with dsv3's Triton AdamW (default; also timed with torch's) or torch's fused AdamW")
     ap.add_argument("--ab", default="", help="comma-separated switches of dsv3.model.moe (PERMUTE_KERNELS, "
                     "FUSED_GATE_UP_DGRAD), MODULE.NAME of another dsv3 module (e.g. kernels.cross_entropy.GEMM_ACCUMULATES) "
+                    "or NAME=VALUE (e.g. kernels.gather_gemm.B_LOADS=tma), several joined by '+' for one run, "
                     "or inductor.OPTION (e.g. inductor.coordinate_descent_tuning): also time "
                     "ours with each one flipped from its default, same run; with --fp8, fp8.MODULE.NAME (e.g. "
                     "fp8.triton_quant.PAIRED_LAUNCH) flips a switch of dsv3.fp8 in an extra compiled FP8 run")
