@@ -455,28 +455,11 @@ print("WORST", worst)
 """
 
 
-def test_triton_grouped_kernels_interpreted():
+def test_triton_grouped_kernels_interpreted(run_interpreted):
     """The Triton grouped FP8 kernels (pointer and TMA loads, both tile orders, both scale layouts) run on the CPU
     under Triton's interpreter and match the dequantize + fp32 reference (only the summation order differs); the
     FP8 transpose kernel matches torch's bit for bit."""
-    import importlib.util
-    import os
-    import subprocess
-    import sys
-
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton not installed (the optional gpu extra)")
-    import triton
-
-    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7):
-        # Triton 3.6's interpreter turns a runtime scalar used as a loop bound into a 1-element numpy array and
-        # calls int() on it, which numpy 2 refuses (seen on the GPU machine, 2026-12-07); 3.8 is fine
-        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run these kernels; 3.7+ can")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, "-c", _INTERPRETED_CHECK], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    worst = float(done.stdout.split("WORST")[1])
+    worst = float(run_interpreted(["-c", _INTERPRETED_CHECK]).split("WORST")[1])
     assert worst < 1e-5, worst
 
 

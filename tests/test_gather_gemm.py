@@ -9,10 +9,6 @@
 - The MoE forward and every gradient with GATHER_GEMM against the per-expert loop reference and against the
   _CopiesGateUp path (CPU: the custom ops run their references; CUDA: the kernels in bf16).
 """
-import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -112,19 +108,8 @@ print("WORST", worst)
 """
 
 
-def test_gather_gemm_kernels_interpreted():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton not installed (the optional gpu extra)")
-    import triton
-
-    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7):
-        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run these kernels; 3.7+ can")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.path.join(root, "src")]))
-    done = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=root)
-    assert done.returncode == 0, done.stderr[-3000:]
-    worst = float(done.stdout.split("WORST")[1])
+def test_gather_gemm_kernels_interpreted(run_interpreted):
+    worst = float(run_interpreted(["-c", _INTERPRETED]).split("WORST")[1])
     assert worst < 1e-5, worst     # fp32 in, fp32 dot in the interpreter: summation order only
 
 
@@ -203,21 +188,10 @@ print("OK")
 """
 
 
-def test_gather_gemm_moe_through_the_kernels_interpreted():
+def test_gather_gemm_moe_through_the_kernels_interpreted(run_interpreted):
     """The MoE with each switch through the Triton launches (interpreted, fp16) against the fp32 loop reference,
     no further off than the path without the switches."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton not installed (the optional gpu extra)")
-    import triton
-
-    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7):
-        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run these kernels; 3.7+ can")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([root, os.path.join(root, "src")]))
-    done = subprocess.run([sys.executable, "-c", _INTERPRETED_MOE], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=root)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().endswith("OK")
+    assert run_interpreted(["-c", _INTERPRETED_MOE]).strip().endswith("OK")
 
 
 @cuda

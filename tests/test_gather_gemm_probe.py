@@ -3,28 +3,16 @@ rows they gather themselves) against fp32 references, under Triton's CPU interpr
 rows, columns and K that do not fill a tile, an empty expert's gradient exactly zero. The probe asserts the
 errors itself; a forward tile given the wrong expert, or a weight gradient reducing over the wrong rows, fails it
 (both checked by mutation)."""
-import importlib.util
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 
-def test_gather_gemm_probe_numerics_interpreted():
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("Triton not installed (the optional gpu extra)")
-    import triton
-
-    if tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7):
-        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run these kernels; 3.7+ can")
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run([sys.executable, str(root / "benchmarks" / "gather_gemm_probe.py"), "--check-only"],
-                          env=env, capture_output=True, text=True, timeout=600, cwd=root)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("check") == 3
+def test_gather_gemm_probe_numerics_interpreted(run_interpreted):
+    out = run_interpreted([str(Path(__file__).resolve().parents[1] / "benchmarks" / "gather_gemm_probe.py"),
+                           "--check-only"])
+    assert out.count("check") == 3
 
 
 def test_backward_probe_sides_agree_on_cpu():
