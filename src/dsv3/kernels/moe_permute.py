@@ -33,13 +33,19 @@ def gather_sum_reference(g_MD: torch.Tensor, rows: torch.Tensor, K: int, g2_MD: 
     return g.sum(dim=1).to(g_MD.dtype)
 
 
+def combine_weight_grad_reference(g_TD: torch.Tensor, y_MD: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """dw [T, K] fp32 of out[t] = sum_k w[t, k] y[rows[t*K + k]]: <g[t], y[rows[t*K + k]]>."""
+    T = g_TD.shape[0]
+    return (g_TD.float()[:, None, :] * y_MD[rows].view(T, rows.numel() // T, -1).float()).sum(dim=-1)
+
+
 def combine_backward_reference(g_TD: torch.Tensor, y_MD: torch.Tensor, rows: torch.Tensor, w_TK: torch.Tensor
                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dy [M, D] in y's dtype, rows not named in ``rows`` zero; dw [T, K] fp32) of
     out[t] = sum_k w[t, k] y[rows[t*K + k]]."""
     T, K = w_TK.shape
     g = g_TD.float()
-    dw = (g[:, None, :] * y_MD[rows].view(T, K, -1).float()).sum(dim=-1)
+    dw = combine_weight_grad_reference(g_TD, y_MD, rows)
     dy = y_MD.new_zeros(y_MD.shape).index_copy(0, rows, (g[:, None, :] * w_TK[..., None]).view(T * K, -1)
                                               .to(y_MD.dtype))
     return dy, dw
@@ -116,28 +122,27 @@ def combine_backward(g_TD: torch.Tensor, y_MD: torch.Tensor, rows: torch.Tensor,
     """(dy, dw) of out[t] = sum_k w[t, k] y[rows[t*K + k]] (``combine_backward_reference``; Triton on CUDA)."""
     if not _use_triton(g_TD, y_MD, rows, w_TK):
         return combine_backward_reference(g_TD, y_MD, rows, w_TK)
-    g_TD, y_MD, rows, w_TK = (t.contiguous() for t in (g_TD, y_MD, rows, w_TK))
-    T, K = w_TK.shape
-    D = y_MD.shape[1]
     # rows not named (padding between expert groups) get a zero gradient; a permutation names them all
     dy = torch.empty_like(y_MD) if y_MD.shape[0] == rows.numel() else torch.zeros_like(y_MD)
+    return dy, _launch_combine_backward(g_TD, y_MD, rows, w_TK, dy)
+
+
+def _launch_combine_backward(g_TD, y_MD, rows, w_TK, dy_MD: torch.Tensor | None) -> torch.Tensor:
+    """The Triton kernel: dw [T, K] fp32, and dy into ``dy_MD`` unless it is None (its store compiled out)."""
+    g_TD, y_MD, rows = (t.contiguous() for t in (g_TD, y_MD, rows))
+    T, K = w_TK.shape
+    D = y_MD.shape[1]
     dw = torch.empty(T, K, dtype=torch.float32, device=w_TK.device)
     kp = triton.next_power_of_2(K)
     block = max(64, min(triton.next_power_of_2(D), 4096 // kp))
-    _combine_backward_kernel[(T,)](g_TD, y_MD, rows, w_TK.float().contiguous(), dy, dw, D, K=K, KP=kp,
-                                   BLOCK_D=block, num_warps=8)
-    return dy, dw
+    _combine_backward_kernel[(T,)](g_TD, y_MD, rows, w_TK.float().contiguous(), y_MD if dy_MD is None else dy_MD,
+                                   dw, D, K=K, KP=kp, BLOCK_D=block, WRITE_DY=dy_MD is not None, num_warps=8)
+    return dw
 
 
 @combine_backward.register_fake
 def _combine_backward_fake(g_TD, y_MD, rows, w_TK):
     return torch.empty_like(y_MD), torch.empty(w_TK.shape, dtype=torch.float32, device=w_TK.device)
-
-
-def combine_weight_grad_reference(g_TD: torch.Tensor, y_MD: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """dw [T, K] fp32 of out[t] = sum_k w[t, k] y[rows[t*K + k]]: <g[t], y[rows[t*K + k]]>."""
-    T = g_TD.shape[0]
-    return (g_TD.float()[:, None, :] * y_MD[rows].view(T, rows.numel() // T, -1).float()).sum(dim=-1)
 
 
 @torch.library.custom_op("dsv3::combine_weight_grad", mutates_args=())
@@ -147,15 +152,7 @@ def combine_weight_grad(g_TD: torch.Tensor, y_MD: torch.Tensor, rows: torch.Tens
     whose expert GEMMs read w * g[token] themselves (``moe._GatheredDownCombine``). Triton on CUDA."""
     if not _use_triton(g_TD, y_MD, rows):
         return combine_weight_grad_reference(g_TD, y_MD, rows)
-    g_TD, y_MD, rows = (t.contiguous() for t in (g_TD, y_MD, rows))
-    T, K = w_TK.shape
-    D = y_MD.shape[1]
-    dw = torch.empty(T, K, dtype=torch.float32, device=g_TD.device)
-    kp = triton.next_power_of_2(K)
-    block = max(64, min(triton.next_power_of_2(D), 4096 // kp))
-    _combine_backward_kernel[(T,)](g_TD, y_MD, rows, w_TK.float().contiguous(), y_MD, dw, D, K=K, KP=kp,
-                                   BLOCK_D=block, WRITE_DY=False, num_warps=8)
-    return dw
+    return _launch_combine_backward(g_TD, y_MD, rows, w_TK, None)
 
 
 @combine_weight_grad.register_fake
