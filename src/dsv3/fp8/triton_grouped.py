@@ -45,7 +45,7 @@ try:  # host-side tensor descriptors (Triton >= 3.4): the TMA kernels
 except ImportError:  # pragma: no cover - depends on the install
     TensorDescriptor = None
 
-__all__ = ["GROUP_ALIGN", "HAVE_TRITON", "KERNELS", "grouped_fp8_nt", "grouped_fp8_wgrad", "kernel_choice"]
+__all__ = ["GROUP_ALIGN", "HAVE_TRITON", "KERNELS", "grouped_fp8_nt", "grouped_fp8_wgrad", "kernel_choice", "tma_ok"]
 
 # Which kernels run: "auto" (TMA where the device and the shapes allow it, else pointer loads), "tma" or
 # "pointer"; and the launch order of the row-tiled kernel's tiles. Module settings so that benchmarks/fp8_grouped.py
@@ -308,7 +308,7 @@ def _device_has_tma(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def _tma_ok(*ts: Tensor) -> bool:
+def tma_ok(*ts: Tensor) -> bool:
     """TMA needs Hopper or newer (or the interpreter), 16-byte aligned bases and 16-byte aligned row strides."""
     if TensorDescriptor is None:
         return False
@@ -325,7 +325,7 @@ def kernel_choice(*ts: Tensor) -> str:
         raise ValueError(f"triton_grouped.KERNELS must be 'auto', 'tma' or 'pointer', got {KERNELS!r}")
     if KERNELS == "pointer":
         return "pointer"
-    ok = _tma_ok(*ts)
+    ok = tma_ok(*ts)
     if KERNELS == "tma" and not ok:
         raise ValueError("triton_grouped.KERNELS = 'tma' but the device or the operands' alignment do not allow TMA")
     return "tma" if ok else "pointer"

@@ -35,10 +35,6 @@ try:
     HAS_TRITON = True
 except ImportError:
     HAS_TRITON = False
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:      # an older Triton: pointer loads only
-    TensorDescriptor = None
 
 # How the forward / input-gradient kernel loads the weight tiles: "pointer" (cp.async loads, the tested default)
 # or "tma" (Hopper's tensor memory accelerator: one descriptor load per tile; out-of-range rows and columns of
@@ -47,11 +43,6 @@ except ImportError:      # an older Triton: pointer loads only
 B_LOADS = "pointer"
 
 BLOCK_M = 128   # one row-tile height for every config: the per-expert tile numbering is built with it on the host
-
-
-def _segments(ends_E: torch.Tensor) -> list[tuple[int, int]]:
-    ends = [int(v) for v in ends_E.tolist()]
-    return list(zip([0] + ends[:-1], ends))
 
 
 def _rows(x: torch.Tensor, src: torch.Tensor | None, scale: torch.Tensor | None, acc: torch.dtype) -> torch.Tensor:
@@ -67,13 +58,14 @@ def gathered_grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, ends_E: torc
                                   w2: torch.Tensor | None = None, w_kn: bool = False) -> torch.Tensor:
     """The grouped product in fp32 (or x's dtype if wider), returned in x's dtype. ``w_kn`` False: w [E, N, K],
     y = a w[e]^T, w2 adds columns; True: w [E, K, N], y = a w[e], w2 continues the reduction over a's columns."""
+    from dsv3.fp8.grouped import group_bounds     # (lazy: the FP8 stack is not the model's import)
     acc = torch.promote_types(x.dtype, torch.float32)
     a = _rows(x, src_M, scale_M, acc)
     mats = [w] if w2 is None else [w, w2]
     b = [m.to(acc) if w_kn else m.to(acc).transpose(1, 2) for m in mats]        # each [E, K_i, N_i]
     n = b[0].shape[2] if w_kn else sum(m.shape[2] for m in b)
     out = a.new_zeros(a.shape[0], n)
-    for e, (s, t) in enumerate(_segments(ends_E)):
+    for e, (s, t) in enumerate(group_bounds(ends_E)):
         if w_kn:
             k1 = b[0].shape[1]
             out[s:t] = a[s:t, :k1] @ b[0][e] + (a[s:t, k1:] @ b[1][e] if len(b) > 1 else 0)
@@ -87,9 +79,10 @@ def gathered_grouped_wgrad_reference(g: torch.Tensor, x: torch.Tensor, ends_E: t
                                      g_scale: torch.Tensor | None = None) -> torch.Tensor:
     """[E, N, K] in g's dtype: per expert, G's rows transposed times X's rows (sums in fp32, or wider); empty
     experts 0."""
+    from dsv3.fp8.grouped import group_bounds
     acc = torch.promote_types(g.dtype, torch.float32)
     G, X = _rows(g, g_src, g_scale, acc), _rows(x, x_src, None, acc)
-    return torch.stack([G[s:t].t() @ X[s:t] for s, t in _segments(ends_E)]).to(g.dtype)
+    return torch.stack([G[s:t].t() @ X[s:t] for s, t in group_bounds(ends_E)]).to(g.dtype)
 
 
 if HAS_TRITON:
@@ -276,30 +269,21 @@ def launch_gathered_mm(x: torch.Tensor, w: torch.Tensor, ends_E: torch.Tensor, s
 
     def grid(meta):
         return (max_tiles * (triton.cdiv(N1, meta["BLOCK_N"]) + triton.cdiv(N2, meta["BLOCK_N"])),)
-    b_tma = B_LOADS == "tma" and tma_ok(w, w2_)
     if B_LOADS not in ("pointer", "tma"):
         raise ValueError(f"gather_gemm.B_LOADS must be 'pointer' or 'tma', got {B_LOADS!r}")
-    # block shapes are set per config by the autotune pre-hook (_weight_blocks)
-    w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [1, 1, 1]) if b_tma else None
-    w2_desc = TensorDescriptor(w2_, list(w2_.shape), list(w2_.stride()), [1, 1, 1]) if b_tma else None
+    w_desc = w2_desc = None
+    if B_LOADS == "tma":
+        from dsv3.fp8.triton_grouped import TensorDescriptor, tma_ok    # the FP8 kernels' TMA conditions
+        if tma_ok(w, w2_):
+            # block shapes are set per config by the autotune pre-hook (_weight_blocks)
+            w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [1, 1, 1])
+            w2_desc = TensorDescriptor(w2_, list(w2_.shape), list(w2_.stride()), [1, 1, 1])
     _gathered_mm_kernel[grid](x, src_M if src_M is not None else ends_E, scale_M if scale_M is not None else x,
                               w, w2_, w_desc, w2_desc, y, ends_E, tile_ends, M, N1, N2, K1, K2, E, x.stride(0),
                               w.stride(0), s_wn, w2_.stride(0), s_w2n, s_wk, y.stride(0),
                               E_P2=triton.next_power_of_2(E), GATHER=src_M is not None, SCALE=scale_M is not None,
-                              B_TMA=b_tma, B_KN=w_kn, BLOCK_M=BLOCK_M)
+                              B_TMA=w_desc is not None, B_KN=w_kn, BLOCK_M=BLOCK_M)
     return y
-
-
-def tma_ok(*weights: torch.Tensor) -> bool:
-    """Whether the weights can be TMA descriptors: Triton's descriptor class, a Hopper-or-newer GPU (or the
-    interpreter), contiguous inner dims, 16-byte aligned bases and strides."""
-    if TensorDescriptor is None:
-        return False
-    if os.environ.get("TRITON_INTERPRET") != "1" and not (
-            weights[0].is_cuda and torch.cuda.get_device_capability(weights[0].device)[0] >= 9):
-        return False
-    return all(w.stride(-1) == 1 and w.data_ptr() % 16 == 0
-               and all(st * w.element_size() % 16 == 0 for st in w.stride()[:-1]) for w in weights)
 
 
 def launch_gathered_wgrad(g: torch.Tensor, x: torch.Tensor, ends_E: torch.Tensor, x_src: torch.Tensor | None = None,
