@@ -79,9 +79,10 @@ def dsv3_switch(flag: str):
     return importlib.import_module("dsv3." + module_path), name
 
 
-def set_switches(spec: str):
+def set_switches(spec: str, short: bool = False):
     """Apply one ``--ab`` variant: SWITCH (a bool, flipped) or SWITCH=VALUE (True/False or a string such as
-    kernels.gather_gemm.B_LOADS=tma), several joined by '+' for one run with all of them. Returns (label, restore)."""
+    kernels.gather_gemm.B_LOADS=tma), several joined by '+' for one run with all of them. Returns (label, restore);
+    ``short`` labels each switch by its attribute name alone."""
     undo, parts = [], []
     for item in spec.split("+"):
         name, has_value, value = item.partition("=")
@@ -90,7 +91,7 @@ def set_switches(spec: str):
         new = ({"True": True, "False": False}.get(value, value)) if has_value else not old
         setattr(module, attr, new)
         undo.append((module, attr, old))
-        parts.append(f"{name}={new}")
+        parts.append(f"{attr if short else name}={new}")
 
     def restore():
         for module, attr, old in reversed(undo):
@@ -443,10 +444,8 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
         for compiled, mode, bf16_label, flag in variants:
             label = "ours fp8" + (" compiled" if compiled else " eager") + (", cudagraphs" if mode != "default" else "")
             if flag:
-                module, attr = dsv3_switch(flag)
-                default = getattr(module, attr)
-                setattr(module, attr, not default)
-                label += f", {attr}={not default}"
+                switched, restore = set_switches(flag, short=True)
+                label += f", {switched}"
             torch._dynamo.reset()
             try:
                 m = build_ours(cfg, compile_blocks=compiled, fp8=True, mode=mode)
@@ -477,7 +476,7 @@ def run_config(name: str, cfg: ModelConfig, B: int, S: int, peak: float, steps: 
                     variants.append((False, "default", "ours compiled", None))
             finally:
                 if flag:
-                    setattr(module, attr, default)
+                    restore()
                     torch._dynamo.reset()
     if "transformers" in peers:
         try:
