@@ -51,24 +51,14 @@ def with_tma(fn):
     return run
 
 
-def grouped_nt(x: torch.Tensor, w_ENK: torch.Tensor, ends_E: torch.Tensor, src_M: torch.Tensor | None = None,
-               w2_ENK: torch.Tensor | None = None) -> torch.Tensor:
-    """[M, N]: rows of x (or rows src of x) times w[e]^T (then w2[e]^T) per expert group (the dsv3 kernel)."""
-    return launch_gathered_mm(x, w_ENK, ends_E, src_M, None, w2_ENK)
-
-
-def grouped_wgrad(g_MN: torch.Tensor, x: torch.Tensor, ends_E: torch.Tensor, src_M: torch.Tensor | None = None):
-    """[E, N, K]: per expert, g's rows of that expert transposed times x's rows (or rows src of x)."""
-    return launch_gathered_wgrad(g_MN, x, ends_E, x_src=src_M)
-
-
 def routing(T: int, K: int, E: int, device: str):
-    """Random top-K routing: (src [T*K] token of each copy in expert order, ends [E] int32)."""
+    """Random top-K routing: (src [T*K] int32 token of each copy in expert order, ends [E] int32, order: the
+    sorting permutation, copy order[r] at row r)."""
     g = torch.Generator(device=device).manual_seed(0)
     idx = torch.rand(T, E, device=device, generator=g).topk(K, dim=1).indices.reshape(-1)
     order = torch.argsort(idx, stable=True)
     counts = torch.bincount(idx, minlength=E)
-    return (order // K).to(torch.int32), torch.cumsum(counts, 0).to(torch.int32)
+    return (order // K).to(torch.int32), torch.cumsum(counts, 0).to(torch.int32), order
 
 
 def time_backward(T, K, E, D, F_, bench, dev="cuda", bf=torch.bfloat16) -> dict:
@@ -81,12 +71,8 @@ def time_backward(T, K, E, D, F_, bench, dev="cuda", bf=torch.bfloat16) -> dict:
     """
     from dsv3.kernels.gather_gemm import gathered_grouped_mm_nn, gathered_grouped_wgrad
     from dsv3.kernels.moe_permute import combine_backward, combine_weight_grad, gather_sum
-    g = torch.Generator(device=dev).manual_seed(1)
-    idx = torch.rand(T, E, device=dev, generator=g).topk(K, dim=1).indices.reshape(-1)
-    order = torch.argsort(idx, stable=True)
+    src, ends, order = routing(T, K, E, dev)
     rows = torch.argsort(order)                                   # copy -> row (the inverse permutation)
-    ends = torch.cumsum(torch.bincount(idx, minlength=E), 0).to(torch.int32)
-    src = (order // K).to(torch.int32)
     w_TK = torch.rand(T, K, device=dev)
     w_M = w_TK.reshape(-1)[order]
     wg, wu = (torch.randn(E, F_, D, device=dev, dtype=bf) * 0.05 for _ in range(2))
@@ -140,22 +126,23 @@ def check(T, K, E, D, N, device, dtype, empty_expert: int | None = None):
     """Both Triton variants against the fp32 reference; ``empty_expert``: a group with no rows inserted there."""
     x = torch.randn(T, D, device=device, dtype=dtype)
     w = torch.randn(E, N, D, device=device, dtype=dtype) * 0.05
-    src, ends = routing(T, K, E - (empty_expert is not None), device)
+    src, ends, _ = routing(T, K, E - (empty_expert is not None), device)
     if empty_expert is not None:
         before = ends[empty_expert - 1:empty_expert] if empty_expert > 0 else ends.new_zeros(1)
         ends = torch.cat([ends[:empty_expert], before, ends[empty_expert:]])
     ref = reference(x, w, ends, src)
     errs = {}
-    h = N // 2     # gate and up as two weights read by one launch (what moe.GATHER_GEMM runs)
-    for name, y in (("triton", grouped_nt(x[src.long()], w, ends)), ("fused", grouped_nt(x, w, ends, src)),
-                    ("fused_two_weights", grouped_nt(x, w[:, :h], ends, src, w[:, h:])),
-                    ("fused_two_weights_tma", with_tma(lambda: grouped_nt(x, w[:, :h], ends, src, w[:, h:]))())):
+    def two_weights():     # gate and up as two weights read by one launch (what moe.GATHER_GEMM runs)
+        return launch_gathered_mm(x, w[:, :N // 2], ends, src, None, w[:, N // 2:])
+    for name, y in (("triton", launch_gathered_mm(x[src.long()], w, ends)),
+                    ("fused", launch_gathered_mm(x, w, ends, src)),
+                    ("fused_two_weights", two_weights()), ("fused_two_weights_tma", with_tma(two_weights)())):
         errs[name] = ((y.float() - ref).norm() / ref.norm()).item()
         assert errs[name] < 1e-2, (name, errs[name])
     g = torch.randn(src.numel(), N, device=device, dtype=dtype)
     ref_w = reference_wgrad(g, x, ends, src)
-    for name, dw in (("wgrad_triton", grouped_wgrad(g, x[src.long()], ends)),
-                     ("wgrad_fused", grouped_wgrad(g, x, ends, src))):
+    for name, dw in (("wgrad_triton", launch_gathered_wgrad(g, x[src.long()], ends)),
+                     ("wgrad_fused", launch_gathered_wgrad(g, x, ends, x_src=src))):
         errs[name] = ((dw.float() - ref_w).norm() / ref_w.norm()).item()
         assert errs[name] < 1e-2, (name, errs[name])
         if empty_expert is not None:
@@ -184,26 +171,27 @@ def main():
         errs = check(T, K, E, D, N, device, torch.bfloat16)
         x = torch.randn(T, D, device=device, dtype=torch.bfloat16)
         w = torch.randn(E, N, D, device=device, dtype=torch.bfloat16) * 0.05
-        src, ends = routing(T, K, E, device)
+        src, ends, _ = routing(T, K, E, device)
         srcl = src.long()
         xs = x[srcl]
         wt = w.transpose(-2, -1)
         g = torch.randn(T * K, N, device=device, dtype=torch.bfloat16)
         gt = g.t()
+
+        def two_weights():
+            return launch_gathered_mm(x, w[:, :N // 2], ends, src, None, w[:, N // 2:])
         ms = {"torch": bench(lambda: torch._grouped_mm(x[srcl], wt, offs=ends), 20, warmup=3),
               "gather": bench(lambda: x[srcl], 20, warmup=3),
               "cutlass_only": bench(lambda: torch._grouped_mm(xs, wt, offs=ends), 20, warmup=3),
-              "triton": bench(lambda: grouped_nt(xs, w, ends), 20, warmup=3),
-              "fused": bench(lambda: grouped_nt(x, w, ends, src), 20, warmup=3),
-              "fused_two_weights": bench(lambda: grouped_nt(x, w[:, :N // 2], ends, src, w[:, N // 2:]), 20,
-                                         warmup=3),
-              "fused_two_weights_tma": bench(with_tma(lambda: grouped_nt(x, w[:, :N // 2], ends, src, w[:, N // 2:])),
-                                             20, warmup=3),
+              "triton": bench(lambda: launch_gathered_mm(xs, w, ends), 20, warmup=3),
+              "fused": bench(lambda: launch_gathered_mm(x, w, ends, src), 20, warmup=3),
+              "fused_two_weights": bench(two_weights, 20, warmup=3),
+              "fused_two_weights_tma": bench(with_tma(two_weights), 20, warmup=3),
               # the weight gradient: today it reads the saved [M, D] copy (torch_wgrad); gathering x's rows
               # instead lets the forward keep no copy at all
               "torch_wgrad": bench(lambda: torch._grouped_mm(gt, xs, offs=ends), 20, warmup=3),
-              "triton_wgrad": bench(lambda: grouped_wgrad(g, xs, ends), 20, warmup=3),
-              "fused_wgrad": bench(lambda: grouped_wgrad(g, x, ends, src), 20, warmup=3)}
+              "triton_wgrad": bench(lambda: launch_gathered_wgrad(g, xs, ends), 20, warmup=3),
+              "fused_wgrad": bench(lambda: launch_gathered_wgrad(g, x, ends, x_src=src), 20, warmup=3)}
         flop = 2 * T * K * N * D
         row = {f"{k}_ms": round(v, 4) for k, v in ms.items()}
         row.update({f"{k}_tflops": round(flop / v / 1e9, 1) for k, v in ms.items() if k != "gather"})
